@@ -1,0 +1,115 @@
+//! Acceptor: takes connections off one listening socket and routes each to its slot.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{Held, Listener, Phase, Shared, Throttle};
+
+/// Pause after accept fails for lack of fds or memory: long enough not to spin, short
+/// enough that the kernel backlog does not overflow while fds come back.
+const RESOURCE_PAUSE: Duration = Duration::from_millis(100);
+/// At most one warning per this period about the same resource shortage.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+pub(super) struct Acceptor {
+    name: Arc<str>,
+    socket: AsyncFd<std::net::TcpListener>,
+    /// The local address when the listener is bound to one address; `None` for a wildcard
+    /// bind, where each connection's own address must be asked for.
+    fixed_local: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    permits: Arc<Semaphore>,
+}
+
+impl Acceptor {
+    pub(super) fn new(
+        listener: Listener,
+        shared: Arc<Shared>,
+        permits: Arc<Semaphore>,
+    ) -> io::Result<Acceptor> {
+        let address = listener.socket.local_addr()?;
+        listener.socket.set_nonblocking(true)?;
+        info!(listener = %listener.name, %address, "listening");
+        Ok(Acceptor {
+            name: listener.name,
+            socket: crate::link::register(listener.socket, Interest::READABLE)?,
+            fixed_local: (!address.ip().is_unspecified()).then_some(address),
+            shared,
+            permits,
+        })
+    }
+
+    pub(super) async fn run(self, mut phase: watch::Receiver<Phase>) {
+        let mut full_warning = Throttle::new(WARN_EVERY);
+        let mut shortage_warning = Throttle::new(WARN_EVERY);
+        let stopping = |phase: &Phase| *phase >= Phase::Stopping;
+        loop {
+            if self.permits.available_permits() == 0 && full_warning.allow() {
+                warn!(listener = %self.name, max_connections = self.shared.settings.max_connections.get(),
+                    "connection limit reached: accepting paused until workers take connections");
+            }
+            let permit = tokio::select! {
+                permit = self.permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                _ = crate::wait_until(&mut phase, stopping) => return,
+            };
+            let accepted = tokio::select! {
+                accepted = self.accept() => accepted,
+                _ = crate::wait_until(&mut phase, stopping) => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let local = self.fixed_local.or_else(|| stream.local_addr().ok());
+                    let key = self.shared.router.key(Some(peer.ip()));
+                    let index = self.shared.router.worker_for(&key);
+                    debug!(%peer, index, "accepted");
+                    self.shared.send_to(
+                        index,
+                        Held {
+                            stream,
+                            peer: Some(peer),
+                            local,
+                            listener: self.name.clone(),
+                            key,
+                            since: Instant::now(),
+                            failed_over: false,
+                            _permit: permit,
+                        },
+                    );
+                }
+                Err(err) if is_resource_shortage(&err) => {
+                    if shortage_warning.allow() {
+                        warn!(listener = %self.name, %err, "accept failed for lack of resources: pausing; the backlog holds new clients");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(RESOURCE_PAUSE) => {}
+                        _ = crate::wait_until(&mut phase, stopping) => return,
+                    }
+                }
+                // ECONNABORTED and the like: that client is gone, the listener is fine.
+                Err(err) => debug!(listener = %self.name, %err, "accept failed"),
+            }
+        }
+    }
+
+    async fn accept(&self) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+        self.socket
+            .async_io(Interest::READABLE, |listener| listener.accept())
+            .await
+    }
+}
+
+fn is_resource_shortage(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+    )
+}

@@ -1,0 +1,402 @@
+//! Slot: everything about one worker index — its queue of waiting connections, its link,
+//! and the connections sent but not yet acknowledged.
+//!
+//! A connection is in exactly one place: `pending` (waiting for the link or for room in
+//! the in-flight window), `unacked` (sent; the dispatcher still holds its fd), or gone
+//! (acknowledged, turned away, or failed over to another slot). When the link breaks,
+//! `unacked` goes back to the front of `pending`, in order, and is re-sent on the next link.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::{Held, Phase, Shared, Throttle};
+use crate::config::OnWorkerDown;
+use crate::link::{self, LinkStream, Received};
+use crate::wire::{self, Conn, Message, Role};
+
+/// First retry after a failed connect; doubled up to `RECONNECT_MAX`. Small, because a
+/// restarting worker should get its waiting clients within milliseconds.
+const RECONNECT_MIN: Duration = Duration::from_millis(2);
+/// Bounds the reconnect backoff: a worker that comes back is found within this long.
+const RECONNECT_MAX: Duration = Duration::from_millis(100);
+/// How long a worker may take to answer our HELLO.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+pub(super) struct Slot {
+    index: u32,
+    name: String,
+    shared: Arc<Shared>,
+    inbox: mpsc::UnboundedReceiver<Held>,
+    phase: watch::Receiver<Phase>,
+    pending: VecDeque<Held>,
+    unacked: VecDeque<(u64, Held)>,
+    link: Option<LinkStream>,
+    /// The worker asked to drain this link: send nothing more on it.
+    draining: bool,
+    next_seq: u64,
+    /// The last send found the socket buffer full.
+    want_writable: bool,
+    /// Since when the worker has not been taking connections.
+    down_since: Instant,
+    next_attempt: Instant,
+    backoff: Duration,
+    /// Why the last connect attempt failed, to log each new reason once.
+    last_failure: Option<String>,
+    turned_away_warning: Throttle,
+    out: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Decode(#[from] wire::DecodeError),
+    #[error("the socket is owned by uid {uid} (pid {pid}), which is not in worker_users")]
+    Impostor { uid: u32, pid: i32 },
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+impl Slot {
+    pub(super) fn new(
+        index: u32,
+        shared: Arc<Shared>,
+        inbox: mpsc::UnboundedReceiver<Held>,
+        phase: watch::Receiver<Phase>,
+    ) -> Slot {
+        let now = Instant::now();
+        Slot {
+            index,
+            name: shared.settings.link_socket_name(index),
+            shared,
+            inbox,
+            phase,
+            pending: VecDeque::new(),
+            unacked: VecDeque::new(),
+            link: None,
+            draining: false,
+            next_seq: 1,
+            want_writable: false,
+            down_since: now,
+            next_attempt: now,
+            backoff: RECONNECT_MIN,
+            last_failure: None,
+            turned_away_warning: Throttle::new(WARN_EVERY),
+            out: Vec::with_capacity(wire::MAX_MESSAGE),
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut buf = [0u8; wire::MAX_MESSAGE];
+        loop {
+            self.send_pending();
+            if *self.phase.borrow() == Phase::Finishing
+                && self.pending.is_empty()
+                && self.unacked.is_empty()
+                && self.inbox.is_empty()
+            {
+                break;
+            }
+            let pending_timeout = self.shared.settings.pending_timeout;
+            let expiry = self
+                .pending
+                .front()
+                .map(|held| held.since + pending_timeout);
+            let link = self.link.as_ref();
+            tokio::select! {
+                Some(held) = self.inbox.recv() => self.arrive(held),
+                received = recv(link, &mut buf) => self.on_received(received, &buf),
+                ready = writable(link), if self.want_writable => {
+                    self.want_writable = false;
+                    if let Err(err) = ready {
+                        self.link_down(&err.to_string());
+                    }
+                }
+                _ = tokio::time::sleep_until(self.next_attempt), if self.link.is_none() => {
+                    self.connect().await;
+                }
+                _ = sleep_until(expiry) => self.expire(),
+                _ = self.phase.changed() => {}
+            }
+        }
+        debug!(index = self.index, "slot finished");
+    }
+
+    /// A new connection for this worker.
+    fn arrive(&mut self, mut held: Held) {
+        held.since = Instant::now();
+        let down_too_long =
+            !self.is_up() && self.down_since.elapsed() >= self.shared.settings.pending_timeout;
+        if down_too_long {
+            self.give_up(held, "its worker has been down longer than pending_timeout");
+        } else if self.pending.len() >= self.shared.settings.max_pending.get() {
+            self.give_up(held, "its worker's queue is full (max_pending)");
+        } else {
+            self.pending.push_back(held);
+            self.shared.counters.waiting.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        self.link.is_some() && !self.draining
+    }
+
+    /// Sends waiting connections while the link is up and the in-flight window has room.
+    fn send_pending(&mut self) {
+        let max_in_flight = self.shared.settings.max_in_flight.get();
+        while self.is_up() && !self.want_writable && self.unacked.len() < max_in_flight {
+            let (Some(link), Some(held)) = (&self.link, self.pending.front()) else {
+                return;
+            };
+            Message::Conn(Conn {
+                seq: self.next_seq,
+                peer: held.peer,
+                local: held.local,
+                listener: held.listener.to_string(),
+            })
+            .encode(&mut self.out);
+            match link.try_send(&self.out, Some(held.stream.as_fd())) {
+                Ok(()) => {
+                    let held = self.pending.pop_front().expect("front exists");
+                    self.unacked.push_back((self.next_seq, held));
+                    self.next_seq += 1;
+                    let counters = &self.shared.counters;
+                    counters.waiting.fetch_sub(1, Ordering::Relaxed);
+                    counters.in_flight.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.want_writable = true,
+                Err(err) => return self.link_down(&format!("send failed: {err}")),
+            }
+        }
+    }
+
+    fn on_received(&mut self, received: io::Result<Received>, buf: &[u8]) {
+        let result = received.map_err(LinkError::from).and_then(|received| {
+            if received.len == 0 {
+                return Ok(Some("the worker closed the link".to_owned()));
+            }
+            if received.fd.is_some() {
+                return Err(LinkError::Protocol("the worker sent an fd".into()));
+            }
+            let message = Message::decode(&buf[..received.len])?;
+            self.on_message(message).map(|()| None)
+        });
+        match result {
+            Ok(None) => {}
+            Ok(Some(reason)) => self.link_down(&reason),
+            Err(err) => self.link_down(&err.to_string()),
+        }
+    }
+
+    fn on_message(&mut self, message: Message) -> Result<(), LinkError> {
+        match message {
+            Message::Ack { seq } if seq < self.next_seq => {
+                let counters = &self.shared.counters;
+                while self.unacked.front().is_some_and(|(sent, _)| *sent <= seq) {
+                    // Dropping our copy closes the dispatcher's fd: the worker has its own.
+                    self.unacked.pop_front();
+                    counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                    counters.handed_off.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Message::Drain if !self.draining => {
+                self.draining = true;
+                self.down_since = Instant::now();
+                self.shared.live[self.index as usize].store(false, Ordering::Relaxed);
+                let last_seq = self.next_seq - 1;
+                info!(
+                    index = self.index,
+                    last_seq, "worker is draining: holding its new connections"
+                );
+                Message::Drained { last_seq }.encode(&mut self.out);
+                // A DRAINED that does not fit now is not worth waiting for: the worker
+                // stops on its own after its timeout, and the link break re-sends.
+                let link = self.link.as_ref().expect("a message came from the link");
+                link.try_send(&self.out, None).map_err(LinkError::from)
+            }
+            other => Err(LinkError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// The link is gone: what was not acknowledged waits again, in order, at the front.
+    fn link_down(&mut self, reason: &str) {
+        let was_draining = self.draining;
+        self.link = None;
+        self.draining = false;
+        self.want_writable = false;
+        self.shared.live[self.index as usize].store(false, Ordering::Relaxed);
+        if !was_draining {
+            self.down_since = Instant::now();
+        }
+        let resend = self.unacked.len();
+        while let Some((_, held)) = self.unacked.pop_back() {
+            self.pending.push_front(held);
+        }
+        let counters = &self.shared.counters;
+        counters
+            .in_flight
+            .fetch_sub(resend as u64, Ordering::Relaxed);
+        counters.waiting.fetch_add(resend as u64, Ordering::Relaxed);
+        if resend > 0 {
+            warn!(
+                index = self.index,
+                reason,
+                resend,
+                waiting = self.pending.len(),
+                "worker link down: unacknowledged connections will be re-sent"
+            );
+        } else {
+            info!(
+                index = self.index,
+                reason,
+                waiting = self.pending.len(),
+                "worker link down"
+            );
+        }
+        self.backoff = RECONNECT_MIN;
+        self.next_attempt = Instant::now();
+    }
+
+    async fn connect(&mut self) {
+        match self.open_link().await {
+            Ok((link, pid)) => {
+                let resend = self.pending.len();
+                info!(
+                    index = self.index,
+                    worker_pid = pid,
+                    waiting = resend,
+                    "worker link up"
+                );
+                self.link = Some(link);
+                self.next_seq = 1;
+                self.backoff = RECONNECT_MIN;
+                self.last_failure = None;
+                self.shared.live[self.index as usize].store(true, Ordering::Relaxed);
+            }
+            Err(err) => {
+                let absent = matches!(&err, LinkError::Io(io) if link::is_absent(io));
+                let reason = err.to_string();
+                if absent {
+                    debug!(index = self.index, %err, "worker not there yet");
+                } else if self.last_failure.as_deref() != Some(reason.as_str()) {
+                    warn!(index = self.index, socket = %format!("@{}", self.name), %err, "refused the worker link");
+                }
+                self.last_failure = Some(reason);
+                self.next_attempt = Instant::now() + self.backoff;
+                self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+
+    /// Connects, checks who listens, and exchanges HELLOs.
+    async fn open_link(&mut self) -> Result<(LinkStream, u32), LinkError> {
+        let link = LinkStream::connect(&self.name)?;
+        let peer = link.peer_cred()?;
+        if !self.shared.settings.worker_users.contains(&peer.uid) {
+            // Nothing is sent to an impostor, not even our HELLO.
+            self.backoff = RECONNECT_MAX;
+            return Err(LinkError::Impostor {
+                uid: peer.uid.as_raw(),
+                pid: peer.pid,
+            });
+        }
+        Message::Hello {
+            role: Role::Dispatcher,
+            index: self.index,
+            pid: std::process::id(),
+        }
+        .encode(&mut self.out);
+        link.send(&self.out, None).await?;
+        let mut buf = [0u8; wire::MAX_MESSAGE];
+        let received = tokio::time::timeout(HELLO_TIMEOUT, link.recv(&mut buf))
+            .await
+            .map_err(|_| LinkError::Protocol("no HELLO from the worker".into()))??;
+        if received.fd.is_some() || received.len == 0 {
+            return Err(LinkError::Protocol("no HELLO from the worker".into()));
+        }
+        match Message::decode(&buf[..received.len])? {
+            Message::Hello {
+                role: Role::Worker,
+                index,
+                pid,
+            } if index == self.index => Ok((link, pid)),
+            other => Err(LinkError::Protocol(format!(
+                "expected HELLO from worker {}, got {other:?}",
+                self.index
+            ))),
+        }
+    }
+
+    /// Connections that waited `pending_timeout` follow `on_worker_down`.
+    fn expire(&mut self) {
+        let timeout = self.shared.settings.pending_timeout;
+        let now = Instant::now();
+        while self
+            .pending
+            .front()
+            .is_some_and(|held| held.since + timeout <= now)
+        {
+            let held = self.pending.pop_front().expect("front exists");
+            self.shared.counters.waiting.fetch_sub(1, Ordering::Relaxed);
+            self.give_up(held, "it waited pending_timeout for its worker");
+        }
+    }
+
+    /// This worker cannot take `held`: fail it over, or close it.
+    fn give_up(&mut self, mut held: Held, why: &str) {
+        let shared = &self.shared;
+        let counters = &shared.counters;
+        if shared.settings.on_worker_down == OnWorkerDown::Failover && !held.failed_over {
+            let live = |index: u32| shared.live[index as usize].load(Ordering::Relaxed);
+            if let Some(target) = shared.router.failover_for(&held.key, live) {
+                held.failed_over = true;
+                counters.failed_over.fetch_add(1, Ordering::Relaxed);
+                if self.turned_away_warning.allow() {
+                    info!(
+                        index = self.index,
+                        target, why, "failing connections over to another worker"
+                    );
+                }
+                shared.send_to(target, held);
+                return;
+            }
+        }
+        counters.turned_away.fetch_add(1, Ordering::Relaxed);
+        if self.turned_away_warning.allow() {
+            warn!(index = self.index, peer = ?held.peer, why, "closing a client connection");
+        }
+        drop(held);
+    }
+}
+
+async fn recv(link: Option<&LinkStream>, buf: &mut [u8]) -> io::Result<Received> {
+    match link {
+        Some(link) => link.recv(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn writable(link: Option<&LinkStream>) -> io::Result<()> {
+    match link {
+        Some(link) => link.writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

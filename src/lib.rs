@@ -1,0 +1,50 @@
+//! Sticky sessions for multi-process servers, the systemd way.
+//!
+//! `sticky-dispatch` accepts client connections on sockets systemd passes in, maps each
+//! client's IP to a worker index with a consistent hash, and hands the connection's file
+//! descriptor to that worker (`app@N.service`) over an abstract Unix socket. The worker
+//! serves it directly: after the hand-off the dispatcher is out of the data path.
+//!
+//! A worker uses only [`worker`]: build with `default-features = false` (plus the `axum`
+//! feature to serve with axum) and none of the dispatcher's dependencies are compiled.
+//!
+//! # Layout
+//!
+//! - [`worker`] — the worker library: [`worker::WorkerListener`] yields
+//!   `(TcpStream, ClientInfo)` and implements `axum::serve::Listener`.
+//! - [`wire`] — the hand-off link's message format (pure encode/decode).
+//! - [`link`] — the link's socket: abstract `SOCK_SEQPACKET`, SCM_RIGHTS, SO_PEERCRED;
+//!   the crate's only `unsafe`.
+//! - `dispatcher` — accept loops, one slot per worker (queue, link, acknowledgements),
+//!   sd_notify status, graceful shutdown.
+//! - `routing` — routing key, XXH64 hash, jump consistent hash, failover choice.
+//! - `config` — figment layers validated into typed settings.
+//! - `supervisor` — standalone mode: spawn and restart the workers.
+//! - `logging` — journald when under systemd, stderr otherwise.
+//!
+//! The modules marked `dispatcher` in Cargo.toml (all but `worker`, `wire`, `link`) need
+//! the `dispatcher` feature, on by default.
+#![warn(missing_docs)]
+
+#[cfg(feature = "dispatcher")]
+pub mod config;
+#[cfg(feature = "dispatcher")]
+pub mod dispatcher;
+pub mod link;
+#[cfg(feature = "dispatcher")]
+pub mod logging;
+#[cfg(feature = "dispatcher")]
+pub mod routing;
+#[cfg(feature = "dispatcher")]
+pub mod supervisor;
+pub mod wire;
+pub mod worker;
+
+/// Resolves once the watched value satisfies `condition` (or its sender is gone), without
+/// holding a borrow of it across the caller's next await.
+pub(crate) async fn wait_until<T>(
+    value: &mut tokio::sync::watch::Receiver<T>,
+    condition: impl FnMut(&T) -> bool,
+) {
+    let _ = value.wait_for(condition).await;
+}

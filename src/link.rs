@@ -1,0 +1,291 @@
+//! The hand-off link's socket: AF_UNIX `SOCK_SEQPACKET` in the abstract namespace, with
+//! file descriptors passed as SCM_RIGHTS.
+//!
+//! This is the crate's only module with `unsafe`: adopting the raw fds that `accept4` and
+//! `recvmsg` hand us as `OwnedFd`s. Each block says why it is sound.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
+};
+use nix::unistd::Uid;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// Enough backlog for a dispatcher and a few reconnecting peers; links are few and long-lived.
+const LISTEN_BACKLOG: i32 = 16;
+
+/// The process at the other end of a link, as the kernel reports it (SO_PEERCRED).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCred {
+    /// Effective uid of the peer when it connected or listened.
+    pub uid: Uid,
+    /// Its process id.
+    pub pid: i32,
+}
+
+/// A worker's listening link socket, `@<name>`.
+#[derive(Debug)]
+pub struct LinkListener {
+    fd: AsyncFd<OwnedFd>,
+}
+
+/// One end of an established link.
+#[derive(Debug)]
+pub struct LinkStream {
+    fd: AsyncFd<OwnedFd>,
+}
+
+/// One datagram received from a link.
+#[derive(Debug)]
+pub struct Received {
+    /// Bytes of the datagram; 0 means the peer closed the link.
+    pub len: usize,
+    /// The descriptor that came with it, if any.
+    pub fd: Option<OwnedFd>,
+}
+
+/// Sockets that own their fd, and so may be registered with tokio's reactor.
+pub(crate) trait OwnsFd: AsRawFd {}
+impl OwnsFd for OwnedFd {}
+impl OwnsFd for std::net::TcpListener {}
+
+/// Registers an owned socket (a link, or a dispatcher's TCP listener) with tokio's reactor.
+pub(crate) fn register<T: OwnsFd>(socket: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: the AsyncFd owns `socket`, which owns its fd, so the fd stays open and the
+    // same for the AsyncFd's whole life.
+    unsafe { AsyncFd::register_with_interest(socket, interest) }.map_err(|err| err.into_parts().1)
+}
+
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    Ok(socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?)
+}
+
+fn abstract_addr(name: &str) -> io::Result<UnixAddr> {
+    Ok(UnixAddr::new_abstract(name.as_bytes())?)
+}
+
+impl LinkListener {
+    /// Binds and listens on the abstract name `@name`. Fails with `AddrInUse` if another
+    /// process holds the name.
+    pub fn bind(name: &str) -> io::Result<LinkListener> {
+        let fd = seqpacket_socket()?;
+        socket::bind(fd.as_raw_fd(), &abstract_addr(name)?)?;
+        socket::listen(&fd, Backlog::new(LISTEN_BACKLOG)?)?;
+        Ok(LinkListener {
+            fd: register(fd, Interest::READABLE)?,
+        })
+    }
+
+    /// Waits for the next peer to connect.
+    pub async fn accept(&self) -> io::Result<LinkStream> {
+        let fd = self
+            .fd
+            .async_io(Interest::READABLE, |fd| {
+                let raw = socket::accept4(
+                    fd.as_raw_fd(),
+                    SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                )?;
+                // SAFETY: accept4 just returned this fd; nothing else owns it.
+                Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+            })
+            .await?;
+        LinkStream::from_fd(fd)
+    }
+}
+
+impl LinkStream {
+    fn from_fd(fd: OwnedFd) -> io::Result<LinkStream> {
+        Ok(LinkStream {
+            fd: register(fd, Interest::READABLE | Interest::WRITABLE)?,
+        })
+    }
+
+    /// Connects to the worker listening on `@name`. Unix-domain connects complete at
+    /// once; `ConnectionRefused` means nobody listens (the worker is down).
+    pub fn connect(name: &str) -> io::Result<LinkStream> {
+        let fd = seqpacket_socket()?;
+        socket::connect(fd.as_raw_fd(), &abstract_addr(name)?)?;
+        LinkStream::from_fd(fd)
+    }
+
+    /// A connected pair, for tests.
+    pub fn pair() -> io::Result<(LinkStream, LinkStream)> {
+        let (a, b) = socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )?;
+        Ok((LinkStream::from_fd(a)?, LinkStream::from_fd(b)?))
+    }
+
+    /// Credentials of the peer process, from the kernel: they cannot be forged.
+    pub fn peer_cred(&self) -> io::Result<PeerCred> {
+        let cred = socket::getsockopt(self.fd.get_ref(), sockopt::PeerCredentials)?;
+        Ok(PeerCred {
+            uid: Uid::from_raw(cred.uid()),
+            pid: cred.pid(),
+        })
+    }
+
+    /// Sends one datagram, with `fd` attached if given. Waits while the socket buffer is full.
+    pub async fn send(&self, datagram: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        self.fd
+            .async_io(Interest::WRITABLE, |sock| {
+                send_raw(sock.as_raw_fd(), datagram, fd)
+            })
+            .await
+    }
+
+    /// Sends one datagram now, or fails with `WouldBlock` while the socket buffer is full
+    /// (then wait for [`LinkStream::writable`]).
+    pub fn try_send(&self, datagram: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+        self.fd.try_io(Interest::WRITABLE, |sock| {
+            send_raw(sock.as_raw_fd(), datagram, fd)
+        })
+    }
+
+    /// Waits until a send may succeed.
+    pub async fn writable(&self) -> io::Result<()> {
+        // Dropping the guard keeps the readiness for the try_send that follows.
+        self.fd.writable().await.map(drop)
+    }
+
+    /// Receives one datagram into `buf`, with the fd it carries. A datagram that does not fit
+    /// or carries more than one fd is an error (and the extra fds are closed).
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<Received> {
+        self.fd
+            .async_io(Interest::READABLE, |sock| recv_raw(sock.as_raw_fd(), buf))
+            .await
+    }
+}
+
+fn send_raw(sock: RawFd, datagram: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+    let iov = [io::IoSlice::new(datagram)];
+    let fds;
+    let cmsgs: &[ControlMessage] = match fd {
+        Some(fd) => {
+            fds = [fd.as_raw_fd()];
+            &[ControlMessage::ScmRights(&fds)]
+        }
+        None => &[],
+    };
+    // MSG_NOSIGNAL: a worker that died must give us EPIPE, not kill the dispatcher.
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    let sent = socket::sendmsg::<()>(sock, &iov, cmsgs, flags, None)?;
+    if sent != datagram.len() {
+        return Err(io::Error::other("short write on a SEQPACKET link"));
+    }
+    Ok(())
+}
+
+fn recv_raw(sock: RawFd, buf: &mut [u8]) -> io::Result<Received> {
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    // MSG_CMSG_CLOEXEC: received client fds must not leak into processes we spawn.
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = socket::recvmsg::<()>(sock, &mut iov, Some(&mut cmsg_space), flags)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw_fds) = cmsg {
+            // SAFETY: SCM_RIGHTS installed these fds in our table for this call alone;
+            // adopting them at once is what makes sure each is closed exactly once.
+            fds.extend(
+                raw_fds
+                    .into_iter()
+                    .map(|raw| unsafe { OwnedFd::from_raw_fd(raw) }),
+            );
+        }
+    }
+    let truncated = msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    if truncated || fds.len() > 1 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "oversized datagram or more than one fd on the link",
+        ));
+    }
+    Ok(Received {
+        len: msg.bytes,
+        fd: fds.pop(),
+    })
+}
+
+/// Whether a link error means "the worker is not there (yet)", as opposed to a real fault.
+pub fn is_absent(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error().map(Errno::from_raw),
+        Some(Errno::ECONNREFUSED | Errno::ENOENT | Errno::EAGAIN)
+    )
+}
+
+impl AsFd for LinkStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn unique_name(tag: &str) -> String {
+        format!("sticky-dispatch-test/{}/{tag}", std::process::id())
+    }
+
+    #[tokio::test]
+    async fn fd_passes_over_an_abstract_link_with_credentials() {
+        let name = unique_name("pass");
+        let listener = LinkListener::bind(&name).unwrap();
+        let client = LinkStream::connect(&name).unwrap();
+        let server = listener.accept().await.unwrap();
+        assert_eq!(client.peer_cred().unwrap().uid, Uid::effective());
+        assert_eq!(server.peer_cred().unwrap().pid, std::process::id() as i32);
+
+        let (mut mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        client.send(b"hello", Some(theirs.as_fd())).await.unwrap();
+        drop(theirs);
+        let mut buf = [0u8; 64];
+        let got = server.recv(&mut buf).await.unwrap();
+        assert_eq!(&buf[..got.len], b"hello");
+        let mut passed = std::os::unix::net::UnixStream::from(got.fd.unwrap());
+        passed.write_all(b"x").unwrap();
+        let mut byte = [0u8];
+        mine.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"x");
+
+        drop(client);
+        assert_eq!(server.recv(&mut buf).await.unwrap().len, 0, "EOF");
+    }
+
+    #[tokio::test]
+    async fn a_name_can_be_held_once_and_absence_is_recognised() {
+        let name = unique_name("once");
+        let err = LinkStream::connect(&name).unwrap_err();
+        assert!(is_absent(&err), "{err}");
+        let _held = LinkListener::bind(&name).unwrap();
+        let err = LinkListener::bind(&name).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_datagram_is_an_error() {
+        let (a, b) = LinkStream::pair().unwrap();
+        a.send(&[0u8; 100], None).await.unwrap();
+        let mut small = [0u8; 10];
+        let err = b.recv(&mut small).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+}
