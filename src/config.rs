@@ -421,14 +421,15 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         name: "pending_timeout",
         default: "\"30s\"",
-        doc: "How long a connection waits for a worker that is down before it is closed. \
-              Raise it if workers take longer to start.",
+        doc: "How long a connection waits for a worker that is down before `on_worker_down` \
+              applies; once a worker has been down this long, its new connections get \
+              `on_worker_down` at once.",
     },
     KeyDoc {
         name: "max_pending",
         default: "1024",
-        doc: "Per worker: connections that may wait while it is down; further ones are \
-              refused.",
+        doc: "Per worker: connections that may wait while it is down; further ones get \
+              `on_worker_down` at once.",
     },
     KeyDoc {
         name: "max_in_flight",
@@ -444,8 +445,9 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         name: "on_worker_down",
         default: "\"wait\"",
-        doc: "`\"wait\"`: hold a connection until its worker is back (sessions survive); \
-              `\"failover\"`: send it to another worker that is up (no waiting, session lost).",
+        doc: "After `pending_timeout`, `\"wait\"` closes the connection (clients only ever \
+              reach their own worker); `\"failover\"` sends it to a deterministic other \
+              live worker (served, but without its session).",
     },
     KeyDoc {
         name: "routing_key",

@@ -45,5 +45,12 @@ async fn whoami(State(index): State<u32>, ConnectInfo(client): ConnectInfo<Clien
     let ip = client
         .peer
         .map_or_else(|| "-".to_owned(), |peer| peer.ip().to_string());
-    format!("worker={index} pid={} client={ip}\n", std::process::id())
+    let local = client
+        .local
+        .map_or_else(|| "-".to_owned(), |local| local.to_string());
+    format!(
+        "worker={index} pid={} client={ip}\nlistener={} local={local}\n",
+        std::process::id(),
+        client.listener
+    )
 }

@@ -40,15 +40,15 @@ struct Cli {
     config: Option<PathBuf>,
 
     /// Listen on ADDR instead of taking sockets from systemd (repeatable)
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, global = true, value_name = "ADDR")]
     listen: Vec<SocketAddr>,
 
     /// Number of workers (overrides `workers` in the configuration)
-    #[arg(long, value_name = "N")]
+    #[arg(long, global = true, value_name = "N")]
     workers: Option<u32>,
 
     /// Log filter such as `info` or `sticky_dispatch=debug` (overrides `log_level`)
-    #[arg(long, value_name = "FILTER")]
+    #[arg(long, global = true, value_name = "FILTER")]
     log_level: Option<String>,
 
     /// Standalone mode: the worker command, spawned once per index

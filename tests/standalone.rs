@@ -1,0 +1,107 @@
+//! Standalone mode end to end: the real dispatcher spawns real demo workers, and clients
+//! from 200 distinct source addresses always reach the same worker.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::*;
+
+#[test]
+fn every_client_always_reaches_the_same_worker() {
+    const WORKERS: u32 = 4;
+    const CLIENTS: u32 = 200;
+    const CONNECTIONS_EACH: usize = 5;
+    let (mut dispatcher, addr) = standalone("sticky", WORKERS, &[]);
+
+    let clients: Vec<_> = (0..CLIENTS).map(client_ip).collect();
+    let answers = parallel(&clients, 8, |&ip| {
+        (0..CONNECTIONS_EACH)
+            .map(|_| request(ip, addr))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|answers| (ip, answers))
+    });
+
+    let mut per_worker: BTreeMap<u32, usize> = BTreeMap::new();
+    for result in answers {
+        let (ip, answers) = result.expect("every connection is answered");
+        let workers: BTreeSet<u32> = answers.iter().map(|a| a.worker).collect();
+        assert_eq!(
+            workers.len(),
+            1,
+            "client {ip} was served by workers {workers:?}"
+        );
+        for answer in &answers {
+            assert_eq!(
+                answer.client,
+                ip.to_string(),
+                "the worker sees the real client address"
+            );
+            assert_eq!(answer.listener, "127.0.0.1:0");
+        }
+        *per_worker.entry(answers[0].worker).or_default() += 1;
+    }
+    eprintln!("clients per worker: {per_worker:?}");
+    assert_eq!(
+        per_worker.len(),
+        WORKERS as usize,
+        "all workers used: {per_worker:?}"
+    );
+    assert!(per_worker.keys().all(|&w| w < WORKERS));
+
+    let status = dispatcher.terminate();
+    assert!(status.success(), "dispatcher exit: {status}");
+    dispatcher
+        .log
+        .wait_for(&["dispatcher stopped", "handed_off=1000"]);
+    assert_eq!(
+        dispatcher.log.count(&["worker stopped", "exit status: 0"]),
+        WORKERS as usize
+    );
+}
+
+#[test]
+fn a_worker_that_exits_is_restarted_and_keeps_its_clients() {
+    let (dispatcher, addr) = standalone("restart", 2, &[]);
+    let clients: Vec<_> = (0..20).map(client_ip).collect();
+    let before: Vec<Answer> = clients
+        .iter()
+        .map(|&ip| request(ip, addr).unwrap())
+        .collect();
+    let victim = before[0].clone();
+    let pid: i32 = victim
+        .body
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("pid="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    dispatcher.log.wait_for(&[
+        "worker exited; restarting",
+        &format!("index={}", victim.worker),
+    ]);
+
+    // Requests made while the worker is down wait for it rather than failing or moving.
+    let after: Vec<Answer> = clients
+        .iter()
+        .map(|&ip| request(ip, addr).unwrap())
+        .collect();
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(b.worker, a.worker, "client {} moved", b.client);
+    }
+    let new_pid = after[0]
+        .body
+        .split_whitespace()
+        .find(|w| w.starts_with("pid="))
+        .unwrap();
+    assert_ne!(
+        new_pid,
+        format!("pid={pid}"),
+        "served by the restarted process"
+    );
+}
