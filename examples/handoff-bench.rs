@@ -1,0 +1,3 @@
+//! Hand-off benchmark (issue #6): work in progress.
+
+fn main() {}

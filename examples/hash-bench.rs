@@ -1,0 +1,3 @@
+//! Hash benchmark (issue #6): work in progress.
+
+fn main() {}
