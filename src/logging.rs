@@ -6,27 +6,48 @@ use std::os::fd::AsFd;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
-/// Installs the global subscriber at `level` (an `EnvFilter` directive such as `info` or
-/// `sticky_dispatch=debug`). Returns where logs go, for the first log line.
-pub fn init(level: &str) -> &'static str {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    if stderr_is_journal() {
-        if let Ok(journald) = tracing_journald::layer() {
-            registry.with(journald).init();
-            return "journald";
+/// Changes the log filter of a running process (on reload).
+pub struct LogControl {
+    filter: reload::Handle<EnvFilter, Registry>,
+    /// Where logs go: "journald" or "stderr".
+    pub destination: &'static str,
+}
+
+impl LogControl {
+    /// Replaces the filter; `level` was validated with the configuration.
+    pub fn set_level(&self, level: &str) {
+        if let Ok(filter) = EnvFilter::try_new(level) {
+            let _ = self.filter.reload(filter);
         }
     }
-    registry
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal()),
-        )
-        .init();
-    "stderr"
+}
+
+/// Installs the global subscriber at `level` (an `EnvFilter` directive such as `info` or
+/// `sticky_dispatch=debug`).
+pub fn init(level: &str) -> LogControl {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let journald = stderr_is_journal()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    let destination = if journald.is_some() {
+        "journald"
+    } else {
+        "stderr"
+    };
+    let stderr = journald.is_none().then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+    });
+    registry.with(journald).with(stderr).init();
+    LogControl {
+        filter: handle,
+        destination,
+    }
 }
 
 /// systemd sets `JOURNAL_STREAM=<dev>:<inode>` for a service whose stderr is the journal;

@@ -2,7 +2,6 @@
 //! restarts any that exits, and stops them all after its own graceful shutdown.
 
 use std::ffi::OsString;
-use std::future::Future;
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -10,13 +9,13 @@ use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::config::Settings;
-use crate::dispatcher::{self, Listener, Summary};
+use crate::dispatcher::{self, Control, Sockets, Summary};
 use crate::worker;
 
 /// First restart delay after a worker exits; doubled up to `RESTART_MAX` while it keeps
@@ -34,12 +33,12 @@ const PRIVATE_ENV: [&str; 4] = [
     "LISTEN_FDNAMES",
 ];
 
-/// Runs the dispatcher with `command` spawned once per worker index, until `shutdown`.
+/// Runs the dispatcher with `command` spawned once per worker index, until it stops.
 pub async fn run(
-    listeners: Vec<Listener>,
+    sockets: Sockets,
     settings: Settings,
     command: Vec<OsString>,
-    shutdown: impl Future<Output = ()>,
+    control: mpsc::Receiver<Control>,
 ) -> anyhow::Result<Summary> {
     let spawner = Spawner::new(&settings, command)?;
     let (stop, stop_rx) = watch::channel(false);
@@ -51,7 +50,7 @@ pub async fn run(
         workers.spawn(supervised.instrument(info_span!("worker", index)));
     }
     let shutdown_timeout = settings.shutdown_timeout;
-    let summary = dispatcher::run(listeners, settings, shutdown).await;
+    let summary = dispatcher::run(sockets, settings, control).await;
     // Workers stop after the dispatcher has handed them everything it held.
     stop.send_replace(true);
     let stopped = tokio::time::timeout(shutdown_timeout, async {

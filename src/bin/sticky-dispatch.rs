@@ -11,8 +11,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use listenfd::ListenFd;
 use sticky_dispatch::config::{Overrides, Settings};
-use sticky_dispatch::dispatcher::{self, Listener};
+use sticky_dispatch::dispatcher::{self, Control, HeldOver, Listener, Sockets};
 use sticky_dispatch::{logging, supervisor};
+use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 /// EX_CONFIG from sysexits.h: systemd's unit uses `RestartPreventExitStatus=78`, so a bad
@@ -86,14 +87,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let destination = logging::init(&settings.log_level);
-    info!(config = %settings.config_file, logs = destination, version = env!("CARGO_PKG_VERSION"), "starting");
-    let listeners = match systemd_sockets.and_then(|sockets| listeners(sockets, &settings)) {
-        Ok(listeners) if listeners.is_empty() => {
+    let logs = logging::init(&settings.log_level);
+    info!(config = %settings.config_file, logs = logs.destination, version = env!("CARGO_PKG_VERSION"), "starting");
+    let sockets = match systemd_sockets.and_then(|sockets| with_listeners(sockets, &settings)) {
+        Ok(sockets) if sockets.listeners.is_empty() => {
             error!("no listening sockets: start sticky-dispatch.socket (socket activation), or pass --listen ADDR");
             return ExitCode::from(EX_CONFIG);
         }
-        Ok(listeners) => listeners,
+        Ok(sockets) => sockets,
         Err(err) => {
             error!("{err:#}");
             return ExitCode::FAILURE;
@@ -108,11 +109,11 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let shutdown = shutdown_signal()?;
+        let control = signals(overrides, logs)?;
         if cli.command.is_empty() {
-            dispatcher::run(listeners, settings, shutdown).await
+            dispatcher::run(sockets, settings, control).await
         } else {
-            supervisor::run(listeners, settings, cli.command, shutdown).await
+            supervisor::run(sockets, settings, cli.command, control).await
         }
     });
     match result {
@@ -124,59 +125,102 @@ fn main() -> ExitCode {
     }
 }
 
-/// The sockets systemd passed (`LISTEN_FDS`), with their `FileDescriptorName=`s.
-fn take_systemd_sockets() -> anyhow::Result<Vec<Listener>> {
+/// The fds systemd passed (`LISTEN_FDS`), by their `FileDescriptorName=`: listening
+/// sockets, and client connections a previous instance left in the fd store.
+fn take_systemd_sockets() -> anyhow::Result<Sockets> {
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
     std::env::remove_var("LISTEN_FDNAMES");
     let mut names = names.split(':');
     let mut fds = ListenFd::from_env();
-    (0..fds.len())
-        .map(|index| {
-            let name = names.next().filter(|name| !name.is_empty());
-            let name = name.map_or_else(|| format!("fd{}", index + 3), str::to_owned);
-            let socket = fds
-                .take_tcp_listener(index)
-                .with_context(|| format!("systemd socket {name:?} is not a TCP listener: only TCP (IPv4/IPv6) is supported"))?
-                .with_context(|| format!("systemd socket {name:?} was already taken"))?;
-            Ok(Listener {
-                name: name.into(),
-                socket,
-            })
-        })
-        .collect()
+    let mut sockets = Sockets::default();
+    for index in 0..fds.len() {
+        let name = names.next().filter(|name| !name.is_empty());
+        let name = name.map_or_else(|| format!("fd{}", index + 3), str::to_owned);
+        if let Some(listener) = dispatcher::stored_connection_listener(&name) {
+            match take_connection(&mut fds, index) {
+                Some(stream) => sockets.held_over.push(HeldOver {
+                    listener: listener.into(),
+                    stream,
+                }),
+                None => eprintln!(
+                    "sticky-dispatch: stored fd {name:?} is not a TCP connection; closing it"
+                ),
+            }
+            continue;
+        }
+        let socket = fds
+            .take_tcp_listener(index)
+            .with_context(|| format!("systemd socket {name:?} is not a TCP listener: only TCP (IPv4/IPv6) is supported"))?
+            .with_context(|| format!("systemd socket {name:?} was already taken"))?;
+        sockets.listeners.push(Listener {
+            name: name.into(),
+            socket,
+        });
+    }
+    Ok(sockets)
+}
+
+/// A client connection from the fd store, IPv4 or IPv6.
+fn take_connection(fds: &mut ListenFd, index: usize) -> Option<std::net::TcpStream> {
+    use nix::libc::{AF_INET, AF_INET6, SOCK_STREAM};
+    [AF_INET, AF_INET6].into_iter().find_map(|family| {
+        fds.take_custom(index, family, SOCK_STREAM, "TCP connection")
+            .ok()
+            .flatten()
+    })
 }
 
 /// systemd's sockets if there are any, else the configured `listen` addresses.
-fn listeners(systemd: Vec<Listener>, settings: &Settings) -> anyhow::Result<Vec<Listener>> {
-    if !systemd.is_empty() {
+fn with_listeners(mut sockets: Sockets, settings: &Settings) -> anyhow::Result<Sockets> {
+    if !sockets.listeners.is_empty() {
         if !settings.listen.is_empty() {
             warn!("sockets came from systemd: ignoring the `listen` addresses");
         }
-        return Ok(systemd);
+        return Ok(sockets);
     }
-    settings
-        .listen
-        .iter()
-        .map(|addr| {
-            let socket = std::net::TcpListener::bind(addr)
-                .with_context(|| format!("could not listen on {addr}"))?;
-            Ok(Listener {
-                name: Arc::from(addr.to_string()),
-                socket,
-            })
-        })
-        .collect()
+    for addr in &settings.listen {
+        let socket = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("could not listen on {addr}"))?;
+        sockets.listeners.push(Listener {
+            name: Arc::from(addr.to_string()),
+            socket,
+        });
+    }
+    Ok(sockets)
 }
 
-/// Resolves on SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+/// Turns signals into dispatcher controls: SIGTERM (systemd's stop) and SIGINT (Ctrl-C)
+/// stop it; SIGHUP (`systemctl reload`) re-reads the configuration.
+fn signals(
+    overrides: Overrides,
+    logs: logging::LogControl,
+) -> anyhow::Result<mpsc::Receiver<Control>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("could not handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("could not handle SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM received"),
-            _ = int.recv() => info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup()).context("could not handle SIGHUP")?;
+    let (control, receiver) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let command = tokio::select! {
+                _ = term.recv() => { info!("SIGTERM received"); Control::Shutdown }
+                _ = int.recv() => { info!("SIGINT received"); Control::Shutdown }
+                _ = hup.recv() => match Settings::load(&overrides, std::env::vars()) {
+                    Ok(settings) => {
+                        logs.set_level(&settings.log_level);
+                        Control::Reload(Box::new(settings))
+                    }
+                    Err(err) => {
+                        error!(%err, "reload refused: keeping the running configuration");
+                        continue;
+                    }
+                },
+            };
+            let stop = matches!(command, Control::Shutdown);
+            if control.send(command).await.is_err() || stop {
+                return;
+            }
         }
-    })
+    });
+    Ok(receiver)
 }

@@ -54,7 +54,7 @@ impl Acceptor {
         let stopping = |phase: &Phase| *phase >= Phase::Stopping;
         loop {
             if self.permits.available_permits() == 0 && full_warning.allow() {
-                warn!(listener = %self.name, max_connections = self.shared.settings.max_connections.get(),
+                warn!(listener = %self.name, max_connections = self.shared.settings().max_connections.get(),
                     "connection limit reached: accepting paused until workers take connections");
             }
             let permit = tokio::select! {

@@ -7,9 +7,11 @@
 //! bounded: when the permits run out the acceptors pause and the kernel backlog holds.
 
 mod accept;
+mod fdstore;
 mod slot;
 
-use std::future::Future;
+pub use fdstore::{stored_connection_listener, HeldOver};
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -36,22 +38,46 @@ pub struct Listener {
     pub socket: std::net::TcpListener,
 }
 
+/// What the dispatcher starts with: its listening sockets, and any client connections a
+/// previous instance left in systemd's fd store.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// Listening sockets.
+    pub listeners: Vec<Listener>,
+    /// Connections taken back from the fd store.
+    pub held_over: Vec<HeldOver>,
+}
+
+/// Instructions to a running dispatcher.
+#[derive(Debug)]
+pub enum Control {
+    /// Apply a re-read configuration (SIGHUP, `systemctl reload`).
+    Reload(Box<Settings>),
+    /// Stop gracefully (SIGTERM, SIGINT).
+    Shutdown,
+}
+
 /// What a dispatcher run did, for the exit log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
     /// Connections handed off and acknowledged.
     pub handed_off: u64,
-    /// Connections still held when the shutdown timeout ran out, closed unserved.
+    /// Connections still waiting at exit, handed to systemd's fd store.
+    pub stored: u64,
+    /// Connections still held at exit that could not be kept, closed unserved.
     pub abandoned: u64,
 }
 
-/// Where the dispatcher is in its life; acceptors stop at `Stopping`, slots finish their
-/// queues at `Finishing` (after every acceptor is gone, so nothing new can arrive).
+/// Where the dispatcher is in its life. Acceptors stop at `Stopping`. At `Finishing`
+/// (every acceptor gone, so nothing new arrives) slots deliver what they can and return
+/// what waits for a worker that is down, if the fd store can keep it. At `Abandon` (the
+/// shutdown timeout) they return at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
     Running,
     Stopping,
     Finishing,
+    Abandon,
 }
 
 /// A client connection the dispatcher holds until its worker acknowledges it.
@@ -80,7 +106,10 @@ struct Counters {
 
 /// State every task reads.
 struct Shared {
-    settings: Settings,
+    /// The settings in force; `Control::Reload` replaces the ones that can change live.
+    settings: watch::Receiver<Arc<Settings>>,
+    /// Connections waiting for a down worker at exit go to systemd's fd store.
+    fd_store: bool,
     router: Router,
     live: Box<[AtomicBool]>,
     slots: Box<[mpsc::UnboundedSender<Held>]>,
@@ -88,6 +117,10 @@ struct Shared {
 }
 
 impl Shared {
+    fn settings(&self) -> Arc<Settings> {
+        self.settings.borrow().clone()
+    }
+
     /// Sends a connection to the slot of `index`.
     fn send_to(&self, index: u32, held: Held) {
         // A slot's inbox lives as long as `Shared`; a send fails only while shutting down,
@@ -117,17 +150,20 @@ impl Shared {
     }
 }
 
-/// Runs the dispatcher on `listeners` until `shutdown` resolves, then stops accepting,
-/// finishes the hand-offs in progress and returns within `shutdown_timeout`.
+/// Runs the dispatcher on `sockets` until `Control::Shutdown` (or the control channel
+/// closes), then stops accepting, finishes the hand-offs in progress and returns within
+/// `shutdown_timeout`.
 pub async fn run(
-    listeners: Vec<Listener>,
+    sockets: Sockets,
     settings: Settings,
-    shutdown: impl Future<Output = ()>,
+    mut control: mpsc::Receiver<Control>,
 ) -> anyhow::Result<Summary> {
     let workers = settings.workers;
     let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..workers.get())
         .map(|_| mpsc::unbounded_channel())
         .unzip();
+    let (settings_tx, settings_rx) = watch::channel(Arc::new(settings));
+    let settings = settings_rx.borrow().clone();
     let shared = Arc::new(Shared {
         router: Router::new(
             workers,
@@ -138,10 +174,11 @@ pub async fn run(
         live: (0..workers.get()).map(|_| AtomicBool::new(false)).collect(),
         slots: inboxes.into(),
         counters: Counters::default(),
-        settings,
+        settings: settings_rx,
+        fd_store: fdstore::available(),
     });
     let (phase, phase_rx) = watch::channel(Phase::Running);
-    let permits = Arc::new(Semaphore::new(shared.settings.max_connections.get()));
+    let permits = Arc::new(Semaphore::new(settings.max_connections.get()));
 
     let mut slots = JoinSet::new();
     for (index, inbox) in receivers.into_iter().enumerate() {
@@ -149,23 +186,30 @@ pub async fn run(
         slots.spawn(slot.run());
     }
     let mut acceptors = JoinSet::new();
-    for listener in listeners {
+    for listener in sockets.listeners {
         let acceptor = accept::Acceptor::new(listener, shared.clone(), permits.clone())?;
         acceptors.spawn(acceptor.run(phase_rx.clone()));
     }
+    take_back(&shared, &permits, sockets.held_over);
 
     let mut status = shared.status_line();
     notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&status),
     ]);
-    info!(workers = workers.get(), "dispatcher ready");
+    info!(
+        workers = workers.get(),
+        fd_store = shared.fd_store,
+        "dispatcher ready"
+    );
 
     let mut tick = tokio::time::interval(STATUS_INTERVAL);
-    let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            command = control.recv() => match command {
+                Some(Control::Reload(new)) => reload(&settings_tx, *new),
+                Some(Control::Shutdown) | None => break,
+            },
             _ = tick.tick() => {
                 let line = shared.status_line();
                 if line != status {
@@ -176,8 +220,9 @@ pub async fn run(
         }
     }
 
-    let deadline = Instant::now() + shared.settings.shutdown_timeout;
-    info!(timeout = ?shared.settings.shutdown_timeout, "stopping: no new connections; finishing hand-offs");
+    let shutdown_timeout = shared.settings().shutdown_timeout;
+    let deadline = Instant::now() + shutdown_timeout;
+    info!(timeout = ?shutdown_timeout, "stopping: no new connections; finishing hand-offs");
     notify(&[
         sd_notify::NotifyState::Stopping,
         sd_notify::NotifyState::Status("stopping: finishing hand-offs"),
@@ -185,32 +230,129 @@ pub async fn run(
     phase.send_replace(Phase::Stopping);
     while acceptors.join_next().await.is_some() {}
     phase.send_replace(Phase::Finishing);
+    let mut left = Vec::new();
     let finished = tokio::time::timeout_at(deadline, async {
-        while slots.join_next().await.is_some() {}
+        while let Some(Ok(held)) = slots.join_next().await {
+            left.extend(held);
+        }
     })
     .await;
-    let counters = &shared.counters;
-    let abandoned = if finished.is_err() {
-        slots.shutdown().await;
-        let left =
-            counters.waiting.load(Ordering::Relaxed) + counters.in_flight.load(Ordering::Relaxed);
-        warn!(
-            left,
-            "shutdown timeout reached: closing the connections still waiting for a worker"
-        );
-        left
+    if finished.is_err() {
+        warn!("shutdown timeout reached: giving up on the connections still held");
+        phase.send_replace(Phase::Abandon);
+        while let Some(Ok(held)) = slots.join_next().await {
+            left.extend(held);
+        }
+    }
+    let waiting = left.len() as u64;
+    let stored = if shared.fd_store && waiting > 0 {
+        fdstore::store(left)
     } else {
+        drop(left);
         0
     };
     let summary = Summary {
-        handed_off: counters.handed_off.load(Ordering::Relaxed),
-        abandoned,
+        handed_off: shared.counters.handed_off.load(Ordering::Relaxed),
+        stored,
+        abandoned: waiting - stored,
     };
+    if summary.abandoned > 0 {
+        warn!(
+            abandoned = summary.abandoned,
+            "closed connections that were still waiting for a worker"
+        );
+    }
     info!(
         handed_off = summary.handed_off,
-        abandoned, "dispatcher stopped"
+        stored,
+        abandoned = summary.abandoned,
+        "dispatcher stopped"
     );
     Ok(summary)
+}
+
+/// Routes the connections a previous instance left in the fd store, then tells systemd
+/// to forget them.
+fn take_back(shared: &Shared, permits: &Arc<Semaphore>, held_over: Vec<HeldOver>) {
+    if held_over.is_empty() {
+        return;
+    }
+    fdstore::forget(&held_over);
+    let count = held_over.len();
+    for HeldOver { listener, stream } in held_over {
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn!("more connections in the fd store than max_connections: closing the rest");
+            break;
+        };
+        let peer = stream.peer_addr().ok();
+        let key = shared.router.key(peer.map(|p| p.ip()));
+        let index = shared.router.worker_for(&key);
+        let local = stream.local_addr().ok();
+        shared.send_to(
+            index,
+            Held {
+                stream,
+                peer,
+                local,
+                listener,
+                key,
+                since: Instant::now(),
+                failed_over: false,
+                _permit: permit,
+            },
+        );
+    }
+    info!(count, "took back connections from the systemd fd store");
+}
+
+/// Applies what can change while running; the rest is reported and kept.
+fn reload(settings: &watch::Sender<Arc<Settings>>, new: Settings) {
+    // systemd 253 and later want the clock reading with RELOADING=1.
+    let mut reloading = vec![sd_notify::NotifyState::Reloading];
+    reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+    notify(&reloading);
+    let old = settings.borrow().clone();
+    let mut applied = old.as_ref().clone();
+    let fixed = [
+        ("workers", old.workers != new.workers),
+        ("socket_prefix", old.socket_prefix != new.socket_prefix),
+        ("listen", old.listen != new.listen),
+        ("ipv4_prefix", old.ipv4_prefix != new.ipv4_prefix),
+        ("ipv6_prefix", old.ipv6_prefix != new.ipv6_prefix),
+        ("hash_seed", old.hash_seed != new.hash_seed),
+        ("routing_key", old.routing_key != new.routing_key),
+        (
+            "max_connections",
+            old.max_connections != new.max_connections,
+        ),
+        (
+            "dispatcher_users",
+            old.dispatcher_users != new.dispatcher_users,
+        ),
+    ];
+    for (key, changed) in fixed {
+        if changed {
+            warn!(key, "changed in the configuration: takes effect at the next restart (`systemctl restart sticky-dispatch` keeps waiting connections)");
+        }
+    }
+    applied.log_level = new.log_level;
+    applied.shutdown_timeout = new.shutdown_timeout;
+    applied.pending_timeout = new.pending_timeout;
+    applied.max_pending = new.max_pending;
+    applied.max_in_flight = new.max_in_flight;
+    applied.on_worker_down = new.on_worker_down;
+    applied.worker_users = new.worker_users;
+    applied.worker_unit = new.worker_unit;
+    applied.config_file = new.config_file;
+    info!(
+        pending_timeout = ?applied.pending_timeout,
+        max_pending = applied.max_pending.get(),
+        on_worker_down = %applied.on_worker_down,
+        log_level = %applied.log_level,
+        "configuration reloaded"
+    );
+    settings.send_replace(Arc::new(applied));
+    notify(&[sd_notify::NotifyState::Ready]);
 }
 
 /// Lets a repeated warning through at most once per period, so a fault under load logs

@@ -77,7 +77,7 @@ impl Slot {
         let now = Instant::now();
         Slot {
             index,
-            name: shared.settings.link_socket_name(index),
+            name: shared.settings().link_socket_name(index),
             shared,
             inbox,
             phase,
@@ -96,18 +96,21 @@ impl Slot {
         }
     }
 
-    pub(super) async fn run(mut self) {
+    /// Serves this worker until the dispatcher stops; returns the connections that were
+    /// never sent, for the fd store.
+    pub(super) async fn run(mut self) -> Vec<Held> {
         let mut buf = [0u8; wire::MAX_MESSAGE];
         loop {
             self.send_pending();
-            if *self.phase.borrow() == Phase::Finishing
-                && self.pending.is_empty()
-                && self.unacked.is_empty()
-                && self.inbox.is_empty()
+            let phase = *self.phase.borrow();
+            let idle = self.pending.is_empty() && self.unacked.is_empty() && self.inbox.is_empty();
+            let keep_for_next_start =
+                phase == Phase::Finishing && self.shared.fd_store && !self.is_up();
+            if (phase >= Phase::Finishing && idle) || keep_for_next_start || phase == Phase::Abandon
             {
-                break;
+                return self.leftovers();
             }
-            let pending_timeout = self.shared.settings.pending_timeout;
+            let pending_timeout = self.shared.settings().pending_timeout;
             let expiry = self
                 .pending
                 .front()
@@ -129,17 +132,38 @@ impl Slot {
                 _ = self.phase.changed() => {}
             }
         }
-        debug!(index = self.index, "slot finished");
+    }
+
+    /// At exit: what was never sent (kept if the fd store can), and closing what was sent
+    /// but not acknowledged (the worker may hold it: sending it again could serve it twice).
+    fn leftovers(&mut self) -> Vec<Held> {
+        while let Ok(held) = self.inbox.try_recv() {
+            self.pending.push_back(held);
+        }
+        if !self.unacked.is_empty() {
+            warn!(
+                index = self.index,
+                count = self.unacked.len(),
+                "closing connections the worker did not acknowledge in time"
+            );
+            self.unacked.clear();
+        }
+        debug!(
+            index = self.index,
+            waiting = self.pending.len(),
+            "slot finished"
+        );
+        self.pending.drain(..).collect()
     }
 
     /// A new connection for this worker.
     fn arrive(&mut self, mut held: Held) {
         held.since = Instant::now();
         let down_too_long =
-            !self.is_up() && self.down_since.elapsed() >= self.shared.settings.pending_timeout;
+            !self.is_up() && self.down_since.elapsed() >= self.shared.settings().pending_timeout;
         if down_too_long {
             self.give_up(held, "its worker has been down longer than pending_timeout");
-        } else if self.pending.len() >= self.shared.settings.max_pending.get() {
+        } else if self.pending.len() >= self.shared.settings().max_pending.get() {
             self.give_up(held, "its worker's queue is full (max_pending)");
         } else {
             self.pending.push_back(held);
@@ -153,7 +177,7 @@ impl Slot {
 
     /// Sends waiting connections while the link is up and the in-flight window has room.
     fn send_pending(&mut self) {
-        let max_in_flight = self.shared.settings.max_in_flight.get();
+        let max_in_flight = self.shared.settings().max_in_flight.get();
         while self.is_up() && !self.want_writable && self.unacked.len() < max_in_flight {
             let (Some(link), Some(held)) = (&self.link, self.pending.front()) else {
                 return;
@@ -303,7 +327,7 @@ impl Slot {
     async fn open_link(&mut self) -> Result<(LinkStream, u32), LinkError> {
         let link = LinkStream::connect(&self.name)?;
         let peer = link.peer_cred()?;
-        if !self.shared.settings.worker_users.contains(&peer.uid) {
+        if !self.shared.settings().worker_users.contains(&peer.uid) {
             // Nothing is sent to an impostor, not even our HELLO.
             self.backoff = RECONNECT_MAX;
             return Err(LinkError::Impostor {
@@ -340,7 +364,7 @@ impl Slot {
 
     /// Connections that waited `pending_timeout` follow `on_worker_down`.
     fn expire(&mut self) {
-        let timeout = self.shared.settings.pending_timeout;
+        let timeout = self.shared.settings().pending_timeout;
         let now = Instant::now();
         while self
             .pending
@@ -357,7 +381,7 @@ impl Slot {
     fn give_up(&mut self, mut held: Held, why: &str) {
         let shared = &self.shared;
         let counters = &shared.counters;
-        if shared.settings.on_worker_down == OnWorkerDown::Failover && !held.failed_over {
+        if shared.settings().on_worker_down == OnWorkerDown::Failover && !held.failed_over {
             let live = |index: u32| shared.live[index as usize].load(Ordering::Relaxed);
             if let Some(target) = shared.router.failover_for(&held.key, live) {
                 held.failed_over = true;
