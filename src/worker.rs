@@ -183,6 +183,8 @@ pub struct WorkerListener {
     incoming: mpsc::Receiver<Incoming>,
     drain: watch::Sender<bool>,
     drained: watch::Sender<bool>,
+    /// Connections yielded to axum that it has not read from yet.
+    unread: watch::Sender<usize>,
 }
 
 impl WorkerListener {
@@ -211,6 +213,7 @@ impl WorkerListener {
         let (incoming_tx, incoming) = mpsc::channel(ACCEPT_QUEUE);
         let (drain, drain_rx) = watch::channel(false);
         let (drained, _) = watch::channel(false);
+        let (unread, _) = watch::channel(0);
         let links = Links {
             index: options.index,
             allowed: options.dispatcher_users.into_iter().collect(),
@@ -238,6 +241,7 @@ impl WorkerListener {
             incoming,
             drain,
             drained,
+            unread,
         })
     }
 
@@ -266,23 +270,124 @@ impl WorkerListener {
     }
 
     /// Resolves once a drain has finished and `accept()` has returned every connection:
-    /// the moment to stop serving new connections and finish the open ones.
+    /// the moment to stop serving new connections and finish the open ones. With axum, it
+    /// also waits (up to [`FIRST_READ_TIMEOUT`]) until axum has read from every connection
+    /// it got, because a graceful shutdown closes a connection that has not yet started a
+    /// request: the client would lose it.
     pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let mut drained = self.drained.subscribe();
+        let mut unread = self.unread.subscribe();
         async move {
-            let _ = drained.wait_for(|done| *done).await;
+            crate::wait_until(&mut drained, |done| *done).await;
+            let _ = tokio::time::timeout(FIRST_READ_TIMEOUT, unread.wait_for(|n| *n == 0)).await;
         }
+    }
+}
+
+/// How long [`WorkerListener::drained`] waits for the app to start reading the last
+/// connections it was given: a client that connects and says nothing is not waited for.
+pub const FIRST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection as axum gets it: a `TcpStream` that reports its first read, so that a
+/// drain does not end before axum has started serving it.
+#[cfg(feature = "axum")]
+#[derive(Debug)]
+pub struct WorkerStream {
+    inner: TcpStream,
+    unread: Option<UnreadMark>,
+}
+
+/// Counts a connection as unread until dropped.
+#[cfg(feature = "axum")]
+#[derive(Debug)]
+struct UnreadMark(watch::Sender<usize>);
+
+#[cfg(feature = "axum")]
+impl UnreadMark {
+    fn new(unread: &watch::Sender<usize>) -> UnreadMark {
+        unread.send_modify(|n| *n += 1);
+        UnreadMark(unread.clone())
+    }
+}
+
+#[cfg(feature = "axum")]
+impl Drop for UnreadMark {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+#[cfg(feature = "axum")]
+impl WorkerStream {
+    /// The TCP stream inside.
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.inner
+    }
+}
+
+#[cfg(feature = "axum")]
+impl tokio::io::AsyncRead for WorkerStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if polled.is_ready() {
+            self.unread = None;
+        }
+        polled
+    }
+}
+
+#[cfg(feature = "axum")]
+impl tokio::io::AsyncWrite for WorkerStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
 #[cfg(feature = "axum")]
 impl axum::serve::Listener for WorkerListener {
-    type Io = TcpStream;
+    type Io = WorkerStream;
     type Addr = ClientInfo;
 
-    async fn accept(&mut self) -> (TcpStream, ClientInfo) {
+    async fn accept(&mut self) -> (WorkerStream, ClientInfo) {
         match WorkerListener::accept(self).await {
-            Some(next) => next,
+            Some((inner, client)) => {
+                let unread = Some(UnreadMark::new(&self.unread));
+                (WorkerStream { inner, unread }, client)
+            }
             // Drained: axum's graceful shutdown (on `drained()`) stops calling us.
             None => std::future::pending().await,
         }

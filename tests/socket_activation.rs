@@ -4,56 +4,10 @@
 mod common;
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::time::Instant;
 
 use common::*;
-
-/// Collects the sd_notify datagrams the dispatcher sends.
-struct NotifySocket {
-    socket: UnixDatagram,
-    path: std::path::PathBuf,
-    seen: Vec<String>,
-}
-
-impl NotifySocket {
-    fn bind(dir: &std::path::Path) -> NotifySocket {
-        let path = dir.join("notify.sock");
-        let _ = std::fs::remove_file(&path);
-        let socket = UnixDatagram::bind(&path).unwrap();
-        socket.set_read_timeout(Some(PATIENCE)).unwrap();
-        NotifySocket {
-            socket,
-            path,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a datagram with a line starting with `prefix`; returns that line.
-    fn wait_for(&mut self, prefix: &str) -> String {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(line) = self
-                .seen
-                .iter()
-                .flat_map(|d| d.lines())
-                .find(|l| l.starts_with(prefix))
-            {
-                return line.to_owned();
-            }
-            assert!(Instant::now() < deadline, "no {prefix} in {:?}", self.seen);
-            let mut buf = [0u8; 4096];
-            let n = self
-                .socket
-                .recv(&mut buf)
-                .expect("a notification within PATIENCE");
-            self.seen
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
-}
 
 #[test]
 fn listeners_from_systemd_and_notifications_to_it() {

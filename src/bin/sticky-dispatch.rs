@@ -88,6 +88,7 @@ fn main() -> ExitCode {
     }
 
     let logs = logging::init(&settings.log_level);
+    raise_fd_limit();
     info!(config = %settings.config_file, logs = logs.destination, version = env!("CARGO_PKG_VERSION"), "starting");
     let sockets = match systemd_sockets.and_then(|sockets| with_listeners(sockets, &settings)) {
         Ok(sockets) if sockets.listeners.is_empty() => {
@@ -121,6 +122,19 @@ fn main() -> ExitCode {
         Err(err) => {
             error!("{err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Every held connection is an fd: use the hard limit, not the historical soft 1024
+/// (what systemd recommends daemons do for themselves).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(%err, soft, hard, "could not raise the fd limit");
+            }
         }
     }
 }
@@ -181,6 +195,10 @@ fn with_listeners(mut sockets: Sockets, settings: &Settings) -> anyhow::Result<S
     for addr in &settings.listen {
         let socket = std::net::TcpListener::bind(addr)
             .with_context(|| format!("could not listen on {addr}"))?;
+        // std listens with a backlog of 128; a burst of clients needs the kernel's maximum,
+        // as systemd's Backlog= gives socket-activated listeners.
+        nix::sys::socket::listen(&socket, nix::sys::socket::Backlog::MAXCONN)
+            .with_context(|| format!("could not set the backlog of {addr}"))?;
         sockets.listeners.push(Listener {
             name: Arc::from(addr.to_string()),
             socket,

@@ -178,7 +178,7 @@ pub async fn run(
         fd_store: fdstore::available(),
     });
     let (phase, phase_rx) = watch::channel(Phase::Running);
-    let permits = Arc::new(Semaphore::new(settings.max_connections.get()));
+    let permits = Arc::new(Semaphore::new(connection_budget(&settings)));
 
     let mut slots = JoinSet::new();
     for (index, inbox) in receivers.into_iter().enumerate() {
@@ -269,6 +269,35 @@ pub async fn run(
         "dispatcher stopped"
     );
     Ok(summary)
+}
+
+/// fds the dispatcher needs besides held connections: stdio, journald, listeners, the
+/// notify socket, a link per worker and one being opened, with room to spare.
+fn fd_reserve(workers: u32) -> u64 {
+    64 + 2 * u64::from(workers)
+}
+
+/// `max_connections`, lowered if the fd limit would not hold that many: the links must
+/// always find an fd, or waiting connections could never be delivered.
+fn connection_budget(settings: &Settings) -> usize {
+    use nix::sys::resource::{getrlimit, Resource};
+    let wanted = settings.max_connections.get();
+    let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return wanted;
+    };
+    let room = limit
+        .saturating_sub(fd_reserve(settings.workers.get()))
+        .max(16);
+    let budget = wanted.min(usize::try_from(room).unwrap_or(usize::MAX));
+    if budget < wanted {
+        warn!(
+            max_connections = wanted,
+            budget,
+            fd_limit = limit,
+            "max_connections lowered to fit the fd limit (raise LimitNOFILE=)"
+        );
+    }
+    budget
 }
 
 /// Routes the connections a previous instance left in the fd store, then tells systemd

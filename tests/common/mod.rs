@@ -74,6 +74,19 @@ impl Log {
         }
     }
 
+    /// Waits until `n` lines contain every one of `parts`.
+    pub fn wait_count(&self, parts: &[&str], n: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.count(parts) < n {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} lines with {parts:?}; log:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// How many lines so far contain every one of `parts`.
     pub fn count(&self, parts: &[&str]) -> usize {
         let lines = self.0 .0.lock().unwrap();
@@ -156,6 +169,16 @@ pub fn standalone(
     workers: u32,
     extra_env: &[(&str, &str)],
 ) -> (Running, SocketAddr) {
+    standalone_with(test, workers, extra_env, &[DEMO])
+}
+
+/// Like [`standalone`], with another worker command.
+pub fn standalone_with(
+    test: &'static str,
+    workers: u32,
+    extra_env: &[(&str, &str)],
+    worker_command: &[&str],
+) -> (Running, SocketAddr) {
     let dir = scratch_dir(test);
     let mut command = Command::new(DISPATCHER);
     command
@@ -167,8 +190,8 @@ pub fn standalone(
             "--workers",
             &workers.to_string(),
             "--",
-            DEMO,
         ])
+        .args(worker_command)
         .env("STICKY_DISPATCH_SOCKET_PREFIX", unique_prefix(test))
         .env("STICKY_DISPATCH_LOG_LEVEL", "info")
         .envs(extra_env.iter().copied());
@@ -194,6 +217,7 @@ pub fn client_ip(n: u32) -> Ipv4Addr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub worker: u32,
+    pub pid: i32,
     pub client: String,
     pub listener: String,
     pub body: String,
@@ -237,6 +261,7 @@ fn parse_answer(body: &str) -> Option<Answer> {
     };
     Some(Answer {
         worker: field("worker=")?.parse().ok()?,
+        pid: field("pid=")?.parse().ok()?,
         client: field("client=")?,
         listener: field("listener=")?,
         body: body.to_owned(),
@@ -260,4 +285,253 @@ pub fn parallel<T: Send + Sync, R: Send>(
             .flat_map(|h| h.join().unwrap())
             .collect()
     })
+}
+
+/// Client addresses whose connections the default routing (seed 0, /32) sends to `worker`
+/// of `workers`, from the sequence of [`client_ip`].
+pub fn clients_of(worker: u32, workers: u32, count: usize) -> Vec<Ipv4Addr> {
+    let router = sticky_dispatch::routing::Router::new(workers.try_into().unwrap(), 32, 64, 0);
+    (0..)
+        .map(client_ip)
+        .filter(|ip| router.worker_for(&router.key(Some((*ip).into()))) == worker)
+        .take(count)
+        .collect()
+}
+
+/// The worker each client is routed to, by the same routing as the dispatcher's defaults.
+pub fn expected_worker(ip: Ipv4Addr, workers: u32) -> u32 {
+    let router = sticky_dispatch::routing::Router::new(workers.try_into().unwrap(), 32, 64, 0);
+    router.worker_for(&router.key(Some(ip.into())))
+}
+
+/// One request of a load run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub client: Ipv4Addr,
+    pub answer: Result<Answer, String>,
+}
+
+/// Continuous load of new connections: `threads` threads, each cycling through its share
+/// of the clients with one request per new connection, until stopped, `max_each`
+/// requests per thread, or 120 s.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<std::sync::atomic::AtomicUsize>,
+    threads: Vec<std::thread::JoinHandle<Vec<Outcome>>>,
+}
+
+impl Load {
+    pub fn start(to: SocketAddr, clients: &[Ipv4Addr], threads: usize, max_each: usize) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let chunk = clients.len().div_ceil(threads).max(1);
+        let threads = clients
+            .chunks(chunk)
+            .map(|part| {
+                let part = part.to_vec();
+                let (stop, done) = (stop.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let started = Instant::now();
+                    let mut outcomes = Vec::new();
+                    for client in part.iter().cycle().take(max_each) {
+                        if stop.load(Ordering::Relaxed)
+                            || started.elapsed() > Duration::from_secs(120)
+                        {
+                            break;
+                        }
+                        outcomes.push(Outcome {
+                            client: *client,
+                            answer: request(*client, to),
+                        });
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            done,
+            threads,
+        }
+    }
+
+    /// Requests completed so far.
+    pub fn completed(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `more` requests beyond those completed now have completed.
+    pub fn wait_more(&self, more: usize) {
+        let target = self.completed() + more;
+        let deadline = Instant::now() + PATIENCE * 3;
+        while self.completed() < target {
+            assert!(
+                Instant::now() < deadline,
+                "load stalled at {} of {target}",
+                self.completed()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
+}
+
+/// Figures of a load run: requests, answered, failed, and answered by the wrong worker.
+#[derive(Debug, Default)]
+pub struct Tally {
+    pub total: usize,
+    pub ok: usize,
+    pub failed: usize,
+    pub misrouted: usize,
+    pub failures: Vec<String>,
+}
+
+impl Tally {
+    /// Counts `outcomes`; `expected` says which worker should answer a client.
+    pub fn of(outcomes: &[Outcome], expected: impl Fn(Ipv4Addr) -> u32) -> Tally {
+        let mut tally = Tally {
+            total: outcomes.len(),
+            ..Tally::default()
+        };
+        for outcome in outcomes {
+            match &outcome.answer {
+                Ok(answer) => {
+                    tally.ok += 1;
+                    if answer.worker != expected(outcome.client) {
+                        tally.misrouted += 1;
+                    }
+                }
+                Err(err) => {
+                    tally.failed += 1;
+                    if tally.failures.len() < 5 {
+                        tally.failures.push(format!("{}: {err}", outcome.client));
+                    }
+                }
+            }
+        }
+        tally
+    }
+}
+
+impl std::fmt::Display for Tally {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} connections: {} answered, {} failed, {} misrouted",
+            self.total, self.ok, self.failed, self.misrouted
+        )?;
+        if !self.failures.is_empty() {
+            write!(f, " (first failures: {:?})", self.failures)?;
+        }
+        Ok(())
+    }
+}
+
+/// CPU time (user + system) a process has used, from /proc/<pid>/stat.
+pub fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+/// A `VmHWM`/`VmRSS`-style field of /proc/<pid>/status, in KiB.
+pub fn status_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim_start_matches(':')
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .unwrap()
+}
+
+/// How many fds a process has open.
+pub fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// A datagram socket standing in for systemd's NOTIFY_SOCKET.
+pub struct NotifySocket {
+    socket: std::os::unix::net::UnixDatagram,
+    pub path: PathBuf,
+    pub seen: Vec<String>,
+}
+
+impl NotifySocket {
+    pub fn bind(dir: &std::path::Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&path);
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        NotifySocket {
+            socket,
+            path,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line for which `accept` holds; returns it. Lines seen before count.
+    pub fn wait_until(&mut self, what: &str, accept: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        let mut checked = 0;
+        loop {
+            if let Some(line) = self.seen[checked..]
+                .iter()
+                .flat_map(|d| d.lines())
+                .find(|l| accept(l))
+            {
+                return line.to_owned();
+            }
+            checked = self.seen.len();
+            assert!(Instant::now() < deadline, "no {what} in {:?}", self.seen);
+            let mut buf = [0u8; 4096];
+            let n = self
+                .socket
+                .recv(&mut buf)
+                .expect("a notification within PATIENCE");
+            self.seen
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+    }
+
+    /// Waits for a line starting with `prefix`.
+    pub fn wait_for(&mut self, prefix: &str) -> String {
+        self.wait_until(prefix, |line| line.starts_with(prefix))
+    }
+}
+
+/// The number just before `label` in a STATUS line: `"3 in flight"` → 3.
+pub fn status_figure(status: &str, label: &str) -> Option<u64> {
+    let before = status.split(label).next()?;
+    before
+        .split_whitespace()
+        .last()?
+        .trim_start_matches(';')
+        .parse()
+        .ok()
 }
