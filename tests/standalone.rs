@@ -105,3 +105,41 @@ fn a_worker_that_exits_is_restarted_and_keeps_its_clients() {
         "served by the restarted process"
     );
 }
+
+#[test]
+fn shutdown_is_bounded_by_shutdown_timeout() {
+    let mut notify = NotifySocket::bind(&scratch_dir("shutdown-timeout-notify"));
+    let notify_path = notify.path.display().to_string();
+    let (mut dispatcher, addr) = standalone(
+        "shutdown-timeout",
+        2,
+        &[
+            ("STICKY_DISPATCH_SHUTDOWN_TIMEOUT", "1s"),
+            ("NOTIFY_SOCKET", notify_path.as_str()),
+        ],
+    );
+    let client = clients_of(0, 2, 1)[0];
+    let pid = request(client, addr).unwrap().pid;
+    // A stuck worker: what the dispatcher sends it is never acknowledged.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let stuck = std::thread::spawn(move || request(client, addr));
+    notify.wait_until("the request in flight", |line| {
+        status_figure(line, "in flight") == Some(1)
+    });
+    let started = std::time::Instant::now();
+    let status = dispatcher.terminate();
+    let took = started.elapsed();
+    eprintln!("stopped in {took:?} with a stuck worker (shutdown_timeout 1s)");
+    assert!(status.success());
+    dispatcher.log.wait_for(&["shutdown timeout reached"]);
+    // One shutdown_timeout for the hand-offs, one for the workers to stop.
+    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    assert!(
+        stuck.join().unwrap().is_err(),
+        "the stuck worker's client was closed"
+    );
+}
