@@ -154,15 +154,30 @@ fn template_path(template: &str) -> Option<PathBuf> {
         .find(|path| path.exists())
 }
 
-/// Logs at syslog `priority` to the kernel log, where generator messages belong (the
-/// journal picks them up), or to stderr when /dev/kmsg cannot be written.
+/// Logs at syslog `priority` where generator messages can be read: the kernel log (as
+/// systemd's own generators do; the journal imports it), else the journal's socket (in a
+/// container there is no /dev/kmsg; it exists at `daemon-reload`, not yet at boot), else
+/// stderr (which systemd points at /dev/null in a container).
 fn log(priority: u8, message: &str) {
-    let line = format!("<{priority}>sticky-dispatch-generator: {message}\n");
-    let written = std::fs::OpenOptions::new()
+    const IDENTIFIER: &str = "sticky-dispatch-generator";
+    let kmsg = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/kmsg")
-        .and_then(|mut kmsg| kmsg.write_all(line.as_bytes()));
-    if written.is_err() {
-        eprintln!("sticky-dispatch-generator: {message}");
+        .and_then(|mut kmsg| {
+            kmsg.write_all(format!("<{priority}>{IDENTIFIER}: {message}\n").as_bytes())
+        });
+    if kmsg.is_ok() {
+        return;
+    }
+    // The journal's native protocol: one datagram of KEY=value lines, so the message
+    // must stay on one line.
+    let entry = format!(
+        "PRIORITY={priority}\nSYSLOG_IDENTIFIER={IDENTIFIER}\nMESSAGE={}\n",
+        message.replace('\n', " ")
+    );
+    let journal = std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|socket| socket.send_to(entry.as_bytes(), "/run/systemd/journal/socket"));
+    if journal.is_err() {
+        eprintln!("{IDENTIFIER}: {message}");
     }
 }

@@ -1,0 +1,1529 @@
+//! The product under a real, booted systemd (issue #4): the units in `systemd/`, the
+//! generator and the binaries are installed into a container (systemd-nspawn on an
+//! overlay of the host's root, tests/systemd/boot-container.sh), and operated the way an
+//! operator would, with `systemctl` and `journalctl`, while clients connect from 200
+//! distinct 127.x.y.z addresses.
+//!
+//! One container is booted and the scenarios run in sequence; a failing scenario is
+//! reported and the next ones still run, so one run tells which of them fail. Figures
+//! (connections ok/failed, clients misrouted) are printed with the `[systemd]` prefix:
+//! `cargo test --test systemd -- --nocapture` shows them.
+//!
+//! Needs root (it mounts and boots a container); run as another user it says
+//! "skipped". It installs `systemd-container` (systemd-nspawn) with apt-get if missing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::num::NonZeroU32;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sticky_dispatch::routing::Router;
+
+const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
+const DEMO: &str = env!("CARGO_BIN_EXE_sticky-dispatch-demo");
+const GENERATOR: &str = env!("CARGO_BIN_EXE_sticky-dispatch-generator");
+const SOURCE: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The port of systemd/sticky-dispatch.socket.
+const PORT: u16 = 8080;
+/// Distinct client addresses.
+const CLIENTS: usize = 200;
+/// Workers in the installed config (then 5 in scenario g).
+const WORKERS: u32 = 4;
+/// Bound on anything that should take a second: machines are shared.
+const PATIENCE: Duration = Duration::from_secs(30);
+/// A reply slower than this is a lost connection. Above the default pending_timeout
+/// (30 s), so that a connection the dispatcher gives up on shows as closed, not as ours.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(40);
+/// Threads of the load generator, each a stream of sequential connections.
+const LOAD_THREADS: usize = 8;
+/// Bounds on one load run.
+const LOAD_MAX_CONNECTIONS: usize = 100_000;
+const LOAD_MAX_TIME: Duration = Duration::from_secs(90);
+/// Clients waiting for a stopped worker through a dispatcher restart (scenario d).
+const WAITING: usize = 16;
+
+/// Prints a figure to quote; `--nocapture` shows them as they come.
+macro_rules! figure {
+    ($($arg:tt)*) => { eprintln!("[systemd] {}", format_args!($($arg)*)) };
+}
+
+#[test]
+fn units_generator_and_dispatcher_under_a_booted_systemd() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root (mounts an overlay and boots systemd with systemd-nspawn)");
+        return;
+    }
+    ensure_nspawn();
+    let config = Config::shipped_with_workers(WORKERS);
+    let container = Container::boot(&config.text);
+    let mut world = World::new(&container, config);
+
+    let scenarios: &[(&str, Scenario)] = &[
+        ("units: verify, security, generator output", units),
+        (
+            "a: socket activation and sticky routing",
+            a_socket_activation,
+        ),
+        ("b: systemctl restart app@3 under load", b_restart_worker),
+        ("c: systemctl kill -s KILL app@2 under load", c_kill_worker),
+        (
+            "d: systemctl restart sticky-dispatch under load",
+            d_restart_dispatcher,
+        ),
+        ("e: systemctl reload sticky-dispatch", e_reload),
+        ("f: a broken config", f_broken_config),
+        ("g: workers 4 -> 5", g_more_workers),
+        ("h: systemctl stop sticky-dispatch.socket", h_stop),
+    ];
+    let mut failed = Vec::new();
+    for (name, scenario) in scenarios {
+        figure!("--- {name}");
+        let started = Instant::now();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| scenario(&mut world)));
+        match result {
+            Ok(()) => figure!("ok: {name} ({:.1?})", started.elapsed()),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                figure!("FAILED: {name}: {message}");
+                failed.push(format!("{name}: {message}"));
+            }
+        }
+    }
+    drop(world);
+    drop(container);
+    assert!(
+        failed.is_empty(),
+        "{} scenario(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios
+
+/// A step of the suite; it panics when something is wrong.
+type Scenario = fn(&mut World);
+
+/// Shared by the scenarios: the container, the clients and where they should go.
+struct World<'c> {
+    c: &'c Container,
+    config: Config,
+    clients: Vec<Ipv4Addr>,
+    /// Worker index of each client for the configured worker count.
+    expected: Vec<u32>,
+}
+
+impl<'c> World<'c> {
+    fn new(c: &'c Container, config: Config) -> World<'c> {
+        // 127.16.0.2 ... 127.16.1.101: distinct /32s, all on the container's loopback.
+        let clients: Vec<Ipv4Addr> = (0..CLIENTS)
+            .map(|i| Ipv4Addr::new(127, 16, (i / 100) as u8, (i % 100) as u8 + 2))
+            .collect();
+        let expected = route(&clients, WORKERS);
+        World {
+            c,
+            config,
+            clients,
+            expected,
+        }
+    }
+
+    fn clients_of(&self, worker: u32) -> Vec<usize> {
+        (0..CLIENTS)
+            .filter(|&i| self.expected[i] == worker)
+            .collect()
+    }
+
+    /// Connections from `clients` (indices) until stopped.
+    fn load(&self, clients: Vec<usize>) -> Load {
+        Load::spawn(self.c, &self.clients, clients, false)
+    }
+
+    /// One connection from each of `clients`, all at once.
+    fn load_once(&self, clients: Vec<usize>) -> Load {
+        Load::spawn(self.c, &self.clients, clients, true)
+    }
+
+    fn all_clients(&self) -> Vec<usize> {
+        (0..CLIENTS).collect()
+    }
+
+    /// Main pids of app@0 .. app@<n-1>.
+    fn worker_pids(&self, n: u32) -> Vec<u32> {
+        (0..n).map(|i| self.c.main_pid(&worker(i))).collect()
+    }
+
+    /// One request from every client, in parallel; the figures and every reply.
+    fn round(&self, label: &str) -> Vec<Outcome> {
+        let outcomes = self.load_once(self.all_clients()).join();
+        let figures = Figures::of(&outcomes, &self.expected);
+        figure!("{label}: {figures}");
+        outcomes
+    }
+}
+
+fn worker(index: u32) -> String {
+    format!("app@{index}.service")
+}
+
+/// systemd-analyze verify and security inside the container, and what the generator
+/// wrote at boot.
+fn units(w: &mut World) {
+    let c = w.c;
+    let verify = c.run(&[
+        "systemd-analyze",
+        "verify",
+        "sticky-dispatch.socket",
+        "sticky-dispatch.service",
+        "app@0.service",
+    ]);
+    let text = output_text(&verify);
+    figure!(
+        "systemd-analyze verify: exit {:?}, output: {:?}",
+        verify.status.code(),
+        text.trim()
+    );
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("sticky-dispatch") || l.contains("app@"))
+        .collect();
+    assert!(
+        verify.status.success() && ours.is_empty(),
+        "systemd-analyze verify complains: {text}"
+    );
+
+    for unit in ["sticky-dispatch.service", "app@0.service"] {
+        let out = c.run(&["systemd-analyze", "security", "--no-pager", unit]);
+        let text = output_text(&out);
+        let exposure: f64 = text
+            .lines()
+            .find_map(|l| l.split("Overall exposure level for").nth(1))
+            .and_then(|rest| rest.split(':').nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level for {unit}:\n{text}"));
+        let problems: Vec<&str> = text.lines().filter(|l| l.starts_with('✗')).collect();
+        figure!(
+            "systemd-analyze security {unit}: exposure {exposure} (open: {})",
+            problems
+                .iter()
+                .filter_map(|l| l.split_whitespace().nth(1))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        assert!(exposure <= 2.0, "{unit}: exposure {exposure} > 2.0\n{text}");
+    }
+
+    let wants = c.generated_wants();
+    figure!("generator: sticky-dispatch.service.wants = {wants:?}");
+    let expected: BTreeSet<String> = (0..WORKERS).map(worker).collect();
+    assert_eq!(wants, expected);
+}
+
+/// a. The first connection starts the dispatcher and the 4 workers; every client is
+/// always served by the same app@N, and the reply's pid is that unit's MainPID.
+fn a_socket_activation(w: &mut World) {
+    let c = w.c;
+    c.ok(&["systemctl", "start", "sticky-dispatch.socket"]);
+    assert_eq!(c.active_state("sticky-dispatch.service"), "inactive");
+    assert_eq!(c.active_state(&worker(0)), "inactive");
+
+    let first = w.load_once(vec![0]).join();
+    let reply = first[0]
+        .reply
+        .as_ref()
+        .unwrap_or_else(|err| panic!("the first connection failed: {err}"));
+    figure!("first connection: {reply:?}");
+    assert_eq!(c.active_state("sticky-dispatch.service"), "active");
+    for i in 0..WORKERS {
+        assert_eq!(c.active_state(&worker(i)), "active", "{}", worker(i));
+    }
+    let pids = w.worker_pids(WORKERS);
+    figure!("workers' MainPIDs: {pids:?}");
+
+    let mut seen: HashMap<usize, (u32, u32)> = HashMap::new();
+    for round in 1..=3 {
+        let outcomes = w.round(&format!("round {round} over {CLIENTS} clients"));
+        for outcome in &outcomes {
+            let reply = outcome
+                .reply
+                .as_ref()
+                .unwrap_or_else(|err| panic!("client {}: {err}", w.clients[outcome.client]));
+            let client = w.clients[outcome.client];
+            assert_eq!(reply.client, client.to_string());
+            assert_eq!(reply.listener, "http", "FileDescriptorName= of the socket");
+            assert_eq!(reply.local, format!("127.0.0.1:{PORT}"));
+            assert_eq!(
+                reply.worker, w.expected[outcome.client],
+                "client {client} is not on the worker its hash gives"
+            );
+            assert_eq!(
+                reply.pid, pids[reply.worker as usize],
+                "client {client}: pid {} is not MainPID of app@{}",
+                reply.pid, reply.worker
+            );
+            if let Some(before) = seen.insert(outcome.client, (reply.worker, reply.pid)) {
+                assert_eq!(before, (reply.worker, reply.pid), "client {client} moved");
+            }
+        }
+    }
+    let mut per_worker = BTreeMap::new();
+    for (worker, _) in seen.values() {
+        *per_worker.entry(*worker).or_insert(0) += 1;
+    }
+    figure!("clients per worker: {per_worker:?}");
+    assert_eq!(
+        per_worker.len(),
+        WORKERS as usize,
+        "every worker has clients"
+    );
+
+    // The IPv6 socket of the unit.
+    let v6 = request_v6(c);
+    figure!("IPv6: {v6:?}");
+    let v6 = v6.expect("a request to [::1]:8080");
+    assert_eq!(v6.client, "::1");
+    assert_eq!(v6.local, format!("[::1]:{PORT}"));
+
+    let status_line = poll("STATUS= with 4/4 live workers", || {
+        let text = c.prop("sticky-dispatch.service", "StatusText");
+        text.contains("4/4").then_some(text)
+    });
+    figure!("STATUS: {status_line}");
+    let shown = c.ok(&[
+        "systemctl",
+        "status",
+        "--no-pager",
+        "sticky-dispatch.service",
+    ]);
+    assert!(
+        shown.contains("Status: \""),
+        "no Status: line in systemctl status:\n{shown}"
+    );
+}
+
+/// b. `systemctl restart app@3` under load: nothing lost, nobody misrouted, and the
+/// journal shows worker 3 leaving and coming back with the structured field INDEX=3.
+fn b_restart_worker(w: &mut World) {
+    let c = w.c;
+    let old = c.main_pid(&worker(3));
+    let cursor = c.journal_cursor();
+    let load = w.load(w.all_clients());
+    load.wait_ok("load running", 300);
+    c.ok(&["systemctl", "restart", &worker(3)]);
+    let new = c.main_pid(&worker(3));
+    assert_ne!(old, new, "app@3 was not restarted");
+    load.wait_served_by(3, new, 20);
+    let outcomes = load.stop();
+    let figures = Figures::of(&outcomes, &w.expected);
+    figure!(
+        "restart app@3 (pid {old} -> {new}): {figures}; worker 3 served by old pid {}, new pid {}",
+        count_pid(&outcomes, 3, old),
+        count_pid(&outcomes, 3, new)
+    );
+    assert_eq!(figures.failed, 0, "connections lost: {figures}");
+    assert_eq!(figures.misrouted, 0, "clients misrouted: {figures}");
+
+    // Worker 3 leaving (drain, link down) then back (link up), in the dispatcher's log.
+    let entries = poll("worker 3 leaving and coming back in the journal", || {
+        let entries = c.journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor]);
+        let about_3: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| index_field(e).is_some_and(|(_, v)| v == "3"))
+            .collect();
+        let left = about_3.iter().position(|e| {
+            let m = message(e);
+            m.contains("drain") || m.contains("down")
+        })?;
+        about_3[left..]
+            .iter()
+            .any(|e| message(e).contains("up"))
+            .then(|| about_3.iter().map(|e| (*e).clone()).collect::<Vec<_>>())
+    });
+    for e in &entries {
+        let (key, value) = index_field(e).unwrap();
+        figure!("journal -u sticky-dispatch: {} ({key}={value})", message(e));
+    }
+    let worker_side: Vec<String> = c
+        .journal(&["-u", &worker(3), "--after-cursor", &cursor])
+        .iter()
+        .map(|e| message(e).to_owned())
+        .collect();
+    figure!("journal -u app@3: {worker_side:?}");
+    let names: BTreeSet<&str> = entries
+        .iter()
+        .filter_map(|e| index_field(e))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        names.contains("INDEX"),
+        "the worker index is logged as {names:?}, not INDEX=3: tracing-journald prefixes fields \
+         with F_ unless the layer is built with .with_field_prefix(None)"
+    );
+}
+
+/// c. `systemctl kill -s KILL app@2` under load: systemd restarts it, what it had not
+/// acknowledged is re-sent; only its own clients can see a failure, nobody is misrouted.
+fn c_kill_worker(w: &mut World) {
+    let c = w.c;
+    let old = c.main_pid(&worker(2));
+    let restarts_before: u32 = c.prop(&worker(2), "NRestarts").parse().unwrap();
+    let cursor = c.journal_cursor();
+    let load = w.load(w.all_clients());
+    load.wait_ok("load running", 300);
+    c.ok(&["systemctl", "kill", "-s", "KILL", &worker(2)]);
+    let new = poll("app@2 restarted by systemd", || {
+        let pid = c.main_pid(&worker(2));
+        (pid != 0 && pid != old && c.active_state(&worker(2)) == "active").then_some(pid)
+    });
+    load.wait_served_by(2, new, 20);
+    let outcomes = load.stop();
+    let figures = Figures::of(&outcomes, &w.expected);
+    let restarts: u32 = c.prop(&worker(2), "NRestarts").parse().unwrap();
+    let resent: u64 = c
+        .journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor])
+        .iter()
+        .filter(|e| index_field(e).is_some_and(|(_, v)| v == "2"))
+        .filter_map(|e| structured(e, "RESEND"))
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    figure!(
+        "kill -9 app@2 (pid {old} -> {new}, NRestarts {restarts_before} -> {restarts}): {figures}; \
+         unacknowledged connections re-sent: {resent}"
+    );
+    assert!(restarts > restarts_before, "systemd did not restart app@2");
+    assert_eq!(figures.misrouted, 0, "clients misrouted: {figures}");
+    let others_failed = outcomes
+        .iter()
+        .filter(|o| o.reply.is_err() && w.expected[o.client] != 2)
+        .count();
+    assert_eq!(
+        others_failed, 0,
+        "clients of other workers lost connections: {figures}"
+    );
+}
+
+/// d. `systemctl restart sticky-dispatch` under load: the socket stays with systemd,
+/// the workers are not touched, and connections waiting for a stopped worker survive
+/// the restart through the fd store.
+fn d_restart_dispatcher(w: &mut World) {
+    let c = w.c;
+    // d1: every worker up.
+    let workers = w.worker_pids(WORKERS);
+    let old = c.main_pid("sticky-dispatch.service");
+    let load = w.load(w.all_clients());
+    load.wait_ok("load running", 300);
+    let before = load.ok_count();
+    c.ok(&["systemctl", "restart", "sticky-dispatch.service"]);
+    let new = c.main_pid("sticky-dispatch.service");
+    load.wait_ok("load after the restart", before + 300);
+    let outcomes = load.stop();
+    let figures = Figures::of(&outcomes, &w.expected);
+    figure!("restart sticky-dispatch (pid {old} -> {new}), all workers up: {figures}");
+    assert_ne!(old, new, "the dispatcher was not restarted");
+    assert_eq!(w.worker_pids(WORKERS), workers, "a worker was restarted");
+    assert_eq!(figures.failed, 0, "connections lost: {figures}");
+    assert_eq!(figures.misrouted, 0, "clients misrouted: {figures}");
+
+    // d2: app@1 down, WAITING of its clients wait in the dispatcher; the dispatcher
+    // restarts (they go to the fd store and come back), then app@1 serves them. Masked,
+    // because the restart would otherwise start it again (the dispatcher wants it).
+    c.ok(&["systemctl", "mask", "--runtime", &worker(1)]);
+    c.ok(&["systemctl", "stop", &worker(1)]);
+    let cursor = c.journal_cursor();
+    let others: Vec<usize> = (0..CLIENTS).filter(|&i| w.expected[i] != 1).collect();
+    let load = w.load(others);
+    let waiting: Vec<usize> = w.clients_of(1).into_iter().take(WAITING).collect();
+    assert_eq!(waiting.len(), WAITING, "not enough clients of worker 1");
+    let waiters = w.load_once(waiting);
+    let old = c.main_pid("sticky-dispatch.service");
+    poll_status(c, "clients waiting for app@1", |status| {
+        waiting_count(status) >= WAITING as u64
+    });
+    load.wait_ok("load running", 300);
+    let before = load.ok_count();
+    c.ok(&["systemctl", "restart", "sticky-dispatch.service"]);
+    let new = c.main_pid("sticky-dispatch.service");
+    let status = poll_status(
+        c,
+        "the waiting clients taken back after the restart",
+        |status| waiting_count(status) >= WAITING as u64,
+    );
+    figure!("after the restart (pid {old} -> {new}): STATUS {status:?}");
+    load.wait_ok("load after the restart", before + 300);
+    c.ok(&["systemctl", "unmask", "--runtime", &worker(1)]);
+    c.ok(&["systemctl", "start", &worker(1)]);
+    let served = waiters.join();
+    let app1 = c.main_pid(&worker(1));
+    let waiting_figures = Figures::of(&served, &w.expected);
+    let outcomes = load.stop();
+    let figures = Figures::of(&outcomes, &w.expected);
+    let stored: Vec<String> = c
+        .journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor])
+        .iter()
+        .map(message)
+        .filter(|m| m.contains("fd store"))
+        .map(str::to_owned)
+        .collect();
+    figure!(
+        "restart sticky-dispatch with app@1 down: {WAITING} waiting clients: {waiting_figures}; \
+         other clients: {figures}; journal: {stored:?}"
+    );
+    assert_eq!(
+        waiting_figures.failed, 0,
+        "waiting connections lost across the restart: {waiting_figures}"
+    );
+    assert_eq!(waiting_figures.misrouted, 0, "{waiting_figures}");
+    assert!(
+        served.iter().all(|o| o.reply.as_ref().unwrap().pid == app1),
+        "the waiting clients were not served by the restarted app@1"
+    );
+    assert_eq!(figures.failed, 0, "connections lost: {figures}");
+    assert_eq!(figures.misrouted, 0, "clients misrouted: {figures}");
+}
+
+/// e. `systemctl reload sticky-dispatch` with a new pending_timeout: same process, the
+/// journal shows the new value, no connection dropped, and the new timeout applies.
+fn e_reload(w: &mut World) {
+    let c = w.c;
+    let pid = c.main_pid("sticky-dispatch.service");
+    let cursor = c.journal_cursor();
+    let load = w.load(w.all_clients());
+    load.wait_ok("load running", 300);
+    let before = load.ok_count();
+    w.config.set("pending_timeout", "\"7s\"");
+    c.write_file(CONFIG_PATH, &w.config.text);
+    c.ok(&["systemctl", "reload", "sticky-dispatch.service"]);
+    poll("the dispatcher active again after the reload", || {
+        (c.prop("sticky-dispatch.service", "SubState") == "running").then_some(())
+    });
+    load.wait_ok("load after the reload", before + 300);
+    let outcomes = load.stop();
+    let figures = Figures::of(&outcomes, &w.expected);
+    let after = c.main_pid("sticky-dispatch.service");
+    figure!("reload (pid {pid} -> {after}): {figures}");
+    assert_eq!(pid, after, "the dispatcher restarted instead of reloading");
+    assert_eq!(figures.failed, 0, "connections lost: {figures}");
+    assert_eq!(figures.misrouted, 0, "clients misrouted: {figures}");
+    let (line, key) = poll("the new pending_timeout in the journal", || {
+        c.journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor])
+            .into_iter()
+            .filter(|e| field(e, "_PID") == Some(pid.to_string().as_str()))
+            .filter(|e| message(e).contains("reload"))
+            .find_map(|e| {
+                let key = e.iter().find(|(_, v)| *v == "7s")?.0.clone();
+                Some((message(&e).to_owned(), key))
+            })
+    });
+    figure!("journal: {line:?} with {key}=7s");
+
+    // The timeout applies: a client of a stopped worker is let go after 7 s, not 30 s.
+    c.ok(&["systemctl", "stop", &worker(0)]);
+    let started = Instant::now();
+    let probe = w.load_once(vec![w.clients_of(0)[0]]).join();
+    let waited = started.elapsed();
+    c.ok(&["systemctl", "start", &worker(0)]);
+    figure!(
+        "client of stopped app@0 after the reload: {:?} after {waited:.1?}",
+        probe[0].reply
+    );
+    assert!(probe[0].reply.is_err(), "served although app@0 was stopped");
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(20),
+        "pending_timeout 7s did not apply: the client waited {waited:?}"
+    );
+
+    w.config.set("pending_timeout", "\"30s\"");
+    c.write_file(CONFIG_PATH, &w.config.text);
+    c.ok(&["systemctl", "reload", "sticky-dispatch.service"]);
+}
+
+/// f. A broken config: the dispatcher fails with 78 and a journal line naming the key,
+/// without a restart loop; the generator writes nothing and says why.
+fn f_broken_config(w: &mut World) {
+    let c = w.c;
+    let cursor = c.journal_cursor();
+    let mut broken = w.config.clone();
+    broken.set("pending_timeout", "\"soon\"");
+    c.write_file(CONFIG_PATH, &broken.text);
+    let restart = c.run(&["systemctl", "restart", "sticky-dispatch.service"]);
+    assert!(!restart.status.success(), "started with a broken config");
+    poll("the dispatcher failed", || {
+        (c.active_state("sticky-dispatch.service") == "failed").then_some(())
+    });
+    let status = c.prop("sticky-dispatch.service", "ExecMainStatus");
+    let result = c.prop("sticky-dispatch.service", "Result");
+    let sub = c.prop("sticky-dispatch.service", "SubState");
+    let restarts = c.prop("sticky-dispatch.service", "NRestarts");
+    let line = poll("a journal line naming the key", || {
+        c.journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor])
+            .iter()
+            .map(message)
+            .find(|m| m.contains("pending_timeout"))
+            .map(str::to_owned)
+    });
+    figure!("broken config: ExecMainStatus={status} Result={result} SubState={sub} NRestarts={restarts}; journal: {line:?}");
+    assert_eq!(status, "78");
+    assert_eq!(result, "exit-code");
+    // "failed", not "auto-restart": systemd will not try again.
+    assert_eq!(sub, "failed");
+    assert_eq!(restarts, "0");
+
+    // The generator: nothing generated, the key named in the journal.
+    c.ok(&["systemctl", "daemon-reload"]);
+    let wants = c.generated_wants();
+    let line = poll("the generator's complaint in the journal", || {
+        c.journal(&["--after-cursor", &cursor])
+            .iter()
+            .filter(|e| field(e, "SYSLOG_IDENTIFIER") == Some("sticky-dispatch-generator"))
+            .map(message)
+            .find(|m| m.contains("pending_timeout"))
+            .map(str::to_owned)
+    });
+    figure!("generator with the broken config: wants {wants:?}; journal: {line:?}");
+    assert!(wants.is_empty(), "the generator wrote {wants:?}");
+    assert_eq!(
+        c.active_state(&worker(0)),
+        "active",
+        "a daemon-reload stopped the workers"
+    );
+
+    // Back to the good config.
+    c.write_file(CONFIG_PATH, &w.config.text);
+    c.ok(&["systemctl", "daemon-reload"]);
+    c.ok(&["systemctl", "start", "sticky-dispatch.service"]);
+    let outcomes = w.round("after fixing the config");
+    let figures = Figures::of(&outcomes, &w.expected);
+    assert_eq!((figures.failed, figures.misrouted), (0, 0), "{figures}");
+}
+
+/// g. workers 4 -> 5: the generator adds app@4, which starts with the dispatcher; about
+/// 1/5 of the clients move, all of them to worker 4, the rest stay.
+fn g_more_workers(w: &mut World) {
+    let c = w.c;
+    let before: HashMap<usize, u32> = w
+        .round("before: 4 workers")
+        .into_iter()
+        .filter_map(|o| Some((o.client, o.reply.ok()?.worker)))
+        .collect();
+    w.config.set("workers", "5");
+    c.write_file(CONFIG_PATH, &w.config.text);
+    c.ok(&["systemctl", "daemon-reload"]);
+    let wants = c.generated_wants();
+    assert!(wants.contains(&worker(4)), "generator wrote {wants:?}");
+    c.ok(&["systemctl", "restart", "sticky-dispatch.service"]);
+    assert_eq!(
+        c.active_state(&worker(4)),
+        "active",
+        "app@4 was not started"
+    );
+    w.expected = route(&w.clients, 5);
+    let pids = w.worker_pids(5);
+    let after = w.round("after: 5 workers");
+    let mut moved = 0;
+    let mut moved_elsewhere = 0;
+    for o in &after {
+        let reply = o.reply.as_ref().expect("served");
+        assert_eq!(reply.pid, pids[reply.worker as usize]);
+        if before.get(&o.client) != Some(&reply.worker) {
+            moved += 1;
+            if reply.worker != 4 {
+                moved_elsewhere += 1;
+            }
+        }
+    }
+    let bound = CLIENTS as f64 * (1.0 / 5.0 + 0.05);
+    figure!(
+        "workers 4 -> 5: {moved} of {CLIENTS} clients moved ({:.1}%, bound {bound:.0}), {moved_elsewhere} to a worker other than 4",
+        100.0 * moved as f64 / CLIENTS as f64
+    );
+    let figures = Figures::of(&after, &w.expected);
+    assert_eq!((figures.failed, figures.misrouted), (0, 0), "{figures}");
+    assert!(moved > 0, "no client moved to app@4");
+    assert!(moved as f64 <= bound, "{moved} clients moved");
+    assert_eq!(moved_elsewhere, 0);
+}
+
+/// h. Stopping the socket takes the whole service down: dispatcher and workers.
+fn h_stop(w: &mut World) {
+    let c = w.c;
+    let workers = w.expected.iter().max().map_or(WORKERS, |m| m + 1);
+    c.ok(&["systemctl", "stop", "sticky-dispatch.socket"]);
+    let mut states = vec![(
+        "sticky-dispatch.service".to_owned(),
+        c.active_state("sticky-dispatch.service"),
+    )];
+    for i in 0..workers {
+        states.push((worker(i), c.active_state(&worker(i))));
+    }
+    figure!("after stopping the socket: {states:?}");
+    for (unit, state) in states {
+        assert_eq!(state, "inactive", "{unit}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Routing, replies, figures
+
+/// Where each client should go with `workers` workers and the shipped routing settings
+/// (ipv4_prefix 32, ipv6_prefix 64, hash_seed 0).
+fn route(clients: &[Ipv4Addr], workers: u32) -> Vec<u32> {
+    let router = Router::new(NonZeroU32::new(workers).unwrap(), 32, 64, 0);
+    clients
+        .iter()
+        .map(|ip| router.worker_for(&router.key(Some(IpAddr::V4(*ip)))))
+        .collect()
+}
+
+/// What the demo worker answers: `worker=<i> pid=<p> client=<ip>` and
+/// `listener=<name> local=<addr>`.
+#[derive(Clone, Debug, PartialEq)]
+struct Reply {
+    worker: u32,
+    pid: u32,
+    client: String,
+    listener: String,
+    local: String,
+}
+
+fn parse_reply(text: &str) -> Result<Reply, String> {
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP reply: {text:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("HTTP status: {head:?}"));
+    }
+    let words: HashMap<&str, &str> = body
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .collect();
+    let get = |key: &str| {
+        words
+            .get(key)
+            .map(|v| v.to_string())
+            .ok_or_else(|| format!("no {key}= in {body:?}"))
+    };
+    Ok(Reply {
+        worker: get("worker")?.parse().map_err(|_| "bad worker=")?,
+        pid: get("pid")?.parse().map_err(|_| "bad pid=")?,
+        client: get("client")?,
+        listener: get("listener")?,
+        local: get("local")?,
+    })
+}
+
+/// One HTTP request on a new connection from `source` to `dest`.
+fn request(source: IpAddr, dest: SocketAddr) -> Result<Reply, String> {
+    use socket2::{Domain, Socket, Type};
+    let socket =
+        Socket::new(Domain::for_address(dest), Type::STREAM, None).map_err(|e| e.to_string())?;
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .map_err(|e| format!("bind {source}: {e}"))?;
+    socket
+        .connect_timeout(&dest.into(), PATIENCE)
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: sticky-dispatch\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .map_err(|e| format!("receive: {e}"))?;
+    if text.is_empty() {
+        return Err("closed without a reply".into());
+    }
+    parse_reply(&text)
+}
+
+/// A request from ::1 to the unit's IPv6 socket, from inside the container.
+fn request_v6(c: &Container) -> Result<Reply, String> {
+    let netns = c.netns();
+    std::thread::spawn(move || {
+        enter_netns(&netns);
+        request(
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), PORT),
+        )
+    })
+    .join()
+    .unwrap()
+}
+
+/// One connection of a load run.
+#[derive(Clone, Debug)]
+struct Outcome {
+    /// Index into the client list.
+    client: usize,
+    reply: Result<Reply, String>,
+}
+
+/// The figures of a run: connections ok and failed, clients misrouted.
+struct Figures {
+    total: usize,
+    ok: usize,
+    failed: usize,
+    /// Clients served at least once by another worker than their own.
+    misrouted: usize,
+    clients: usize,
+    errors: BTreeMap<String, usize>,
+}
+
+impl Figures {
+    fn of(outcomes: &[Outcome], expected: &[u32]) -> Figures {
+        let mut errors = BTreeMap::new();
+        let mut misrouted = BTreeSet::new();
+        let mut clients = BTreeSet::new();
+        let mut ok = 0;
+        for o in outcomes {
+            clients.insert(o.client);
+            match &o.reply {
+                Ok(reply) => {
+                    ok += 1;
+                    if reply.worker != expected[o.client] {
+                        misrouted.insert(o.client);
+                    }
+                }
+                Err(err) => *errors.entry(err.clone()).or_insert(0) += 1,
+            }
+        }
+        Figures {
+            total: outcomes.len(),
+            ok,
+            failed: outcomes.len() - ok,
+            misrouted: misrouted.len(),
+            clients: clients.len(),
+            errors,
+        }
+    }
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} connections from {} clients: {} ok, {} failed, {} clients misrouted",
+            self.total, self.clients, self.ok, self.failed, self.misrouted
+        )?;
+        if !self.errors.is_empty() {
+            write!(f, " (errors: {:?})", self.errors)?;
+        }
+        Ok(())
+    }
+}
+
+fn count_pid(outcomes: &[Outcome], worker: u32, pid: u32) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| {
+            o.reply
+                .as_ref()
+                .is_ok_and(|r| r.worker == worker && r.pid == pid)
+        })
+        .count()
+}
+
+// ---------------------------------------------------------------------------------------
+// Load generator
+
+/// Threads inside the container's network namespace, each opening connections one after
+/// another from its share of the clients, one HTTP request each; bounded in count and
+/// time, stopped (and joined) when dropped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    /// Connections from `clients` (indices into `addresses`): one from each if `once`,
+    /// else round and round until stopped.
+    fn spawn(c: &Container, addresses: &[Ipv4Addr], clients: Vec<usize>, once: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(AtomicUsize::new(0));
+        let clients = Arc::new(clients);
+        let addresses = Arc::new(addresses.to_vec());
+        // Once: one thread per client, all at the same time.
+        let threads = if once {
+            clients.len()
+        } else {
+            LOAD_THREADS.min(clients.len())
+        };
+        let begun = Instant::now();
+        let threads = (0..threads)
+            .map(|t| {
+                let (stop, outcomes, started) = (stop.clone(), outcomes.clone(), started.clone());
+                let (clients, addresses) = (clients.clone(), addresses.clone());
+                let netns = c.netns();
+                std::thread::spawn(move || {
+                    enter_netns(&netns);
+                    let dest = SocketAddr::from((Ipv4Addr::LOCALHOST, PORT));
+                    let mut next = t;
+                    while !stop.load(Ordering::Relaxed)
+                        && started.fetch_add(1, Ordering::Relaxed) < LOAD_MAX_CONNECTIONS
+                        && begun.elapsed() < LOAD_MAX_TIME
+                    {
+                        let client = clients[next % clients.len()];
+                        let reply = request(IpAddr::V4(addresses[client]), dest);
+                        outcomes.lock().unwrap().push(Outcome { client, reply });
+                        if once {
+                            break;
+                        }
+                        next += threads_step(clients.len());
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            outcomes,
+            threads,
+        }
+    }
+
+    fn ok_count(&self) -> usize {
+        let outcomes = self.outcomes.lock().unwrap();
+        outcomes.iter().filter(|o| o.reply.is_ok()).count()
+    }
+
+    /// Waits until `count` connections in all have been served.
+    fn wait_ok(&self, what: &str, count: usize) {
+        poll(&format!("{what}: {count} connections served"), || {
+            (self.ok_count() >= count).then_some(())
+        });
+    }
+
+    /// Waits until worker `index` with `pid` has served `count` connections.
+    fn wait_served_by(&self, index: u32, pid: u32, count: usize) {
+        poll(
+            &format!("{count} connections served by worker {index} pid {pid}"),
+            || (count_pid(&self.outcomes.lock().unwrap(), index, pid) >= count).then_some(()),
+        );
+    }
+
+    /// Stops the load and returns every outcome.
+    fn stop(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+
+    /// Waits for the threads (of a `once` load) and returns every outcome.
+    fn join(mut self) -> Vec<Outcome> {
+        for thread in self.threads.drain(..) {
+            thread.join().expect("load thread");
+        }
+        std::mem::take(&mut *self.outcomes.lock().unwrap())
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Each of the LOAD_THREADS threads takes every LOAD_THREADS-th client.
+fn threads_step(clients: usize) -> usize {
+    LOAD_THREADS.min(clients)
+}
+
+/// Moves the calling thread (only it) into the container's network namespace, where
+/// 127.0.0.1:8080 is the container's socket and every 127.x.y.z is a local address.
+fn enter_netns(netns: &Path) {
+    let ns = File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+    // SAFETY: setns(2) reads a valid fd we own and changes only this thread's network
+    // namespace (CLONE_NEWNET is allowed for one thread of a multithreaded process).
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+// ---------------------------------------------------------------------------------------
+// The container
+
+const CONFIG_PATH: &str = "/etc/sticky-dispatch/config.toml";
+
+/// The config installed in the container: the shipped, commented one, edited by key.
+#[derive(Clone)]
+struct Config {
+    text: String,
+}
+
+impl Config {
+    fn shipped_with_workers(workers: u32) -> Config {
+        let text = std::fs::read_to_string(Path::new(SOURCE).join("config/config.toml"))
+            .expect("config/config.toml");
+        assert!(
+            text.contains("\n# workers = "),
+            "config/config.toml has no commented-out workers line"
+        );
+        let text = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("# workers = ") {
+                    format!("workers = {workers}")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+        Config { text }
+    }
+
+    /// Replaces the line `key = ...`.
+    fn set(&mut self, key: &str, value: &str) {
+        let prefix = format!("{key} = ");
+        assert!(
+            self.text.lines().any(|l| l.starts_with(&prefix)),
+            "no {key} in the config"
+        );
+        self.text = self
+            .text
+            .lines()
+            .map(|l| {
+                if l.starts_with(&prefix) {
+                    format!("{prefix}{value}")
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n";
+    }
+}
+
+/// A booted container, powered off (and its cgroups removed) when dropped.
+struct Container {
+    nspawn: Child,
+    /// The container's systemd, as the host sees it.
+    init: i32,
+    scratch: PathBuf,
+    cgroups: Vec<PathBuf>,
+}
+
+impl Container {
+    fn boot(config: &str) -> Container {
+        let name = format!("sticky-dispatch-test-{}", std::process::id());
+        let scratch = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).unwrap();
+        stage(&scratch.join("stage"), config);
+        let cgroups = make_cgroups(&name);
+
+        let console = File::create(scratch.join("console.log")).unwrap();
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "/bin/sh"])
+            .arg(Path::new(SOURCE).join("tests/systemd/boot-container.sh"))
+            .arg(&scratch)
+            .arg(&name)
+            .args(&cgroups)
+            .stdin(Stdio::null())
+            .stdout(console.try_clone().unwrap())
+            .stderr(console);
+        // SAFETY: prctl is async-signal-safe. If the test process dies without unwinding
+        // (killed, Ctrl-C), the container is told to power off rather than left running.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let nspawn = command.spawn().expect("unshare starts");
+        let mut container = Container {
+            nspawn,
+            init: 0,
+            scratch,
+            cgroups,
+        };
+        let booted = Instant::now();
+        let init = poll("the container's systemd", || {
+            if let Ok(Some(status)) = container.nspawn.try_wait() {
+                panic!(
+                    "systemd-nspawn exited with {status}; console:\n{}",
+                    container.console()
+                );
+            }
+            container.find_init()
+        });
+        container.init = init;
+        let state = poll("systemctl is-system-running", || {
+            let out = container.run(&["systemctl", "is-system-running"]);
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            matches!(state.as_str(), "running" | "degraded").then_some(state)
+        });
+        figure!(
+            "container {name} booted to basic.target in {:.1?} ({state})",
+            booted.elapsed()
+        );
+        if state == "degraded" {
+            figure!(
+                "failed units: {}",
+                container.ok(&["systemctl", "--failed", "--no-legend", "--plain"])
+            );
+        }
+        container
+    }
+
+    /// The child of systemd-nspawn that runs systemd.
+    fn find_init(&self) -> Option<i32> {
+        let pid = self.nspawn.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .find(|child| {
+                std::fs::read_to_string(format!("/proc/{child}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "systemd")
+            })
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.scratch.join("console.log")).unwrap_or_default()
+    }
+
+    fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.init))
+    }
+
+    /// `args` run inside the container, with a clean environment.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .args(["-t", &self.init.to_string(), "-a", "--"])
+            .args(args)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("LANG", "C.UTF-8")
+            .env("SYSTEMD_PAGER", "")
+            .env("SYSTEMD_COLORS", "0")
+            .stdin(Stdio::null());
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("nsenter runs")
+    }
+
+    /// Runs `args` inside, panics unless it succeeds; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "`{}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn write_file(&self, path: &str, contents: &str) {
+        let mut child = self
+            .command(&["sh", "-c", "cat > \"$0\"", path])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nsenter runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(contents.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "could not write {path}");
+    }
+
+    fn prop(&self, unit: &str, property: &str) -> String {
+        self.ok(&["systemctl", "show", "-p", property, "--value", unit])
+            .trim()
+            .to_owned()
+    }
+
+    fn main_pid(&self, unit: &str) -> u32 {
+        self.prop(unit, "MainPID").parse().unwrap()
+    }
+
+    fn active_state(&self, unit: &str) -> String {
+        self.prop(unit, "ActiveState")
+    }
+
+    /// The names in the generator's sticky-dispatch.service.wants.
+    fn generated_wants(&self) -> BTreeSet<String> {
+        let out = self.run(&[
+            "ls",
+            "-1",
+            "/run/systemd/generator/sticky-dispatch.service.wants",
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The cursor of the journal's last entry, to read what comes after it.
+    fn journal_cursor(&self) -> String {
+        let entries = self.journal(&["-n", "1"]);
+        field(entries.last().expect("a journal entry"), "__CURSOR")
+            .expect("__CURSOR")
+            .to_owned()
+    }
+
+    /// journalctl `args` in export format, parsed.
+    fn journal(&self, args: &[&str]) -> Vec<Entry> {
+        let mut all = vec!["journalctl", "--no-pager", "-o", "export"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        parse_export(&out.stdout)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // SIGTERM makes systemd-nspawn power the container off cleanly.
+        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + PATIENCE;
+        let mut exited = false;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !exited {
+            eprintln!("[systemd] the container did not power off: killing it");
+            if self.init > 0 {
+                // Killing init ends its whole pid namespace.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.init),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = self.nspawn.kill();
+            let _ = self.nspawn.wait();
+        }
+        // The mounts lived in the private mount namespace of the nspawn process and went
+        // with it; what remains on the host is the scratch directory and the cgroups.
+        for cgroup in &self.cgroups {
+            remove_cgroup(cgroup);
+        }
+        if std::env::var_os("STICKY_DISPATCH_KEEP_CONTAINER_LOG").is_none() {
+            let _ = std::fs::remove_dir_all(&self.scratch);
+        }
+    }
+}
+
+/// Lays out what the container gets over its root: binaries, units, generator, config.
+fn stage(stage: &Path, config: &str) {
+    let files: &[(&str, PathBuf, u32)] = &[
+        ("usr/bin/sticky-dispatch", DISPATCHER.into(), 0o755),
+        ("usr/bin/sticky-dispatch-demo", DEMO.into(), 0o755),
+        (
+            "usr/lib/systemd/system-generators/sticky-dispatch-generator",
+            GENERATOR.into(),
+            0o755,
+        ),
+        (
+            "usr/lib/systemd/system/sticky-dispatch.socket",
+            Path::new(SOURCE).join("systemd/sticky-dispatch.socket"),
+            0o644,
+        ),
+        (
+            "usr/lib/systemd/system/sticky-dispatch.service",
+            Path::new(SOURCE).join("systemd/sticky-dispatch.service"),
+            0o644,
+        ),
+        (
+            "usr/lib/systemd/system/app@.service",
+            Path::new(SOURCE).join("systemd/app@.service"),
+            0o644,
+        ),
+    ];
+    for (path, source, mode) in files {
+        let target = stage.join(path);
+        make_dirs(stage, target.parent().unwrap());
+        std::fs::copy(source, &target).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode)).unwrap();
+    }
+    let target = stage.join(CONFIG_PATH.trim_start_matches('/'));
+    make_dirs(stage, target.parent().unwrap());
+    std::fs::write(&target, config).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+/// Creates `dir` and its parents up to `root`, all 0755: `cp -a` gives the container's
+/// /usr and /etc these modes.
+fn make_dirs(root: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut d = Some(dir);
+    while let Some(path) = d {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if path == root {
+            break;
+        }
+        d = path.parent();
+    }
+}
+
+/// A cgroup of our own in the host's cgroup v2 hierarchy and systemd's named v1 one
+/// (whichever exist), for systemd-nspawn to nest its cgroups in.
+fn make_cgroups(name: &str) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut cgroups = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((mount, fs)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount_point = mount.split_whitespace().nth(4).unwrap_or_default();
+        let mut fs = fs.split_whitespace();
+        let (fstype, options) = (fs.next(), fs.nth(1).unwrap_or_default());
+        let ours = fstype == Some("cgroup2")
+            || (fstype == Some("cgroup") && options.split(',').any(|o| o == "name=systemd"));
+        if ours {
+            let dir = Path::new(mount_point).join(name);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => cgroups.push(dir),
+                Err(err) => eprintln!("[systemd] could not create {}: {err}", dir.display()),
+            }
+        }
+    }
+    cgroups
+}
+
+/// Removes `cgroup` and what systemd-nspawn made in it, deepest first.
+fn remove_cgroup(cgroup: &Path) {
+    fn dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs(&entry.path(), out);
+                }
+            }
+        }
+        out.push(dir.to_owned());
+    }
+    let mut all = Vec::new();
+    dirs(cgroup, &mut all);
+    for dir in all {
+        if let Err(err) = std::fs::remove_dir(&dir) {
+            eprintln!("[systemd] could not remove {}: {err}", dir.display());
+        }
+    }
+}
+
+/// systemd-nspawn, from apt-get if missing.
+fn ensure_nspawn() {
+    let present = || {
+        Command::new("systemd-nspawn")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if present() {
+        return;
+    }
+    eprintln!("[systemd] installing systemd-container (systemd-nspawn) with apt-get");
+    let install = || {
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "systemd-container",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").args(["update", "-q"]).status();
+        assert!(install(), "apt-get install systemd-container failed");
+    }
+    assert!(
+        present(),
+        "systemd-nspawn still missing after installing systemd-container"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Journal
+
+/// One journal entry: field name to value (binary fields as lossy UTF-8).
+type Entry = HashMap<String, String>;
+
+/// Parses `journalctl -o export`: `NAME=value` lines, or for binary values `NAME`, a
+/// little-endian u64 length, the bytes and a newline; entries end with an empty line.
+fn parse_export(mut bytes: &[u8]) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    let mut entry = Entry::new();
+    while !bytes.is_empty() {
+        if bytes[0] == b'\n' {
+            if !entry.is_empty() {
+                entries.push(std::mem::take(&mut entry));
+            }
+            bytes = &bytes[1..];
+            continue;
+        }
+        let end = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap_or(bytes.len());
+        let line = &bytes[..end];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            entry.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            bytes = &bytes[(end + 1).min(bytes.len())..];
+        } else {
+            let name = String::from_utf8_lossy(line).into_owned();
+            let rest = &bytes[(end + 1).min(bytes.len())..];
+            if rest.len() < 8 {
+                break;
+            }
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            let data = &rest[8..(8 + len).min(rest.len())];
+            entry.insert(name, String::from_utf8_lossy(data).into_owned());
+            bytes = &rest[(8 + len + 1).min(rest.len())..];
+        }
+    }
+    if !entry.is_empty() {
+        entries.push(entry);
+    }
+    entries
+}
+
+fn field<'e>(entry: &'e Entry, name: &str) -> Option<&'e str> {
+    entry.get(name).map(String::as_str)
+}
+
+fn message(entry: &Entry) -> &str {
+    field(entry, "MESSAGE").unwrap_or_default()
+}
+
+/// The worker index field of a dispatcher log entry: `INDEX`, or tracing-journald's
+/// default-prefixed `F_INDEX` (so that the test can say which one it found).
+fn index_field(entry: &Entry) -> Option<(&'static str, &str)> {
+    field(entry, "INDEX")
+        .map(|v| ("INDEX", v))
+        .or_else(|| field(entry, "F_INDEX").map(|v| ("F_INDEX", v)))
+}
+
+/// A structured field by its name, or with tracing-journald's default `F_` prefix.
+fn structured<'e>(entry: &'e Entry, name: &str) -> Option<&'e str> {
+    field(entry, name).or_else(|| field(entry, &format!("F_{name}")))
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/// Polls `check` every 50 ms until it gives a value; panics after PATIENCE.
+fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls the dispatcher's STATUS= until `check` accepts it.
+fn poll_status(c: &Container, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let last = c.prop("sticky-dispatch.service", "StatusText");
+        if check(&last) {
+            return last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; STATUS: {last:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// "N waiting" in the dispatcher's STATUS=.
+fn waiting_count(status: &str) -> u64 {
+    let words: Vec<&str> = status.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[1].trim_end_matches([',', ';']) == "waiting")
+        .and_then(|w| w[0].parse().ok())
+        .unwrap_or(0)
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn export_format_parses() {
+    let mut bytes = b"__CURSOR=s=1\nMESSAGE=hello\nINDEX=3\n\n".to_vec();
+    bytes.extend_from_slice(b"MESSAGE\n");
+    bytes.extend_from_slice(&5u64.to_le_bytes());
+    bytes.extend_from_slice(b"a\nb c\nPRIORITY=6\n\n");
+    let entries = parse_export(&bytes);
+    assert_eq!(entries.len(), 2);
+    assert_eq!(field(&entries[0], "INDEX"), Some("3"));
+    assert_eq!(message(&entries[1]), "a\nb c");
+    assert_eq!(field(&entries[1], "PRIORITY"), Some("6"));
+}
+
+#[test]
+fn replies_parse() {
+    let text = "HTTP/1.1 200 OK\r\ncontent-length: 60\r\n\r\nworker=3 pid=42 client=127.16.0.2\nlistener=http local=127.0.0.1:8080\n";
+    assert_eq!(
+        parse_reply(text).unwrap(),
+        Reply {
+            worker: 3,
+            pid: 42,
+            client: "127.16.0.2".into(),
+            listener: "http".into(),
+            local: "127.0.0.1:8080".into(),
+        }
+    );
+    assert_eq!(
+        waiting_count("4/4 workers live; 7 handed off; 16 waiting, 0 in flight"),
+        16
+    );
+}
