@@ -359,7 +359,12 @@ fn b_restart_worker(w: &mut World) {
     });
     for e in &entries {
         let (key, value) = index_field(e).unwrap();
-        figure!("journal -u sticky-dispatch: {} ({key}={value})", message(e));
+        let reason = structured(e, "REASON").map(|r| format!(", reason: {r}"));
+        figure!(
+            "journal -u sticky-dispatch: {} ({key}={value}{})",
+            message(e),
+            reason.unwrap_or_default()
+        );
     }
     let worker_side: Vec<String> = c
         .journal(&["-u", &worker(3), "--after-cursor", &cursor])
@@ -865,14 +870,15 @@ impl Load {
         let started = Arc::new(AtomicUsize::new(0));
         let clients = Arc::new(clients);
         let addresses = Arc::new(addresses.to_vec());
-        // Once: one thread per client, all at the same time.
-        let threads = if once {
+        // Once: one thread per client, all at the same time. Else LOAD_THREADS threads,
+        // thread t taking clients t, t + LOAD_THREADS, ... round and round.
+        let count = if once {
             clients.len()
         } else {
             LOAD_THREADS.min(clients.len())
         };
         let begun = Instant::now();
-        let threads = (0..threads)
+        let threads = (0..count)
             .map(|t| {
                 let (stop, outcomes, started) = (stop.clone(), outcomes.clone(), started.clone());
                 let (clients, addresses) = (clients.clone(), addresses.clone());
@@ -891,7 +897,7 @@ impl Load {
                         if once {
                             break;
                         }
-                        next += threads_step(clients.len());
+                        next += count;
                     }
                 })
             })
@@ -945,11 +951,6 @@ impl Drop for Load {
             let _ = thread.join();
         }
     }
-}
-
-/// Each of the LOAD_THREADS threads takes every LOAD_THREADS-th client.
-fn threads_step(clients: usize) -> usize {
-    LOAD_THREADS.min(clients)
 }
 
 /// Moves the calling thread (only it) into the container's network namespace, where
