@@ -687,15 +687,24 @@ struct Row {
     concurrency: usize,
     sticky: Summary,
     direct: Summary,
+    /// Median over repeats of (a)'s rate / (b)'s rate in the same repeat: runs of one
+    /// repeat are back to back, so this cancels most of the drift of a shared machine.
+    rate_ratio: f64,
+    /// Median over repeats of (a)'s p99 - (b)'s p99.
+    added_p99_us: f64,
 }
+
+/// A (download, upload) pair.
+type DownUp = (f64, f64);
 
 struct PerWorkers {
     workers: u32,
     peak_rss_kib: Option<u64>,
     sticky_clients: (usize, usize),
     direct_clients: (usize, usize),
-    /// (download, upload) medians in MB/s, for (a) and (b).
-    bulk: Option<((f64, f64), (f64, f64))>,
+    /// (download, upload) medians in MB/s, for (a) and (b), then the medians of the
+    /// per-repeat ratios (a)/(b).
+    bulk: Option<(DownUp, DownUp, DownUp)>,
 }
 
 fn machine() -> String {
@@ -795,9 +804,12 @@ fn bench(options: &Options) -> Result<(), String> {
                     }
                 }
             }
+            let pairs = sticky_runs.iter().zip(&direct_runs);
             rows.push(Row {
                 workers,
                 concurrency,
+                rate_ratio: median(pairs.clone().map(|(a, b)| a.rate / b.rate).collect()),
+                added_p99_us: median(pairs.map(|(a, b)| a.p99_us - b.p99_us).collect()),
                 sticky: summarize(&sticky_runs),
                 direct: summarize(&direct_runs),
             });
@@ -844,7 +856,11 @@ fn bench(options: &Options) -> Result<(), String> {
                     median(v.iter().map(|r| r.1).collect()),
                 )
             };
-            Some((med(&a), med(&b)))
+            let ratios = (
+                median(a.iter().zip(&b).map(|(a, b)| a.0 / b.0).collect()),
+                median(a.iter().zip(&b).map(|(a, b)| a.1 / b.1).collect()),
+            );
+            Some((med(&a), med(&b), ratios))
         } else {
             None
         };
@@ -865,7 +881,7 @@ fn bench(options: &Options) -> Result<(), String> {
 fn print_report(options: &Options, rows: &[Row], per_workers: &[PerWorkers]) {
     println!("handoff-bench on {}", machine());
     println!(
-        "(a) sticky-dispatch standalone, (b) the same demo workers on one SO_REUSEPORT address; medians of {} runs of {} s; {} client addresses; {} client thread(s)\n",
+        "(a) sticky-dispatch standalone, (b) the same demo workers on one SO_REUSEPORT address; medians of {} runs of {} s; {} client addresses; {} client thread(s). (a)/(b) and added p99 are medians of the per-repeat ratios and differences.\n",
         options.repeats, options.seconds, options.clients, options.client_threads
     );
     println!("| workers | concurrency | conn/s (a) | conn/s (b) | (a)/(b) | p50 µs (a) | p50 µs (b) | p99 µs (a) | p99 µs (b) | added p99 µs | dispatcher CPU µs/conn | errors (a)/(b) |");
@@ -878,12 +894,12 @@ fn print_report(options: &Options, rows: &[Row], per_workers: &[PerWorkers]) {
             row.concurrency,
             a.rate,
             b.rate,
-            a.rate / b.rate,
+            row.rate_ratio,
             a.p50_us,
             b.p50_us,
             a.p99_us,
             b.p99_us,
-            a.p99_us - b.p99_us,
+            row.added_p99_us,
             a.cpu_us,
             a.errors,
             b.errors,
@@ -901,12 +917,8 @@ fn print_report(options: &Options, rows: &[Row], per_workers: &[PerWorkers]) {
         );
         let bulk = w.bulk.map_or_else(
             || "– | – | – | – | – | –".to_owned(),
-            |((ad, au), (bd, bu))| {
-                format!(
-                    "{ad:.0} | {bd:.0} | {:.2} | {au:.0} | {bu:.0} | {:.2}",
-                    ad / bd,
-                    au / bu
-                )
+            |((ad, au), (bd, bu), (rd, ru))| {
+                format!("{ad:.0} | {bd:.0} | {rd:.2} | {au:.0} | {bu:.0} | {ru:.2}")
             },
         );
         println!(
