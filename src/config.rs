@@ -65,6 +65,9 @@ const DEFAULT_MAX_CONNECTIONS: usize = 16384;
 const DEFAULT_IPV4_PREFIX: u8 = 32;
 const DEFAULT_IPV6_PREFIX: u8 = 64;
 const DEFAULT_HASH_SEED: u64 = 0;
+const DEFAULT_TRUSTED_HOPS: u8 = 1;
+const DEFAULT_KEY_TIMEOUT: &str = "5s";
+const DEFAULT_KEY_MAX_BYTES: usize = 8192;
 
 /// Values given on the command line; they override every other layer.
 #[derive(Debug, Default, Clone)]
@@ -108,14 +111,22 @@ impl fmt::Display for OnWorkerDown {
     }
 }
 
-/// What a connection is routed by. An enum (with a single variant for now) so
-/// that other keys, such as a PROXY protocol header, can be added without
-/// changing the config format.
+/// What a connection is routed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum KeySource {
     /// The client's IP address as seen by the dispatcher (`getpeername`).
     PeerIp,
+    /// The client address in a PROXY protocol v1/v2 header, which every connection
+    /// must start with (behind HAProxy `send-proxy-v2`, nginx `proxy_protocol`).
+    ProxyProtocol,
+    /// The client address in the HTTP `X-Forwarded-For` header, `trusted_hops` from
+    /// the right; the peer IP when the header is absent.
+    XForwardedFor,
+    /// The value of the HTTP cookie `key_name`; the peer IP when absent.
+    Cookie,
+    /// The value of the query parameter `key_name`; the peer IP when absent.
+    Query,
 }
 
 impl KeySource {
@@ -123,6 +134,10 @@ impl KeySource {
     fn as_str(self) -> &'static str {
         match self {
             KeySource::PeerIp => "peer-ip",
+            KeySource::ProxyProtocol => "proxy-protocol",
+            KeySource::XForwardedFor => "x-forwarded-for",
+            KeySource::Cookie => "cookie",
+            KeySource::Query => "query",
         }
     }
 }
@@ -163,6 +178,14 @@ pub struct Settings {
     pub on_worker_down: OnWorkerDown,
     /// What connections are routed by.
     pub routing_key: KeySource,
+    /// Cookie or query parameter name for `cookie`/`query` routing.
+    pub key_name: String,
+    /// Proxies in front that append to `X-Forwarded-For`.
+    pub trusted_hops: u8,
+    /// How long a client may take to send what its key is read from.
+    pub key_timeout: Duration,
+    /// How many bytes are peeked at for the key at most.
+    pub key_max_bytes: usize,
     /// Leading bits of an IPv4 client address that are hashed (0..=32).
     pub ipv4_prefix: u8,
     /// Leading bits of an IPv6 client address that are hashed (0..=128).
@@ -280,6 +303,10 @@ impl fmt::Display for Settings {
             TomlStr(self.on_worker_down.as_str())
         )?;
         writeln!(f, "routing_key = {}", TomlStr(self.routing_key.as_str()))?;
+        writeln!(f, "key_name = {}", TomlStr(&self.key_name))?;
+        writeln!(f, "trusted_hops = {}", self.trusted_hops)?;
+        writeln!(f, "key_timeout = {}", TomlDuration(self.key_timeout))?;
+        writeln!(f, "key_max_bytes = {}", self.key_max_bytes)?;
         writeln!(f, "ipv4_prefix = {}", self.ipv4_prefix)?;
         writeln!(f, "ipv6_prefix = {}", self.ipv6_prefix)?;
         // TOML integers are i64; larger seeds are accepted as strings.
@@ -452,8 +479,35 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc {
         name: "routing_key",
         default: "\"peer-ip\"",
-        doc: "What connections are routed by; only `\"peer-ip\"` (the client's address) for \
-              now.",
+        doc: "What connections are routed by: `\"peer-ip\"` (the client's address), \
+              `\"proxy-protocol\"` (the client in a PROXY v1/v2 header every connection starts \
+              with), `\"x-forwarded-for\"`, `\"cookie\"` or `\"query\"` (read from the HTTP \
+              request head without consuming it; the peer IP when absent).",
+    },
+    KeyDoc {
+        name: "key_name",
+        default: "\"\"",
+        doc: "For `routing_key = \"cookie\"` or `\"query\"`: the cookie or query parameter \
+              whose value is the key. The value must be there from a client's first request \
+              (socket.io's `sid` is not: it is assigned by the worker).",
+    },
+    KeyDoc {
+        name: "trusted_hops",
+        default: "1",
+        doc: "For `routing_key = \"x-forwarded-for\"`: how many proxies in front append to \
+              the header; the client is that many entries from the right (1..=32).",
+    },
+    KeyDoc {
+        name: "key_timeout",
+        default: "\"5s\"",
+        doc: "How long a client may take to send what its key is read from (PROXY header, \
+              HTTP request head); then it is closed. Never holds up other clients.",
+    },
+    KeyDoc {
+        name: "key_max_bytes",
+        default: "8192",
+        doc: "The most bytes peeked at for the key (64..=65536); a request head longer than \
+              this is routed by the peer IP.",
     },
     KeyDoc {
         name: "ipv4_prefix",
@@ -507,6 +561,10 @@ struct RawConfig {
     max_connections: Option<usize>,
     on_worker_down: Option<OnWorkerDown>,
     routing_key: Option<KeySource>,
+    key_name: Option<String>,
+    trusted_hops: Option<u8>,
+    key_timeout: Option<String>,
+    key_max_bytes: Option<usize>,
     ipv4_prefix: Option<u8>,
     ipv6_prefix: Option<u8>,
     #[serde(default, deserialize_with = "hash_seed")]
@@ -678,7 +736,7 @@ enum EnvKind {
 fn env_kind(key: &str) -> EnvKind {
     match key {
         "worker_unit" | "socket_prefix" | "log_level" | "shutdown_timeout" | "pending_timeout"
-        | "on_worker_down" | "routing_key" => EnvKind::Text,
+        | "on_worker_down" | "routing_key" | "key_name" | "key_timeout" => EnvKind::Text,
         "listen" | "worker_users" | "dispatcher_users" => EnvKind::List,
         _ => EnvKind::Parsed,
     }
@@ -878,6 +936,40 @@ impl Validator<'_> {
             DEFAULT_MAX_CONNECTIONS,
         )?;
 
+        let routing_key = raw.routing_key.unwrap_or(KeySource::PeerIp);
+        let key_name = raw.key_name.unwrap_or_default();
+        let named = matches!(routing_key, KeySource::Cookie | KeySource::Query);
+        if named && key_name.is_empty() {
+            return Err(self.error(
+                "key_name",
+                format!("routing_key = \"{routing_key}\" needs the name of the {routing_key} in key_name"),
+            ));
+        }
+        if !key_name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"=;&,".contains(&b))
+        {
+            return Err(self.error(
+                "key_name",
+                format!("`{key_name}` is not a valid cookie or parameter name"),
+            ));
+        }
+        let trusted_hops = raw.trusted_hops.unwrap_or(DEFAULT_TRUSTED_HOPS);
+        if !(1..=32).contains(&trusted_hops) {
+            return Err(self.error(
+                "trusted_hops",
+                format!("must be between 1 and 32, got {trusted_hops}"),
+            ));
+        }
+        let key_timeout = self.timeout("key_timeout", raw.key_timeout, DEFAULT_KEY_TIMEOUT)?;
+        let key_max_bytes = raw.key_max_bytes.unwrap_or(DEFAULT_KEY_MAX_BYTES);
+        if !(64..=65536).contains(&key_max_bytes) {
+            return Err(self.error(
+                "key_max_bytes",
+                format!("must be between 64 and 65536, got {key_max_bytes}"),
+            ));
+        }
+
         let ipv4_prefix =
             self.prefix_len("ipv4_prefix", raw.ipv4_prefix, DEFAULT_IPV4_PREFIX, 32)?;
         let ipv6_prefix =
@@ -902,7 +994,11 @@ impl Validator<'_> {
             max_in_flight,
             max_connections,
             on_worker_down: raw.on_worker_down.unwrap_or(OnWorkerDown::Wait),
-            routing_key: raw.routing_key.unwrap_or(KeySource::PeerIp),
+            routing_key,
+            key_name,
+            trusted_hops,
+            key_timeout,
+            key_max_bytes,
             ipv4_prefix,
             ipv6_prefix,
             hash_seed: raw.hash_seed.unwrap_or(DEFAULT_HASH_SEED),
@@ -1142,6 +1238,10 @@ mod tests {
             max_connections: NonZeroUsize::new(16384).unwrap(),
             on_worker_down: OnWorkerDown::Wait,
             routing_key: KeySource::PeerIp,
+            key_name: String::new(),
+            trusted_hops: 1,
+            key_timeout: Duration::from_secs(5),
+            key_max_bytes: 8192,
             ipv4_prefix: 32,
             ipv6_prefix: 64,
             hash_seed: 0,

@@ -18,6 +18,8 @@
 //! - `dispatcher` — accept loops, one slot per worker (queue, link, acknowledgements),
 //!   sd_notify status, graceful shutdown.
 //! - `routing` — routing key, XXH64 hash, jump consistent hash, failover choice.
+//! - `keysource` — keys from the first bytes a client sends: PROXY protocol, HTTP
+//!   `X-Forwarded-For`, cookie, query parameter (pure parsers).
 //! - `config` — figment layers validated into typed settings.
 //! - `supervisor` — standalone mode: spawn and restart the workers.
 //! - `logging` — journald when under systemd, stderr otherwise.
@@ -30,6 +32,8 @@
 pub mod config;
 #[cfg(feature = "dispatcher")]
 pub mod dispatcher;
+#[cfg(feature = "dispatcher")]
+pub mod keysource;
 pub mod link;
 #[cfg(feature = "dispatcher")]
 pub mod logging;

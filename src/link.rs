@@ -53,6 +53,7 @@ pub struct Received {
 pub(crate) trait OwnsFd: AsRawFd {}
 impl OwnsFd for OwnedFd {}
 impl OwnsFd for std::net::TcpListener {}
+impl OwnsFd for std::net::TcpStream {}
 
 /// Registers an owned socket (a link, or a dispatcher's TCP listener) with tokio's reactor.
 pub(crate) fn register<T: OwnsFd>(socket: T, interest: Interest) -> io::Result<AsyncFd<T>> {

@@ -59,7 +59,7 @@ const FAILOVER_ATTEMPTS: u64 = 8;
 /// Masked address bytes that identify a client for routing.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct RoutingKey {
-    /// Number of meaningful bytes: 0, 4 or 16.
+    /// Number of meaningful bytes: 0, 4 or 16 (an address), 8 (a token digest).
     len: u8,
     /// Address bytes; everything at and after `len` stays zero so that the
     /// derived equality and hashing only see the meaningful bytes.
@@ -74,6 +74,14 @@ impl RoutingKey {
         len: 0,
         bytes: [0; 16],
     };
+
+    /// Key for an opaque token (a cookie or query parameter value): the 8 big-endian
+    /// bytes of its unseeded XXH64, so a long token costs no more than an address.
+    pub fn from_token(token: &[u8]) -> Self {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&twox_hash::XxHash64::oneshot(0, token).to_be_bytes());
+        RoutingKey { len: 8, bytes }
+    }
 
     /// Key for `ip`, keeping only the first `ipv4_prefix` / `ipv6_prefix`
     /// bits of the address (prefixes above 32 / 128 are clamped).

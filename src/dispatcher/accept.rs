@@ -12,7 +12,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Held, Listener, Phase, Shared, Throttle};
+use super::{keyed, Held, Listener, Phase, Shared, Throttle};
+use crate::config::KeySource;
 
 /// Pause after accept fails for lack of fds or memory: long enough not to spin, short
 /// enough that the kernel backlog does not overflow while fds come back.
@@ -28,6 +29,8 @@ pub(super) struct Acceptor {
     fixed_local: Option<SocketAddr>,
     shared: Arc<Shared>,
     permits: Arc<Semaphore>,
+    /// The routing key comes from what the client sends: read it in a task of its own.
+    keyed: bool,
 }
 
 impl Acceptor {
@@ -43,6 +46,7 @@ impl Acceptor {
             name: listener.name,
             socket: crate::link::register(listener.socket, Interest::READABLE)?,
             fixed_local: (!address.ip().is_unspecified()).then_some(address),
+            keyed: shared.settings().routing_key != KeySource::PeerIp,
             shared,
             permits,
         })
@@ -68,6 +72,17 @@ impl Acceptor {
             match accepted {
                 Ok((stream, peer)) => {
                     let local = self.fixed_local.or_else(|| stream.local_addr().ok());
+                    if self.keyed {
+                        let conn = keyed::Unkeyed {
+                            stream,
+                            peer,
+                            local,
+                            listener: self.name.clone(),
+                            permit,
+                        };
+                        tokio::spawn(keyed::route(self.shared.clone(), conn));
+                        continue;
+                    }
                     let key = self.shared.router.key(Some(peer.ip()));
                     let index = self.shared.router.worker_for(&key);
                     debug!(%peer, index, "accepted");

@@ -8,6 +8,7 @@
 
 mod accept;
 mod fdstore;
+mod keyed;
 mod slot;
 
 pub use fdstore::{stored_connection_listener, HeldOver};

@@ -226,6 +226,15 @@ pub struct Answer {
 /// One HTTP request from source address `from` to `to`. `Err` if the connection failed or
 /// closed without an answer.
 pub fn request(from: Ipv4Addr, to: SocketAddr) -> Result<Answer, String> {
+    send(
+        from,
+        to,
+        b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+    )
+}
+
+/// Sends `bytes` (a request, maybe behind a PROXY header) from `from` and reads the answer.
+pub fn send(from: Ipv4Addr, to: SocketAddr, bytes: &[u8]) -> Result<Answer, String> {
     let source = SocketAddr::new(from.into(), 0);
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(to),
@@ -243,9 +252,7 @@ pub fn request(from: Ipv4Addr, to: SocketAddr) -> Result<Answer, String> {
         .map_err(|e| format!("connect: {e}"))?;
     let mut stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
+    stream.write_all(bytes).map_err(|e| format!("write: {e}"))?;
     let mut body = String::new();
     stream
         .read_to_string(&mut body)

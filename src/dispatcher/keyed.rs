@@ -1,0 +1,172 @@
+//! Connections routed by what they send first (`routing_key` other than `peer-ip`): the
+//! key is read in a task of the connection's own, bounded by `key_timeout` and
+//! `key_max_bytes`, so a silent or slow client never holds up the others. A PROXY header
+//! is consumed (the worker gets the stream after it); an HTTP request head is only
+//! peeked at (MSG_PEEK), so the worker reads the whole request.
+
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{Held, Shared};
+use crate::config::{KeySource, Settings};
+use crate::keysource::{self, HttpKey, HttpKeySource, Parsed};
+use crate::routing::RoutingKey;
+
+/// A connection whose key is not known yet.
+pub(super) struct Unkeyed {
+    pub(super) stream: std::net::TcpStream,
+    pub(super) peer: SocketAddr,
+    pub(super) local: Option<SocketAddr>,
+    pub(super) listener: Arc<str>,
+    pub(super) permit: OwnedSemaphorePermit,
+}
+
+/// Why a connection was closed before routing.
+#[derive(Debug, thiserror::Error)]
+enum KeyError {
+    #[error("no routing key within key_timeout")]
+    Timeout,
+    #[error("the client closed the connection before sending its key")]
+    Closed,
+    #[error("not a valid PROXY protocol header")]
+    BadProxyHeader,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// What was learnt from the first bytes.
+struct Found {
+    key: RoutingKey,
+    /// The real client and the address it connected to, from a PROXY header.
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+}
+
+/// Reads the key of `conn` and routes it; closes it if the key does not come in time.
+pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
+    let settings = shared.settings();
+    let Unkeyed {
+        stream,
+        peer,
+        local,
+        listener,
+        permit,
+    } = conn;
+    let found = async {
+        let socket = crate::link::register(stream, Interest::READABLE)?;
+        let found = find_key(&socket, &shared, &settings, peer).await?;
+        Ok::<_, KeyError>((socket.into_inner(), found))
+    };
+    let (stream, found) = match tokio::time::timeout(settings.key_timeout, found).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(err)) => return closed(&shared, peer, err),
+        Err(_) => return closed(&shared, peer, KeyError::Timeout),
+    };
+    let index = shared.router.worker_for(&found.key);
+    debug!(%peer, index, "routed by {}", settings.routing_key);
+    shared.send_to(
+        index,
+        Held {
+            stream,
+            peer: found.peer.or(Some(peer)),
+            local: found.local.or(local),
+            listener,
+            key: found.key,
+            since: Instant::now(),
+            failed_over: false,
+            _permit: permit,
+        },
+    );
+}
+
+fn closed(shared: &Shared, peer: SocketAddr, err: KeyError) {
+    shared
+        .counters
+        .turned_away
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    debug!(%peer, %err, "closing a client connection");
+}
+
+async fn find_key(
+    socket: &AsyncFd<std::net::TcpStream>,
+    shared: &Shared,
+    settings: &Settings,
+    peer: SocketAddr,
+) -> Result<Found, KeyError> {
+    let by_peer = || Found {
+        key: shared.router.key(Some(peer.ip())),
+        peer: None,
+        local: None,
+    };
+    let http = match settings.routing_key {
+        KeySource::PeerIp => return Ok(by_peer()),
+        KeySource::ProxyProtocol => None,
+        KeySource::XForwardedFor => Some(HttpKeySource::ForwardedFor {
+            trusted_hops: settings.trusted_hops,
+        }),
+        KeySource::Cookie => Some(HttpKeySource::Cookie(settings.key_name.clone())),
+        KeySource::Query => Some(HttpKeySource::Query(settings.key_name.clone())),
+    };
+    let mut buf = vec![0u8; settings.key_max_bytes];
+    loop {
+        let mut ready = socket.readable().await?;
+        let seen = match ready.get_inner().peek(&mut buf) {
+            Ok(0) => return Err(KeyError::Closed),
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                ready.clear_ready();
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        };
+        let full = seen == buf.len();
+        match &http {
+            None => match keysource::proxy_header(&buf[..seen]) {
+                Parsed::Complete(header) => {
+                    // Consume exactly the header: it is in the buffer, so this does not block.
+                    let mut header_bytes = vec![0u8; header.len];
+                    let mut stream: &std::net::TcpStream = ready.get_inner();
+                    stream.read_exact(&mut header_bytes)?;
+                    let client = header.source.unwrap_or(peer);
+                    return Ok(Found {
+                        key: shared.router.key(Some(client.ip())),
+                        peer: header.source,
+                        local: header.destination,
+                    });
+                }
+                Parsed::Incomplete if !full => {}
+                Parsed::Incomplete | Parsed::Invalid => return Err(KeyError::BadProxyHeader),
+            },
+            Some(source) => match keysource::http_key(&buf[..seen], source) {
+                Parsed::Complete(Some(HttpKey::Address(ip))) => {
+                    return Ok(Found {
+                        key: shared.router.key(Some(ip)),
+                        peer: None,
+                        local: None,
+                    })
+                }
+                Parsed::Complete(Some(HttpKey::Token(token))) => {
+                    return Ok(Found {
+                        key: RoutingKey::from_token(&token),
+                        peer: None,
+                        local: None,
+                    })
+                }
+                Parsed::Incomplete if !full => {}
+                // No key in a complete head, a head too long, or not HTTP: by the peer.
+                Parsed::Complete(None) | Parsed::Incomplete | Parsed::Invalid => {
+                    return Ok(by_peer())
+                }
+            },
+        }
+        // Peeking leaves the bytes queued, so wait for more to arrive, not for "readable".
+        ready.clear_ready();
+    }
+}

@@ -1,0 +1,193 @@
+//! Routing keys from what the client sends: PROXY protocol v1/v2 (the worker then sees the
+//! real client), X-Forwarded-For, a cookie; silent and garbage clients are closed without
+//! holding up anyone.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const WORKERS: u32 = 4;
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+
+/// Real clients somewhere on the internet, as a balancer would report them.
+fn remote_client(n: u32) -> Ipv4Addr {
+    Ipv4Addr::new(203, 0, (n >> 8) as u8, n as u8)
+}
+
+fn proxy_v1(client: Ipv4Addr) -> Vec<u8> {
+    let mut bytes = format!("PROXY TCP4 {client} 192.0.2.1 40000 443\r\n").into_bytes();
+    bytes.extend_from_slice(REQUEST);
+    bytes
+}
+
+fn proxy_v2(client: Ipv4Addr) -> Vec<u8> {
+    let mut bytes = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    bytes.extend_from_slice(&client.octets());
+    bytes.extend_from_slice(&[192, 0, 2, 1, 0x9c, 0x40, 0x01, 0xbb]);
+    bytes.extend_from_slice(REQUEST);
+    bytes
+}
+
+#[test]
+fn proxy_protocol_routes_by_the_real_client_and_tells_the_worker() {
+    let (_dispatcher, addr) = standalone(
+        "proxy",
+        WORKERS,
+        &[("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol")],
+    );
+    let balancer = client_ip(0);
+    let mut workers = BTreeSet::new();
+    for n in 0..100 {
+        let client = remote_client(n);
+        let header = if n % 2 == 0 {
+            proxy_v1(client)
+        } else {
+            proxy_v2(client)
+        };
+        for _ in 0..3 {
+            let answer = send(balancer, addr, &header).unwrap();
+            assert_eq!(
+                answer.client,
+                client.to_string(),
+                "the worker sees the real client"
+            );
+            assert_eq!(
+                answer.worker,
+                expected_worker(client, WORKERS),
+                "routed by the real client"
+            );
+            assert!(answer.body.contains("local=192.0.2.1:"), "{}", answer.body);
+            workers.insert(answer.worker);
+        }
+    }
+    assert_eq!(
+        workers.len(),
+        WORKERS as usize,
+        "one balancer address, all workers used"
+    );
+}
+
+#[test]
+fn silent_and_garbage_clients_are_closed_and_hold_up_nobody() {
+    let (_dispatcher, addr) = standalone(
+        "proxy-timeout",
+        WORKERS,
+        &[
+            ("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol"),
+            ("STICKY_DISPATCH_KEY_TIMEOUT", "1s"),
+        ],
+    );
+    // 50 silent clients first.
+    let silent: Vec<TcpStream> = (0..50).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let started = Instant::now();
+    // Meanwhile everyone else is served at once.
+    for n in 0..20 {
+        let answer = send(client_ip(n), addr, &proxy_v1(remote_client(n))).unwrap();
+        assert_eq!(answer.client, remote_client(n).to_string());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "served while the silent ones wait"
+    );
+    for mut stream in silent {
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        assert!(rest.is_empty());
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "closed after key_timeout: {waited:?}"
+    );
+
+    // Garbage is closed at once, not after the timeout.
+    let mut garbage = TcpStream::connect(addr).unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\nHost: no-proxy-header\r\n\r\n")
+        .unwrap();
+    garbage.set_read_timeout(Some(PATIENCE)).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = garbage.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn x_forwarded_for_routes_by_the_client_the_proxy_saw() {
+    let (_dispatcher, addr) = standalone(
+        "xff",
+        WORKERS,
+        &[("STICKY_DISPATCH_ROUTING_KEY", "x-forwarded-for")],
+    );
+    let proxy = client_ip(0);
+    for n in 0..100 {
+        let client = remote_client(n);
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: test\r\nX-Forwarded-For: 10.1.1.1, {client}\r\nConnection: close\r\n\r\n"
+        );
+        let answer = send(proxy, addr, request.as_bytes()).unwrap();
+        assert_eq!(
+            answer.worker,
+            expected_worker(client, WORKERS),
+            "client {client}"
+        );
+        assert_eq!(
+            answer.client,
+            proxy.to_string(),
+            "the peer is still the proxy"
+        );
+    }
+    // No header: the peer address decides.
+    let answer = request(proxy, addr).unwrap();
+    assert_eq!(answer.worker, expected_worker(proxy, WORKERS));
+}
+
+#[test]
+fn a_cookie_keeps_a_client_on_one_worker_across_addresses() {
+    let (_dispatcher, addr) = standalone(
+        "cookie",
+        WORKERS,
+        &[
+            ("STICKY_DISPATCH_ROUTING_KEY", "cookie"),
+            ("STICKY_DISPATCH_KEY_NAME", "session"),
+        ],
+    );
+    let mut workers_used = BTreeSet::new();
+    for user in 0..40 {
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: test\r\nCookie: theme=dark; session=user-{user}\r\nConnection: close\r\n\r\n"
+        );
+        let answers: BTreeSet<u32> = (0..5)
+            .map(|n| {
+                send(client_ip(user * 5 + n), addr, request.as_bytes())
+                    .unwrap()
+                    .worker
+            })
+            .collect();
+        assert_eq!(answers.len(), 1, "user {user} moved: {answers:?}");
+        workers_used.extend(answers);
+    }
+    assert_eq!(workers_used.len(), WORKERS as usize);
+}
+
+#[test]
+fn a_cookie_key_without_a_name_is_a_config_error() {
+    let output = std::process::Command::new(DISPATCHER)
+        .args(["check-config", "--config", "/dev/null"])
+        .env("STICKY_DISPATCH_ROUTING_KEY", "cookie")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("key_name"));
+}
