@@ -408,6 +408,12 @@ mod tests {
                 }
             }
             let limit = RANDOM_KEYS as f64 * (1.0 / f64::from(n + 1) + 0.01);
+            eprintln!(
+                "{n} -> {} workers: {moved} of {RANDOM_KEYS} keys moved ({:.2}%, ideal {:.2}%)",
+                n + 1,
+                moved as f64 * 100.0 / RANDOM_KEYS as f64,
+                100.0 / f64::from(n + 1)
+            );
             assert!(
                 (moved as f64) <= limit,
                 "{n} -> {}: moved {moved}, limit {limit}",
@@ -424,6 +430,14 @@ mod tests {
             counts[router.worker_for(&key) as usize] += 1;
         }
         let mean = RANDOM_KEYS as f64 / 10.0;
+        let worst = counts
+            .iter()
+            .map(|&c| (c as f64 - mean).abs() / mean)
+            .fold(0.0, f64::max);
+        eprintln!(
+            "{RANDOM_KEYS} keys over 10 workers: {counts:?}, worst {:.2}% from the mean",
+            worst * 100.0
+        );
         for (worker, &count) in counts.iter().enumerate() {
             let deviation = (count as f64 - mean).abs() / mean;
             assert!(
