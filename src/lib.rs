@@ -23,11 +23,15 @@
 //! - `config` — figment layers validated into typed settings.
 //! - `supervisor` — standalone mode: spawn and restart the workers.
 //! - `logging` — journald when under systemd, stderr otherwise.
+//! - `cli`, `manual` — the daemon's command line, and the manual pages generated from it
+//!   and from the configuration keys.
 //!
 //! The modules marked `dispatcher` in Cargo.toml (all but `worker`, `wire`, `link`) need
 //! the `dispatcher` feature, on by default.
 #![warn(missing_docs)]
 
+#[cfg(feature = "dispatcher")]
+pub mod cli;
 #[cfg(feature = "dispatcher")]
 pub mod config;
 #[cfg(feature = "dispatcher")]
@@ -37,6 +41,8 @@ pub mod keysource;
 pub mod link;
 #[cfg(feature = "dispatcher")]
 pub mod logging;
+#[cfg(feature = "dispatcher")]
+pub mod manual;
 #[cfg(feature = "dispatcher")]
 pub mod routing;
 #[cfg(feature = "dispatcher")]

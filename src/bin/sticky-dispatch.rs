@@ -1,15 +1,13 @@
 //! `sticky-dispatch`: the daemon. Parses the command line, takes the systemd sockets,
 //! loads the configuration, and calls the library.
 
-use std::ffi::OsString;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use listenfd::ListenFd;
+use sticky_dispatch::cli::{Action, Cli};
 use sticky_dispatch::config::{Overrides, Settings};
 use sticky_dispatch::dispatcher::{self, Control, HeldOver, Listener, Sockets};
 use sticky_dispatch::{logging, supervisor};
@@ -20,60 +18,24 @@ use tracing::{error, info, warn};
 /// configuration fails once instead of restart-looping.
 const EX_CONFIG: u8 = 78;
 
-/// Sticky-session dispatcher: sends every client's TCP connections to the same worker.
-///
-/// Under systemd it takes its listening sockets from sticky-dispatch.socket and hands
-/// connections to app@N.service. With --listen and a COMMAND it runs standalone,
-/// spawning COMMAND once per worker with STICKY_DISPATCH_INDEX set.
-#[derive(Debug, Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
-struct Cli {
-    #[command(subcommand)]
-    action: Option<Action>,
-
-    /// Configuration file [default: /etc/sticky-dispatch/config.toml]
-    #[arg(
-        long,
-        global = true,
-        value_name = "PATH",
-        env = "STICKY_DISPATCH_CONFIG"
-    )]
-    config: Option<PathBuf>,
-
-    /// Listen on ADDR instead of taking sockets from systemd (repeatable)
-    #[arg(long, global = true, value_name = "ADDR")]
-    listen: Vec<SocketAddr>,
-
-    /// Number of workers (overrides `workers` in the configuration)
-    #[arg(long, global = true, value_name = "N")]
-    workers: Option<u32>,
-
-    /// Log filter such as `info` or `sticky_dispatch=debug` (overrides `log_level`)
-    #[arg(long, global = true, value_name = "FILTER")]
-    log_level: Option<String>,
-
-    /// Standalone mode: the worker command, spawned once per index
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<OsString>,
-}
-
-#[derive(Debug, Subcommand)]
-enum Action {
-    /// Validate the configuration, print the effective settings, and exit
-    CheckConfig,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Before any thread exists: reading the systemd variables also unsets them.
     let systemd_sockets = take_systemd_sockets();
 
-    let overrides = Overrides {
-        config_path: cli.config.clone(),
-        listen: cli.listen.clone(),
-        workers: cli.workers,
-        log_level: cli.log_level.clone(),
-    };
+    if let Some(Action::Manual { dir }) = &cli.action {
+        return match sticky_dispatch::manual::write_pages(dir) {
+            Ok(pages) => {
+                pages.iter().for_each(|page| println!("{}", page.display()));
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("sticky-dispatch: could not write the manual pages: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let overrides = cli.overrides();
     let settings = match Settings::load(&overrides, std::env::vars()) {
         Ok(settings) => settings,
         Err(err) => {

@@ -1,0 +1,73 @@
+//! The daemon's command line, in the library so that the manual page is generated from
+//! the same definition (`sticky-dispatch manual DIR`) and cannot drift from it.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Overrides;
+
+/// Sticky-session dispatcher: sends every client's TCP connections to the same worker.
+///
+/// Under systemd it takes its listening sockets from sticky-dispatch.socket and hands
+/// connections to app@N.service. With --listen and a COMMAND it runs standalone,
+/// spawning COMMAND once per worker with STICKY_DISPATCH_INDEX set.
+#[derive(Debug, Parser)]
+#[command(version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// A subcommand, instead of running the dispatcher.
+    #[command(subcommand)]
+    pub action: Option<Action>,
+
+    /// Configuration file [default: /etc/sticky-dispatch/config.toml]
+    #[arg(
+        long,
+        global = true,
+        value_name = "PATH",
+        env = "STICKY_DISPATCH_CONFIG"
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Listen on ADDR instead of taking sockets from systemd (repeatable)
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Number of workers (overrides `workers` in the configuration)
+    #[arg(long, global = true, value_name = "N")]
+    pub workers: Option<u32>,
+
+    /// Log filter such as `info` or `sticky_dispatch=debug` (overrides `log_level`)
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    /// Standalone mode: the worker command, spawned once per index
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Action {
+    /// Validate the configuration, print the effective settings, and exit
+    CheckConfig,
+    /// Write the manual pages sticky-dispatch(8) and sticky-dispatch.toml(5) into DIR
+    #[command(hide = true)]
+    Manual {
+        /// Directory to write the pages into
+        dir: PathBuf,
+    },
+}
+
+impl Cli {
+    /// The command-line layer of the configuration.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            config_path: self.config.clone(),
+            listen: self.listen.clone(),
+            workers: self.workers,
+            log_level: self.log_level.clone(),
+        }
+    }
+}
