@@ -30,9 +30,12 @@ pub fn init(level: &str) -> LogControl {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
+    // Fields keep their own names in the journal (`journalctl INDEX=3`), without the
+    // default `F_` prefix.
     let journald = stderr_is_journal()
         .then(|| tracing_journald::layer().ok())
-        .flatten();
+        .flatten()
+        .map(|layer| layer.with_field_prefix(None));
     let destination = if journald.is_some() {
         "journald"
     } else {
