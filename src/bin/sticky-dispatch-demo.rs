@@ -15,7 +15,9 @@
 //! - `GET /bulk?bytes=N` answers with N bytes (at most 64 MiB; ask again on the same
 //!   connection for more);
 //! - `POST /bulk` reads the whole request body and answers `received=<bytes>` followed by
-//!   the usual lines.
+//!   the usual lines;
+//! - `GET /` from a browser, `GET /client/socket.io.min.js` and socket.io at
+//!   `/socket.io/`: a chat page, in [`chat`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +35,10 @@ use sticky_dispatch::logging;
 use sticky_dispatch::worker::{ClientInfo, WorkerListener, WorkerOptions};
 use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info};
+
+// A crate root's child modules live beside it (src/bin/): point at the demo's directory.
+#[path = "sticky-dispatch-demo/chat.rs"]
+mod chat;
 
 /// Largest `GET /bulk` answer: one zeroed buffer, shared by every answer.
 const BULK_MAX: usize = 64 << 20;
@@ -131,10 +137,10 @@ fn stop_signal() -> impl Future<Output = ()> {
 }
 
 fn app(index: u32) -> axum::Router {
-    axum::Router::new()
+    let routes = axum::Router::new()
         .route("/bulk", get(bulk_download).post(bulk_upload))
-        .fallback(whoami)
-        .with_state(index)
+        .fallback(whoami);
+    chat::add(routes, index).with_state(index)
 }
 
 /// Who the client is, whichever way its connection arrived.

@@ -1,0 +1,152 @@
+//! Shared by the real-client tests (socket.io, browser, HAProxy): the npm packages in
+//! `tests/node/`, bounded runs of Node scripts, and Debian packages installed on demand.
+//! Used as `#[path = "node/support.rs"] mod support;`.
+
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// `tests/node/`: package.json, package-lock.json and the scripts.
+pub fn node_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node")
+}
+
+/// Installs the locked npm packages with `npm ci` unless they are there, so that
+/// `cargo test` works from a fresh clone. npm uses the registry the machine is set up with.
+pub fn npm_ci() {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _once = INSTALL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let dir = node_dir();
+    // npm writes this after a complete install; a half-done one has none.
+    if dir.join("node_modules/.package-lock.json").exists() {
+        return;
+    }
+    eprintln!("tests/node: node_modules missing, running npm ci");
+    let mut npm = Command::new("npm");
+    npm.args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&dir);
+    let out = run(npm, Duration::from_secs(600))
+        .unwrap_or_else(|err| panic!("npm ci in {}: {err} (is Node installed?)", dir.display()));
+    assert!(
+        out.status.success(),
+        "npm ci in {} failed ({}):\n{}\n{}",
+        dir.display(),
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// What a finished command printed.
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `command` to completion, killing it if it takes longer than `limit`.
+pub fn run(mut command: Command, limit: Duration) -> Result<Output, String> {
+    let shown = format!("{command:?}");
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|err| format!("could not start {shown}: {err}"))?;
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|err| err.to_string())? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{shown} did not finish within {limit:?}; stderr:\n{}",
+                stderr.join().unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+/// `node tests/node/<script> args...`, bounded by `limit`; panics unless it exits 0.
+pub fn node(script: &str, args: &[String], limit: Duration) -> Output {
+    let mut command = Command::new("node");
+    command.arg(node_dir().join(script)).args(args);
+    let out = run(command, limit).unwrap_or_else(|err| panic!("{err}"));
+    assert!(
+        out.status.success(),
+        "node {script} failed ({}):\n{}\n{}",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+    out
+}
+
+/// The path of `program`, installing Debian package `package` for it when it is missing
+/// and we are root. `Err` (not root) says why not, for a test to print when it skips; a
+/// failed install as root fails the test.
+pub fn debian_program(program: &str, package: &str) -> Result<PathBuf, String> {
+    static INSTALL: Mutex<()> = Mutex::new(());
+    let _one_apt_at_a_time = INSTALL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(path) = find_program(program) {
+        return Ok(path);
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err(format!(
+            "{program} is not installed and we are not root to apt-get install {package}"
+        ));
+    }
+    eprintln!("installing Debian package {package} for {program}");
+    let apt = |args: &[&str]| {
+        let mut command = Command::new("apt-get");
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(command, Duration::from_secs(900)).unwrap_or_else(|err| panic!("{err}"))
+    };
+    let install = ["install", "-y", "-q", "--no-install-recommends", package];
+    let first = apt(&install);
+    if !first.status.success() {
+        // Stale or missing package lists: refresh once and retry.
+        apt(&["update", "-q"]);
+        let second = apt(&install);
+        assert!(
+            second.status.success(),
+            "apt-get install {package} failed:\n{}",
+            second.stderr
+        );
+    }
+    Ok(find_program(program)
+        .unwrap_or_else(|| panic!("{package} installed but no {program} on PATH")))
+}
+
+fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
