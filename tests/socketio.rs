@@ -93,7 +93,9 @@ fn summary(sessions: &[Session]) -> String {
 #[test]
 fn socketio_sessions_complete_through_the_dispatcher() {
     let (dispatcher, addr) = standalone("socketio", WORKERS, &[]);
+    let dispatcher = support::Graceful(dispatcher);
     dispatcher
+        .0
         .log
         .wait_count(&["worker link up"], WORKERS as usize);
     let sessions = run_clients(addr);

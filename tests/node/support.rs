@@ -150,3 +150,22 @@ fn find_program(program: &str) -> Option<PathBuf> {
         .map(|dir| dir.join(program))
         .find(|candidate| candidate.is_file())
 }
+
+/// A dispatcher stopped with SIGTERM when dropped, even when the test panics, so that it
+/// stops its workers (the harness's SIGKILL would leave them running, orphaned).
+pub struct Graceful(pub crate::common::Running);
+
+impl Drop for Graceful {
+    fn drop(&mut self) {
+        let child = &mut self.0.child;
+        if matches!(child.try_wait(), Ok(None)) {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // Then Running's own drop kills whatever is left.
+    }
+}
