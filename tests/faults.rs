@@ -367,29 +367,10 @@ fn overload_toward_a_down_worker_stays_bounded() {
 /// dispatcher pauses instead of spinning or crashing, and serves everyone once fds return.
 #[test]
 fn running_out_of_fds_pauses_accepting_without_spinning() {
-    let dir = scratch_dir("emfile");
-    let prefix = unique_prefix("emfile");
-    let mut command = Command::new(DISPATCHER);
-    command
-        .arg("--config")
-        .arg(empty_config(&dir))
-        .args(["--listen", "127.0.0.1:0", "--workers", &WORKERS.to_string()])
-        .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix);
-    let dispatcher = Running::spawn(command, "dispatcher");
-    let addr = listening_address(&dispatcher.log);
+    let alone = Alone::start("emfile", WORKERS, &[]);
+    let (dispatcher, addr) = (&alone.dispatcher, alone.addr);
     let pid = dispatcher.pid();
-    let start_worker = |index: u32| {
-        let mut worker = Command::new(DEMO);
-        worker
-            .env("STICKY_DISPATCH_INDEX", index.to_string())
-            .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix);
-        let worker = Running::spawn(worker, "worker");
-        dispatcher
-            .log
-            .wait_for(&["worker link up", &format!("index={index}")]);
-        worker
-    };
-    let _workers: Vec<Running> = (1..WORKERS).map(start_worker).collect();
+    let _workers: Vec<Running> = (1..WORKERS).map(|i| alone.start_worker(i)).collect();
 
     // Leave the dispatcher a handful of fds above what it has open now.
     let limit = open_fds(pid) + 8;
@@ -415,7 +396,7 @@ fn running_out_of_fds_pauses_accepting_without_spinning() {
     let wall = wall.elapsed();
 
     prlimit(limit * 100);
-    let _worker0 = start_worker(0);
+    let _worker0 = alone.start_worker(0);
     let answers = handle.join().unwrap();
     let served = answers
         .iter()
@@ -434,25 +415,9 @@ fn running_out_of_fds_pauses_accepting_without_spinning() {
 /// line, and nothing else is disturbed.
 #[test]
 fn wrong_protocol_peers_are_refused_and_nothing_else_is_disturbed() {
-    let dir = scratch_dir("garbage");
-    let prefix = unique_prefix("garbage");
-    let mut command = Command::new(DISPATCHER);
-    command
-        .arg("--config")
-        .arg(empty_config(&dir))
-        .args(["--listen", "127.0.0.1:0", "--workers", &WORKERS.to_string()])
-        .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix);
-    let dispatcher = Running::spawn(command, "dispatcher");
-    let addr = listening_address(&dispatcher.log);
-    let workers: Vec<Running> = (1..WORKERS)
-        .map(|index| {
-            let mut worker = Command::new(DEMO);
-            worker
-                .env("STICKY_DISPATCH_INDEX", index.to_string())
-                .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix);
-            Running::spawn(worker, "worker")
-        })
-        .collect();
+    let alone = Alone::start("garbage", WORKERS, &[]);
+    let (dispatcher, addr, prefix) = (&alone.dispatcher, alone.addr, alone.prefix.clone());
+    let workers: Vec<Running> = (1..WORKERS).map(|i| alone.start_worker(i)).collect();
 
     // A "worker 0" that answers HELLO with protocol version 2.
     let fake_worker = r#"

@@ -45,27 +45,21 @@ fn an_impostor_holding_a_worker_name_receives_no_connection() {
         eprintln!("skipped: changing uid needs root");
         return;
     }
-    let dir = scratch_dir("impostor-listens");
-    let prefix = unique_prefix("impostor-listens");
-    let mut impostor = as_nobody(&demo_for_nobody(&dir));
+    // One worker, so every client belongs to worker 0; a short pending_timeout so the
+    // client is closed rather than held while the impostor sits on the name.
+    let alone = Alone::start(
+        "impostor-listens",
+        1,
+        &[("STICKY_DISPATCH_PENDING_TIMEOUT", "1s")],
+    );
+    let (dispatcher, addr) = (&alone.dispatcher, alone.addr);
+    let mut impostor = as_nobody(&demo_for_nobody(&scratch_dir("impostor-listens")));
     impostor
         .env("STICKY_DISPATCH_INDEX", "0")
-        .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix)
+        .env("STICKY_DISPATCH_SOCKET_PREFIX", &alone.prefix)
         .env("STICKY_DISPATCH_DISPATCHER_USERS", "0");
     let impostor = Running::spawn(impostor, "impostor");
     impostor.log.wait_for(&["worker ready"]);
-
-    // One worker, so every client belongs to worker 0; a short pending_timeout so the
-    // client is closed rather than held while the impostor sits on the name.
-    let mut command = Command::new(DISPATCHER);
-    command
-        .arg("--config")
-        .arg(empty_config(&dir))
-        .args(["--listen", "127.0.0.1:0", "--workers", "1"])
-        .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix)
-        .env("STICKY_DISPATCH_PENDING_TIMEOUT", "1s");
-    let dispatcher = Running::spawn(command, "dispatcher");
-    let addr = listening_address(&dispatcher.log);
     dispatcher.log.wait_for(&[
         "refused the worker link",
         "uid 65534",
@@ -88,11 +82,7 @@ fn an_impostor_holding_a_worker_name_receives_no_connection() {
     drop(impostor);
 
     // The real worker (our uid) takes the name and the clients.
-    let mut real = Command::new(DEMO);
-    real.env("STICKY_DISPATCH_INDEX", "0")
-        .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix);
-    let _real = Running::spawn(real, "worker");
-    dispatcher.log.wait_for(&["worker link up", "index=0"]);
+    let _real = alone.start_worker(0);
     assert_eq!(request(client_ip(1), addr).unwrap().worker, 0);
 }
 

@@ -200,6 +200,54 @@ pub fn standalone_with(
     (running, addr)
 }
 
+/// A dispatcher on 127.0.0.1:0 with no workers of its own: the test starts them, one by
+/// one, as systemd would.
+pub struct Alone {
+    pub dispatcher: Running,
+    pub addr: SocketAddr,
+    pub prefix: String,
+}
+
+impl Alone {
+    pub fn start(test: &'static str, workers: u32, extra_env: &[(&str, &str)]) -> Alone {
+        let prefix = unique_prefix(test);
+        let mut command = Command::new(DISPATCHER);
+        command
+            .arg("--config")
+            .arg(empty_config(&scratch_dir(test)))
+            .args(["--listen", "127.0.0.1:0", "--workers", &workers.to_string()])
+            .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix)
+            .envs(extra_env.iter().copied());
+        let dispatcher = Running::spawn(command, test);
+        let addr = listening_address(&dispatcher.log);
+        Alone {
+            dispatcher,
+            addr,
+            prefix,
+        }
+    }
+
+    /// A demo worker for `index`, once the dispatcher has linked to it.
+    pub fn start_worker(&self, index: u32) -> Running {
+        let index_field = format!("index={index}");
+        let ups = self.dispatcher.log.count(&["worker link up", &index_field]);
+        let worker = Running::spawn(self.worker_command(index), "worker");
+        self.dispatcher
+            .log
+            .wait_count(&["worker link up", &index_field], ups + 1);
+        worker
+    }
+
+    /// The command that runs demo worker `index` for this dispatcher.
+    pub fn worker_command(&self, index: u32) -> Command {
+        let mut worker = Command::new(DEMO);
+        worker
+            .env("STICKY_DISPATCH_INDEX", index.to_string())
+            .env("STICKY_DISPATCH_SOCKET_PREFIX", &self.prefix);
+        worker
+    }
+}
+
 /// The address from the dispatcher's `listening ... address=` log line.
 pub fn listening_address(log: &Log) -> SocketAddr {
     let line = log.wait_for(&["listening", "address="]);
