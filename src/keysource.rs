@@ -34,8 +34,21 @@ pub struct ProxyHeader {
     pub destination: Option<SocketAddr>,
 }
 
+/// Longest PROXY protocol v1 line, CRLF included (the spec's 107 bytes).
+const V1_MAX_LEN: usize = 107;
+
 /// Parses a PROXY protocol v1 or v2 header at the start of `buf`.
 pub fn proxy_header(buf: &[u8]) -> Parsed<ProxyHeader> {
+    // A v1 line is only complete at its CRLF. ppp judges some unfinished lines Invalid
+    // (`PROXY TCP4 1.2.3.4 5.6.7.8 40000 `: the destination port not arrived yet), which
+    // would close a valid connection whose header came in two segments. Found by fuzzing.
+    let v1 = b"PROXY ";
+    if buf.len() < V1_MAX_LEN
+        && v1.starts_with(&buf[..buf.len().min(v1.len())])
+        && !buf.windows(2).any(|pair| pair == b"\r\n")
+    {
+        return Parsed::Incomplete;
+    }
     let result = HeaderResult::parse(buf);
     if result.is_incomplete() {
         return Parsed::Incomplete;
@@ -200,6 +213,31 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn every_prefix_of_a_v1_header_is_incomplete() {
+        // Found by fuzzing (fuzz/): ppp judged this Invalid, the destination port not
+        // arrived yet.
+        assert_eq!(
+            proxy_header(b"PROXY TCP6 2001:db8::7 2001:db8::1 1 "),
+            Parsed::Incomplete
+        );
+        for header in [
+            &b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 8080\r\n"[..],
+            b"PROXY TCP6 2001:db8::7 2001:db8::1 1 65535\r\n",
+            b"PROXY UNKNOWN\r\n",
+        ] {
+            assert!(matches!(proxy_header(header), Parsed::Complete(h) if h.len == header.len()));
+            for cut in 0..header.len() {
+                assert_eq!(
+                    proxy_header(&header[..cut]),
+                    Parsed::Incomplete,
+                    "{:?}",
+                    String::from_utf8_lossy(&header[..cut])
+                );
+            }
+        }
     }
 
     fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
