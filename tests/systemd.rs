@@ -1,6 +1,6 @@
 //! The product under a real, booted systemd (issue #4): the units in `systemd/`, the
 //! generator and the binaries are installed into a container (systemd-nspawn on an
-//! overlay of the host's root, tests/systemd/boot-container.sh), and operated the way an
+//! overlay of the host's root, tests/container), and operated the way an
 //! operator would, with `systemctl` and `journalctl`, while clients connect from 200
 //! distinct 127.x.y.z addresses.
 //!
@@ -13,22 +13,23 @@
 //! "skipped". It installs `systemd-container` (systemd-nspawn) with apt-get if missing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::num::NonZeroU32;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sticky_dispatch::routing::Router;
+
+mod container;
+use container::{
+    ensure_nspawn, enter_netns, field, message, output_text, parse_export, poll, stage_file,
+    stage_text, Container, Entry, PATIENCE,
+};
 
 const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
 const DEMO: &str = env!("CARGO_BIN_EXE_sticky-dispatch-demo");
@@ -41,8 +42,6 @@ const PORT: u16 = 8080;
 const CLIENTS: usize = 200;
 /// Workers in the installed config (then 5 in scenario g).
 const WORKERS: u32 = 4;
-/// Bound on anything that should take a second: machines are shared.
-const PATIENCE: Duration = Duration::from_secs(30);
 /// A reply slower than this is a lost connection. Above the default pending_timeout
 /// (30 s), so that a connection the dispatcher gives up on shows as closed, not as ours.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(40);
@@ -67,7 +66,7 @@ fn units_generator_and_dispatcher_under_a_booted_systemd() {
     }
     ensure_nspawn();
     let config = Config::shipped_with_workers(WORKERS);
-    let container = Container::boot(&config.text);
+    let container = Container::boot("systemd", |dir| stage(dir, &config.text));
     let mut world = World::new(&container, config);
 
     let scenarios: &[(&str, Scenario)] = &[
@@ -958,16 +957,6 @@ impl Drop for Load {
     }
 }
 
-/// Moves the calling thread (only it) into the container's network namespace, where
-/// 127.0.0.1:8080 is the container's socket and every 127.x.y.z is a local address.
-fn enter_netns(netns: &Path) {
-    let ns = File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
-    // SAFETY: setns(2) reads a valid fd we own and changes only this thread's network
-    // namespace (CLONE_NEWNET is allowed for one thread of a multithreaded process).
-    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
 // ---------------------------------------------------------------------------------------
 // The container
 
@@ -1025,234 +1014,6 @@ impl Config {
     }
 }
 
-/// A booted container, powered off (and its cgroups removed) when dropped.
-struct Container {
-    nspawn: Child,
-    /// The container's systemd, as the host sees it.
-    init: i32,
-    scratch: PathBuf,
-    cgroups: Vec<PathBuf>,
-}
-
-impl Container {
-    fn boot(config: &str) -> Container {
-        let name = format!("sticky-dispatch-test-{}", std::process::id());
-        let scratch = std::env::temp_dir().join(&name);
-        let _ = std::fs::remove_dir_all(&scratch);
-        std::fs::create_dir_all(&scratch).unwrap();
-        stage(&scratch.join("stage"), config);
-        let cgroups = make_cgroups(&name);
-
-        let console = File::create(scratch.join("console.log")).unwrap();
-        let mut command = Command::new("unshare");
-        command
-            .args(["--mount", "--propagation", "private", "/bin/sh"])
-            .arg(Path::new(SOURCE).join("tests/systemd/boot-container.sh"))
-            .arg(&scratch)
-            .arg(&name)
-            .args(&cgroups)
-            .stdin(Stdio::null())
-            .stdout(console.try_clone().unwrap())
-            .stderr(console);
-        // SAFETY: prctl is async-signal-safe. If the test process dies without unwinding
-        // (killed, Ctrl-C), the container is told to power off rather than left running.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let nspawn = command.spawn().unwrap_or_else(|err| {
-            cgroups.iter().for_each(|cgroup| remove_cgroup(cgroup));
-            panic!("could not run unshare: {err}")
-        });
-        let mut container = Container {
-            nspawn,
-            init: 0,
-            scratch,
-            cgroups,
-        };
-        let booted = Instant::now();
-        let init = poll("the container's systemd", || {
-            if let Ok(Some(status)) = container.nspawn.try_wait() {
-                panic!(
-                    "systemd-nspawn exited with {status}; console:\n{}",
-                    container.console()
-                );
-            }
-            container.find_init()
-        });
-        container.init = init;
-        let state = poll("systemctl is-system-running", || {
-            let out = container.run(&["systemctl", "is-system-running"]);
-            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            matches!(state.as_str(), "running" | "degraded").then_some(state)
-        });
-        figure!(
-            "container {name} booted to basic.target in {:.1?} ({state})",
-            booted.elapsed()
-        );
-        if state == "degraded" {
-            figure!(
-                "failed units: {}",
-                container.ok(&["systemctl", "--failed", "--no-legend", "--plain"])
-            );
-        }
-        container
-    }
-
-    /// The child of systemd-nspawn that runs systemd.
-    fn find_init(&self) -> Option<i32> {
-        let pid = self.nspawn.id();
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-        children
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-            .find(|child| {
-                std::fs::read_to_string(format!("/proc/{child}/comm"))
-                    .is_ok_and(|comm| comm.trim() == "systemd")
-            })
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(self.scratch.join("console.log")).unwrap_or_default()
-    }
-
-    fn netns(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/ns/net", self.init))
-    }
-
-    /// `args` run inside the container, with a clean environment.
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new("nsenter");
-        command
-            .args(["-t", &self.init.to_string(), "-a", "--"])
-            .args(args)
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .env("LANG", "C.UTF-8")
-            .env("SYSTEMD_PAGER", "")
-            .env("SYSTEMD_COLORS", "0")
-            .stdin(Stdio::null());
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("nsenter runs")
-    }
-
-    /// Runs `args` inside, panics unless it succeeds; its stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "`{}` failed ({}): {}",
-            args.join(" "),
-            out.status,
-            output_text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn write_file(&self, path: &str, contents: &str) {
-        let mut child = self
-            .command(&["sh", "-c", "cat > \"$0\"", path])
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("nsenter runs");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(contents.as_bytes())
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "could not write {path}");
-    }
-
-    fn prop(&self, unit: &str, property: &str) -> String {
-        self.ok(&["systemctl", "show", "-p", property, "--value", unit])
-            .trim()
-            .to_owned()
-    }
-
-    fn main_pid(&self, unit: &str) -> u32 {
-        self.prop(unit, "MainPID").parse().unwrap()
-    }
-
-    fn active_state(&self, unit: &str) -> String {
-        self.prop(unit, "ActiveState")
-    }
-
-    /// The names in the generator's sticky-dispatch.service.wants.
-    fn generated_wants(&self) -> BTreeSet<String> {
-        let out = self.run(&[
-            "ls",
-            "-1",
-            "/run/systemd/generator/sticky-dispatch.service.wants",
-        ]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// The cursor of the journal's last entry, to read what comes after it.
-    fn journal_cursor(&self) -> String {
-        let entries = self.journal(&["-n", "1"]);
-        field(entries.last().expect("a journal entry"), "__CURSOR")
-            .expect("__CURSOR")
-            .to_owned()
-    }
-
-    /// journalctl `args` in export format, parsed.
-    fn journal(&self, args: &[&str]) -> Vec<Entry> {
-        let mut all = vec!["journalctl", "--no-pager", "-o", "export"];
-        all.extend_from_slice(args);
-        let out = self.run(&all);
-        parse_export(&out.stdout)
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        // SIGTERM makes systemd-nspawn power the container off cleanly.
-        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + PATIENCE;
-        let mut exited = false;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.nspawn.try_wait() {
-                exited = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if !exited {
-            eprintln!("[systemd] the container did not power off: killing it");
-            if self.init > 0 {
-                // Killing init ends its whole pid namespace.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(self.init),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            let _ = self.nspawn.kill();
-            let _ = self.nspawn.wait();
-        }
-        // The mounts lived in the private mount namespace of the nspawn process and went
-        // with it; what remains on the host is the scratch directory and the cgroups.
-        for cgroup in &self.cgroups {
-            remove_cgroup(cgroup);
-        }
-        if std::env::var_os("STICKY_DISPATCH_KEEP_CONTAINER_LOG").is_none() {
-            let _ = std::fs::remove_dir_all(&self.scratch);
-        }
-    }
-}
-
 /// Lays out what the container gets over its root: binaries, units, generator, config.
 fn stage(stage: &Path, config: &str) {
     let files: &[(&str, PathBuf, u32)] = &[
@@ -1280,168 +1041,13 @@ fn stage(stage: &Path, config: &str) {
         ),
     ];
     for (path, source, mode) in files {
-        let target = stage.join(path);
-        make_dirs(stage, target.parent().unwrap());
-        std::fs::copy(source, &target).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode)).unwrap();
+        stage_file(stage, path, source, *mode);
     }
-    let target = stage.join(CONFIG_PATH.trim_start_matches('/'));
-    make_dirs(stage, target.parent().unwrap());
-    std::fs::write(&target, config).unwrap();
-    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
-}
-
-/// Creates `dir` and its parents up to `root`, all 0755: `cp -a` gives the container's
-/// /usr and /etc these modes.
-fn make_dirs(root: &Path, dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut d = Some(dir);
-    while let Some(path) = d {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        if path == root {
-            break;
-        }
-        d = path.parent();
-    }
-}
-
-/// A cgroup of our own in the host's cgroup v2 hierarchy and systemd's named v1 one
-/// (whichever exist), for systemd-nspawn to nest its cgroups in.
-fn make_cgroups(name: &str) -> Vec<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut cgroups = Vec::new();
-    for line in mountinfo.lines() {
-        let Some((mount, fs)) = line.split_once(" - ") else {
-            continue;
-        };
-        let mount_point = mount.split_whitespace().nth(4).unwrap_or_default();
-        let mut fs = fs.split_whitespace();
-        let (fstype, options) = (fs.next(), fs.nth(1).unwrap_or_default());
-        let ours = fstype == Some("cgroup2")
-            || (fstype == Some("cgroup") && options.split(',').any(|o| o == "name=systemd"));
-        if ours {
-            let dir = Path::new(mount_point).join(name);
-            match std::fs::create_dir(&dir) {
-                Ok(()) => cgroups.push(dir),
-                Err(err) => eprintln!("[systemd] could not create {}: {err}", dir.display()),
-            }
-        }
-    }
-    cgroups
-}
-
-/// Removes `cgroup` and what systemd-nspawn made in it, deepest first.
-fn remove_cgroup(cgroup: &Path) {
-    fn dirs(dir: &Path, out: &mut Vec<PathBuf>) {
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    dirs(&entry.path(), out);
-                }
-            }
-        }
-        out.push(dir.to_owned());
-    }
-    let mut all = Vec::new();
-    dirs(cgroup, &mut all);
-    for dir in all {
-        if let Err(err) = std::fs::remove_dir(&dir) {
-            eprintln!("[systemd] could not remove {}: {err}", dir.display());
-        }
-    }
-}
-
-/// systemd-nspawn, from apt-get if missing.
-fn ensure_nspawn() {
-    let present = || {
-        Command::new("systemd-nspawn")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if present() {
-        return;
-    }
-    eprintln!("[systemd] installing systemd-container (systemd-nspawn) with apt-get");
-    let install = || {
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "systemd-container",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install() {
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        assert!(install(), "apt-get install systemd-container failed");
-    }
-    assert!(
-        present(),
-        "systemd-nspawn still missing after installing systemd-container"
-    );
+    stage_text(stage, CONFIG_PATH, config);
 }
 
 // ---------------------------------------------------------------------------------------
 // Journal
-
-/// One journal entry: field name to value (binary fields as lossy UTF-8).
-type Entry = HashMap<String, String>;
-
-/// Parses `journalctl -o export`: `NAME=value` lines, or for binary values `NAME`, a
-/// little-endian u64 length, the bytes and a newline; entries end with an empty line.
-fn parse_export(mut bytes: &[u8]) -> Vec<Entry> {
-    let mut entries = Vec::new();
-    let mut entry = Entry::new();
-    while !bytes.is_empty() {
-        if bytes[0] == b'\n' {
-            if !entry.is_empty() {
-                entries.push(std::mem::take(&mut entry));
-            }
-            bytes = &bytes[1..];
-            continue;
-        }
-        let end = bytes
-            .iter()
-            .position(|&b| b == b'\n')
-            .unwrap_or(bytes.len());
-        let line = &bytes[..end];
-        if let Some(eq) = line.iter().position(|&b| b == b'=') {
-            entry.insert(
-                String::from_utf8_lossy(&line[..eq]).into_owned(),
-                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
-            );
-            bytes = &bytes[(end + 1).min(bytes.len())..];
-        } else {
-            let name = String::from_utf8_lossy(line).into_owned();
-            let rest = &bytes[(end + 1).min(bytes.len())..];
-            if rest.len() < 8 {
-                break;
-            }
-            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
-            let data = &rest[8..(8 + len).min(rest.len())];
-            entry.insert(name, String::from_utf8_lossy(data).into_owned());
-            bytes = &rest[(8 + len + 1).min(rest.len())..];
-        }
-    }
-    if !entry.is_empty() {
-        entries.push(entry);
-    }
-    entries
-}
-
-fn field<'e>(entry: &'e Entry, name: &str) -> Option<&'e str> {
-    entry.get(name).map(String::as_str)
-}
-
-fn message(entry: &Entry) -> &str {
-    field(entry, "MESSAGE").unwrap_or_default()
-}
 
 /// The worker index field of a dispatcher log entry: `INDEX`, or tracing-journald's
 /// default-prefixed `F_INDEX` (so that the test can say which one it found).
@@ -1458,18 +1064,6 @@ fn structured<'e>(entry: &'e Entry, name: &str) -> Option<&'e str> {
 
 // ---------------------------------------------------------------------------------------
 // Helpers
-
-/// Polls `check` every 50 ms until it gives a value; panics after PATIENCE.
-fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Polls the dispatcher's STATUS= until `check` accepts it.
 fn poll_status(c: &Container, what: &str, check: impl Fn(&str) -> bool) -> String {
@@ -1495,14 +1089,6 @@ fn waiting_count(status: &str) -> u64 {
         .find(|w| w[1].trim_end_matches([',', ';']) == "waiting")
         .and_then(|w| w[0].parse().ok())
         .unwrap_or(0)
-}
-
-fn output_text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]

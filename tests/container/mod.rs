@@ -1,0 +1,476 @@
+//! A booted systemd in a container, shared by the suites that need one
+//! (tests/systemd.rs, tests/packages.rs): systemd-nspawn on an overlay of the host's
+//! root (tests/systemd/boot-container.sh, /work/shared/REAL-SYSTEMD.md), so that every
+//! binary and library of the host is inside and nothing the container writes reaches
+//! the host. Commands run inside with nsenter; the container powers off when dropped.
+//!
+//! Needs root. `mod container;` in a test crate; each uses a different part of it.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+const SOURCE: &str = env!("CARGO_MANIFEST_DIR");
+
+/// Bound on anything that should take a second: machines are shared.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Prints a line prefixed with the suite's label, e.g. `[systemd] ...`.
+fn say(label: &str, line: std::fmt::Arguments) {
+    eprintln!("[{label}] {line}");
+}
+
+/// A booted container, powered off (and its cgroups removed) when dropped.
+pub struct Container {
+    /// Prefix of what it prints, and part of its name: the suite it serves.
+    label: String,
+    nspawn: Child,
+    /// The container's systemd, as the host sees it.
+    init: i32,
+    scratch: PathBuf,
+    cgroups: Vec<PathBuf>,
+}
+
+impl Container {
+    /// Boots a container named `sticky-dispatch-<label>-<pid>` to basic.target.
+    /// `stage` lays out, in the directory it is given, the files copied over the root
+    /// before boot (see [`stage_file`]).
+    pub fn boot(label: &str, stage: impl FnOnce(&Path)) -> Container {
+        let name = format!("sticky-dispatch-{label}-{}", std::process::id());
+        let scratch = std::env::temp_dir().join(&name);
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch).unwrap();
+        let staged = scratch.join("stage");
+        make_dirs(&staged, &staged);
+        stage(&staged);
+        let cgroups = make_cgroups(&name);
+
+        let console = File::create(scratch.join("console.log")).unwrap();
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "/bin/sh"])
+            .arg(Path::new(SOURCE).join("tests/systemd/boot-container.sh"))
+            .arg(&scratch)
+            .arg(&name)
+            .args(&cgroups)
+            .stdin(Stdio::null())
+            .stdout(console.try_clone().unwrap())
+            .stderr(console);
+        // SAFETY: prctl is async-signal-safe. If the test process dies without unwinding
+        // (killed, Ctrl-C), the container is told to power off rather than left running.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let nspawn = command.spawn().unwrap_or_else(|err| {
+            cgroups.iter().for_each(|cgroup| remove_cgroup(cgroup));
+            panic!("could not run unshare: {err}")
+        });
+        let mut container = Container {
+            label: label.to_owned(),
+            nspawn,
+            init: 0,
+            scratch,
+            cgroups,
+        };
+        let booted = Instant::now();
+        let init = poll("the container's systemd", || {
+            if let Ok(Some(status)) = container.nspawn.try_wait() {
+                panic!(
+                    "systemd-nspawn exited with {status}; console:\n{}",
+                    container.console()
+                );
+            }
+            container.find_init()
+        });
+        container.init = init;
+        let state = poll("systemctl is-system-running", || {
+            let out = container.run(&["systemctl", "is-system-running"]);
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            matches!(state.as_str(), "running" | "degraded").then_some(state)
+        });
+        say(
+            label,
+            format_args!(
+                "container {name} booted to basic.target in {:.1?} ({state})",
+                booted.elapsed()
+            ),
+        );
+        if state == "degraded" {
+            say(
+                label,
+                format_args!(
+                    "failed units: {}",
+                    container.ok(&["systemctl", "--failed", "--no-legend", "--plain"])
+                ),
+            );
+        }
+        container
+    }
+
+    /// The child of systemd-nspawn that runs systemd.
+    pub fn find_init(&self) -> Option<i32> {
+        let pid = self.nspawn.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .find(|child| {
+                std::fs::read_to_string(format!("/proc/{child}/comm"))
+                    .is_ok_and(|comm| comm.trim() == "systemd")
+            })
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.scratch.join("console.log")).unwrap_or_default()
+    }
+
+    pub fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.init))
+    }
+
+    /// `args` run inside the container, with a clean environment.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .args(["-t", &self.init.to_string(), "-a", "--"])
+            .args(args)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("LANG", "C.UTF-8")
+            .env("SYSTEMD_PAGER", "")
+            .env("SYSTEMD_COLORS", "0")
+            .stdin(Stdio::null());
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("nsenter runs")
+    }
+
+    /// Runs `args` inside, panics unless it succeeds; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "`{}` failed ({}): {}",
+            args.join(" "),
+            out.status,
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn write_file(&self, path: &str, contents: &str) {
+        let mut child = self
+            .command(&["sh", "-c", "cat > \"$0\"", path])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("nsenter runs");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(contents.as_bytes())
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "could not write {path}");
+    }
+
+    pub fn prop(&self, unit: &str, property: &str) -> String {
+        self.ok(&["systemctl", "show", "-p", property, "--value", unit])
+            .trim()
+            .to_owned()
+    }
+
+    pub fn main_pid(&self, unit: &str) -> u32 {
+        self.prop(unit, "MainPID").parse().unwrap()
+    }
+
+    pub fn active_state(&self, unit: &str) -> String {
+        self.prop(unit, "ActiveState")
+    }
+
+    /// The names in the generator's sticky-dispatch.service.wants.
+    pub fn generated_wants(&self) -> BTreeSet<String> {
+        let out = self.run(&[
+            "ls",
+            "-1",
+            "/run/systemd/generator/sticky-dispatch.service.wants",
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The cursor of the journal's last entry, to read what comes after it.
+    pub fn journal_cursor(&self) -> String {
+        let entries = self.journal(&["-n", "1"]);
+        field(entries.last().expect("a journal entry"), "__CURSOR")
+            .expect("__CURSOR")
+            .to_owned()
+    }
+
+    /// journalctl `args` in export format, parsed.
+    pub fn journal(&self, args: &[&str]) -> Vec<Entry> {
+        let mut all = vec!["journalctl", "--no-pager", "-o", "export"];
+        all.extend_from_slice(args);
+        let out = self.run(&all);
+        parse_export(&out.stdout)
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // SIGTERM makes systemd-nspawn power the container off cleanly.
+        let pid = nix::unistd::Pid::from_raw(self.nspawn.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + PATIENCE;
+        let mut exited = false;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                exited = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !exited {
+            say(
+                &self.label,
+                format_args!("the container did not power off: killing it"),
+            );
+            if self.init > 0 {
+                // Killing init ends its whole pid namespace.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(self.init),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            let _ = self.nspawn.kill();
+            let _ = self.nspawn.wait();
+        }
+        // The mounts lived in the private mount namespace of the nspawn process and went
+        // with it; what remains on the host is the scratch directory and the cgroups.
+        for cgroup in &self.cgroups {
+            remove_cgroup(cgroup);
+        }
+        if std::env::var_os("STICKY_DISPATCH_KEEP_CONTAINER_LOG").is_none() {
+            let _ = std::fs::remove_dir_all(&self.scratch);
+        }
+    }
+}
+
+/// Copies `source` to `path` (relative to the root) in the stage directory, with `mode`.
+pub fn stage_file(stage: &Path, path: &str, source: &Path, mode: u32) {
+    let target = stage.join(path.trim_start_matches('/'));
+    make_dirs(stage, target.parent().unwrap());
+    std::fs::copy(source, &target).unwrap_or_else(|e| panic!("copy {}: {e}", source.display()));
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Writes `contents` to `path` (relative to the root) in the stage directory, 0644.
+pub fn stage_text(stage: &Path, path: &str, contents: &str) {
+    let target = stage.join(path.trim_start_matches('/'));
+    make_dirs(stage, target.parent().unwrap());
+    std::fs::write(&target, contents).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+}
+
+/// Creates `dir` and its parents up to `root`, all 0755: `cp -a` gives the container's
+/// /usr and /etc these modes.
+pub fn make_dirs(root: &Path, dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut d = Some(dir);
+    while let Some(path) = d {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if path == root {
+            break;
+        }
+        d = path.parent();
+    }
+}
+
+/// A cgroup of our own in the host's cgroup v2 hierarchy and systemd's named v1 one
+/// (whichever exist), for systemd-nspawn to nest its cgroups in.
+fn make_cgroups(name: &str) -> Vec<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut cgroups = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((mount, fs)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mount_point = mount.split_whitespace().nth(4).unwrap_or_default();
+        let mut fs = fs.split_whitespace();
+        let (fstype, options) = (fs.next(), fs.nth(1).unwrap_or_default());
+        let ours = fstype == Some("cgroup2")
+            || (fstype == Some("cgroup") && options.split(',').any(|o| o == "name=systemd"));
+        if ours {
+            let dir = Path::new(mount_point).join(name);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => cgroups.push(dir),
+                Err(err) => eprintln!("[container] could not create {}: {err}", dir.display()),
+            }
+        }
+    }
+    cgroups
+}
+
+/// Removes `cgroup` and what systemd-nspawn made in it, deepest first.
+fn remove_cgroup(cgroup: &Path) {
+    fn dirs(dir: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs(&entry.path(), out);
+                }
+            }
+        }
+        out.push(dir.to_owned());
+    }
+    let mut all = Vec::new();
+    dirs(cgroup, &mut all);
+    for dir in all {
+        if let Err(err) = std::fs::remove_dir(&dir) {
+            eprintln!("[container] could not remove {}: {err}", dir.display());
+        }
+    }
+}
+/// systemd-nspawn, from apt-get if missing.
+pub fn ensure_nspawn() {
+    ensure_command("systemd-nspawn", "systemd-container");
+}
+
+/// Makes sure `command` runs (`command --version`), installing the Debian `package` that
+/// provides it with apt-get if not; one apt-get at a time.
+pub fn ensure_command(command: &str, package: &str) {
+    static APT: Mutex<()> = Mutex::new(());
+    let present = || {
+        Command::new(command)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let _apt = APT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if present() {
+        return;
+    }
+    eprintln!("[container] installing {package} ({command}) with apt-get");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !install() {
+        let _ = Command::new("apt-get").args(["update", "-q"]).status();
+        assert!(install(), "apt-get install {package} failed");
+    }
+    assert!(
+        present(),
+        "{command} still missing after installing {package}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Journal
+
+/// One journal entry: field name to value (binary fields as lossy UTF-8).
+pub type Entry = HashMap<String, String>;
+
+/// Parses `journalctl -o export`: `NAME=value` lines, or for binary values `NAME`, a
+/// little-endian u64 length, the bytes and a newline; entries end with an empty line.
+pub fn parse_export(mut bytes: &[u8]) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    let mut entry = Entry::new();
+    while !bytes.is_empty() {
+        if bytes[0] == b'\n' {
+            if !entry.is_empty() {
+                entries.push(std::mem::take(&mut entry));
+            }
+            bytes = &bytes[1..];
+            continue;
+        }
+        let end = bytes
+            .iter()
+            .position(|&b| b == b'\n')
+            .unwrap_or(bytes.len());
+        let line = &bytes[..end];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            entry.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            bytes = &bytes[(end + 1).min(bytes.len())..];
+        } else {
+            let name = String::from_utf8_lossy(line).into_owned();
+            let rest = &bytes[(end + 1).min(bytes.len())..];
+            if rest.len() < 8 {
+                break;
+            }
+            let len = u64::from_le_bytes(rest[..8].try_into().unwrap()) as usize;
+            let data = &rest[8..(8 + len).min(rest.len())];
+            entry.insert(name, String::from_utf8_lossy(data).into_owned());
+            bytes = &rest[(8 + len + 1).min(rest.len())..];
+        }
+    }
+    if !entry.is_empty() {
+        entries.push(entry);
+    }
+    entries
+}
+
+pub fn field<'e>(entry: &'e Entry, name: &str) -> Option<&'e str> {
+    entry.get(name).map(String::as_str)
+}
+
+pub fn message(entry: &Entry) -> &str {
+    field(entry, "MESSAGE").unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+
+/// Polls `check` every 50 ms until it gives a value; panics after PATIENCE.
+pub fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+/// Moves the calling thread (only it) into the container's network namespace, where
+/// 127.0.0.1:8080 is the container's socket and every 127.x.y.z is a local address.
+pub fn enter_netns(netns: &Path) {
+    let ns = File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
+    // SAFETY: setns(2) reads a valid fd we own and changes only this thread's network
+    // namespace (CLONE_NEWNET is allowed for one thread of a multithreaded process).
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
