@@ -479,14 +479,29 @@ fn rpm_has_the_files_scriptlets_config_and_dependencies() {
 // ---------------------------------------------------------------------------------------
 // Versions
 
-/// The .deb's version is the crate's plus the revision (cargo-deb's default "-1", as the
-/// rpm's `release = "1"`): the latest entry of the Debian changelog must name it.
+/// The .deb's version is the crate's plus the revision (`revision` in
+/// `[package.metadata.deb]`, cargo-deb's default "1"): the latest entry of the Debian
+/// changelog must name it.
 #[test]
-fn debian_changelog_names_the_crate_version() {
+fn debian_changelog_names_the_package_version() {
+    let manifest = std::fs::read_to_string(Path::new(SOURCE).join("Cargo.toml")).unwrap();
+    let deb_section = manifest
+        .split("\n[package.metadata.deb]\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .expect("a [package.metadata.deb] section in Cargo.toml");
+    let revision = deb_section
+        .lines()
+        .find_map(|l| l.strip_prefix("revision = "))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap_or_else(|| "1".to_owned());
     let changelog = std::fs::read_to_string(Path::new(SOURCE).join("packaging/debian/changelog"))
         .expect("packaging/debian/changelog");
     let first = changelog.lines().next().unwrap_or_default();
-    let expected = format!("sticky-dispatch ({}-1) ", env!("CARGO_PKG_VERSION"));
+    let expected = format!(
+        "sticky-dispatch ({}-{revision}) ",
+        env!("CARGO_PKG_VERSION")
+    );
     assert!(
         first.starts_with(&expected),
         "packaging/debian/changelog starts with {first:?}, not {expected:?}...: \
