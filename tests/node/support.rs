@@ -7,7 +7,6 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// `tests/node/`: package.json, package-lock.json and the scripts.
@@ -15,13 +14,24 @@ pub fn node_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node")
 }
 
+/// Holds an exclusive lock on `path` (created if missing) while alive: one installer at a
+/// time, across the threads of a test binary (each opens the file anew, and flock treats
+/// separate opens independently) and across test processes (nextest).
+fn exclusive(path: &Path) -> nix::fcntl::Flock<std::fs::File> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, err)| panic!("lock {}: {err}", path.display()))
+}
+
 /// Installs the locked npm packages with `npm ci` unless they are there, so that
 /// `cargo test` works from a fresh clone. npm uses the registry the machine is set up with.
 pub fn npm_ci() {
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _once = INSTALL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_install = exclusive(&std::env::temp_dir().join("sticky-dispatch-npm-ci.lock"));
     let dir = node_dir();
     // npm writes this after a complete install; a half-done one has none.
     if dir.join("node_modules/.package-lock.json").exists() {
@@ -109,10 +119,7 @@ pub fn node(script: &str, args: &[String], limit: Duration) -> Output {
 /// and we are root. `Err` (not root) says why not, for a test to print when it skips; a
 /// failed install as root fails the test.
 pub fn debian_program(program: &str, package: &str) -> Result<PathBuf, String> {
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _one_apt_at_a_time = INSTALL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_apt_at_a_time = exclusive(&std::env::temp_dir().join("sticky-dispatch-apt.lock"));
     if let Some(path) = find_program(program) {
         return Ok(path);
     }
@@ -124,7 +131,11 @@ pub fn debian_program(program: &str, package: &str) -> Result<PathBuf, String> {
     eprintln!("installing Debian package {package} for {program}");
     let apt = |args: &[&str]| {
         let mut command = Command::new("apt-get");
-        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        command
+            // Wait for anyone else's apt or dpkg instead of failing at once.
+            .args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive");
         run(command, Duration::from_secs(900)).unwrap_or_else(|err| panic!("{err}"))
     };
     let install = ["install", "-y", "-q", "--no-install-recommends", package];
