@@ -21,7 +21,8 @@
 //! - `keysource` — keys from the first bytes a client sends: PROXY protocol, HTTP
 //!   `X-Forwarded-For`, cookie, query parameter (pure parsers).
 //! - `config` — figment layers validated into typed settings.
-//! - `supervisor` — standalone mode: spawn and restart the workers.
+//! - `supervisor` — standalone mode: spawn and restart the workers (one `unsafe` line: the
+//!   parent-death signal set between fork and exec).
 //! - `logging` — journald when under systemd, stderr otherwise.
 //! - `cli`, `manual` — the daemon's command line, and the manual pages generated from it
 //!   and from the configuration keys.

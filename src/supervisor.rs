@@ -101,6 +101,16 @@ impl Spawner {
             // which then stops the workers in order.
             .process_group(0)
             .kill_on_drop(true);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of
+        // ours; it runs in the child between fork and exec. If the dispatcher dies without
+        // stopping its workers (SIGKILL, a crash), they get SIGTERM and drain, instead of
+        // holding their link sockets against the next run.
+        unsafe {
+            command.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
         for name in PRIVATE_ENV {
             command.env_remove(name);
         }

@@ -137,7 +137,8 @@ fn shutdown_is_bounded_by_shutdown_timeout() {
     assert!(status.success());
     dispatcher.log.wait_for(&["shutdown timeout reached"]);
     // One shutdown_timeout for the hand-offs, one for the workers to stop.
-    assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    // Bounded by the two timeouts, far below the default 60 s (generous: machines are shared).
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
     assert!(
         stuck.join().unwrap().is_err(),
         "the stuck worker's client was closed"
