@@ -92,8 +92,11 @@ fn deb_installs_serves_upgrades_removes_and_purges_under_systemd() {
     );
 
     // --- install
-    let install = apt(&c, &["install", "-y", &inside]);
-    say!("$ apt install -y {inside}\n{}", install.trim_end());
+    let install = apt(&c, "install -y ./sticky-dispatch_*.deb");
+    say!(
+        "$ cd {DEB_DIR} && apt install -y ./sticky-dispatch_*.deb\n{}",
+        install.trim_end()
+    );
     let status = c.ok(&[
         "dpkg-query",
         "-W",
@@ -154,9 +157,9 @@ fn deb_installs_serves_upgrades_removes_and_purges_under_systemd() {
 
     // --- upgrade (a reinstall runs the upgrade branches: prerm upgrade, postinst
     // configure <old version>): the dispatcher is restarted, the socket stays.
-    let reinstall = apt(&c, &["install", "-y", "--reinstall", &inside]);
+    let reinstall = apt(&c, "install -y --reinstall ./sticky-dispatch_*.deb");
     say!(
-        "$ apt install -y --reinstall {inside}: {}",
+        "$ apt install -y --reinstall ./sticky-dispatch_*.deb: {}",
         last_line(&reinstall)
     );
     let after = poll("the dispatcher restarted", || {
@@ -169,7 +172,7 @@ fn deb_installs_serves_upgrades_removes_and_purges_under_systemd() {
     worker_of(&reply);
 
     // --- remove: stopped, config kept
-    let remove = apt(&c, &["remove", "-y", "sticky-dispatch"]);
+    let remove = apt(&c, "remove -y sticky-dispatch");
     say!("$ apt remove -y sticky-dispatch: {}", last_line(&remove));
     for unit in [
         "sticky-dispatch.socket",
@@ -191,7 +194,7 @@ fn deb_installs_serves_upgrades_removes_and_purges_under_systemd() {
         .success());
 
     // --- purge: config and the systemd state gone
-    let purge = apt(&c, &["purge", "-y", "sticky-dispatch"]);
+    let purge = apt(&c, "purge -y sticky-dispatch");
     say!("$ apt purge -y sticky-dispatch: {}", last_line(&purge));
     for gone in [
         CONFIG,
@@ -219,27 +222,26 @@ fn deb_installs_serves_upgrades_removes_and_purges_under_systemd() {
     // the socket is enabled but not started.
     c.write_file("/usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n");
     c.ok(&["chmod", "755", "/usr/sbin/policy-rc.d"]);
-    apt(&c, &["install", "-y", &inside]);
+    apt(&c, "install -y ./sticky-dispatch_*.deb");
     let enabled = c.ok_or_not(&["systemctl", "is-enabled", "sticky-dispatch.socket"]);
     let active = c.ok_or_not(&["systemctl", "is-active", "sticky-dispatch.socket"]);
     say!("with policy-rc.d exit 101: sticky-dispatch.socket {enabled}, {active}");
     assert_eq!(enabled, "enabled");
     assert_eq!(active, "inactive", "policy-rc.d was not obeyed");
-    apt(&c, &["purge", "-y", "sticky-dispatch"]);
+    apt(&c, "purge -y sticky-dispatch");
 }
 
-/// `apt ARGS` inside, non-interactive; panics unless it succeeds; its output. The
+/// `apt ARGS` inside, in the directory of the .deb, as a user types it (`./` and a
+/// glob), non-interactive; panics unless it succeeds; its output. The
 /// container has no network (`--private-network`): installing a local .deb whose
 /// dependencies the host's root already satisfies downloads nothing.
-fn apt(c: &Container, args: &[&str]) -> String {
-    let mut all = vec!["env", "DEBIAN_FRONTEND=noninteractive", "apt"];
-    all.extend_from_slice(args);
-    let out = c.run(&all);
+fn apt(c: &Container, args: &str) -> String {
+    let line = format!("cd {DEB_DIR} && DEBIAN_FRONTEND=noninteractive apt {args}");
+    let out = c.run(&["sh", "-c", &line]);
     let text = output_text(&out);
     assert!(
         out.status.success(),
-        "`apt {}` failed ({}):\n{text}",
-        args.join(" "),
+        "`apt {args}` failed ({}):\n{text}",
         out.status
     );
     // apt's "WARNING: apt does not have a stable CLI interface" is for scripts that
@@ -520,8 +522,10 @@ struct Packages {
 /// The .deb and .rpm in target/packages/, built with packaging/build.sh if absent; once
 /// for all the tests of this file.
 fn packages() -> &'static Packages {
-    static PACKAGES: OnceLock<Packages> = OnceLock::new();
-    PACKAGES.get_or_init(|| {
+    // A failed build is kept too, so that the other tests fail at once instead of
+    // building again.
+    static PACKAGES: OnceLock<Result<Packages, String>> = OnceLock::new();
+    let found = PACKAGES.get_or_init(|| {
         let dir = Path::new(DISPATCHER)
             .parent()
             .and_then(Path::parent)
@@ -533,7 +537,7 @@ fn packages() -> &'static Packages {
                 found.deb.display(),
                 found.rpm.display()
             );
-            return found;
+            return Ok(found);
         }
         say!(
             "no packages in {}: running packaging/build.sh",
@@ -544,14 +548,17 @@ fn packages() -> &'static Packages {
             .current_dir(SOURCE)
             .status()
             .expect("bash runs");
-        assert!(status.success(), "packaging/build.sh failed: {status}");
-        find_packages(&dir).unwrap_or_else(|| {
-            panic!(
+        if !status.success() {
+            return Err(format!("packaging/build.sh failed: {status}"));
+        }
+        find_packages(&dir).ok_or_else(|| {
+            format!(
                 "packaging/build.sh left no .deb and .rpm in {}",
                 dir.display()
             )
         })
-    })
+    });
+    found.as_ref().unwrap_or_else(|err| panic!("{err}"))
 }
 
 fn find_packages(dir: &Path) -> Option<Packages> {
