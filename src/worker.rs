@@ -582,6 +582,11 @@ impl Session {
                         )));
                     }
                     last_seq = conn.seq;
+                    // Acknowledge before the app can read a byte: once acknowledged the
+                    // dispatcher lets go, and what it re-sends after a crash must be
+                    // connections nobody here has touched.
+                    Message::Ack { seq: last_seq }.encode(&mut out);
+                    self.link.send(&out, None).await?;
                     match tcp_stream(fd) {
                         Ok(stream) => {
                             let info = ClientInfo {
@@ -590,8 +595,8 @@ impl Session {
                                 local: conn.local,
                                 listener: conn.listener.into(),
                             };
-                            // Waits while the app is behind: the unacknowledged fds stay
-                            // with the dispatcher meanwhile.
+                            // Waits while the app is behind; meanwhile the link is not
+                            // read, so the dispatcher holds the next connections.
                             if self.incoming.send((stream, info)).await.is_err() {
                                 return Ok(()); // the listener was dropped
                             }
@@ -600,8 +605,6 @@ impl Session {
                             warn!(%err, seq = conn.seq, "a handed-over fd is not a usable TCP socket")
                         }
                     }
-                    Message::Ack { seq: last_seq }.encode(&mut out);
-                    self.link.send(&out, None).await?;
                 }
                 (Message::Drained { last_seq: until }, None) if drain_sent => {
                     debug!(until, "dispatcher confirmed the drain");

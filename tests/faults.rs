@@ -87,7 +87,7 @@ fn killed_worker_gets_its_unacknowledged_connections_again() {
     load.wait_more(300);
     let victim = 2;
     let pid = pid_of(victim, addr);
-    kill(pid, Signal::SIGSTOP);
+    stop_process(pid);
     // Connections for worker 2 are now sent but never acknowledged; one by one the load
     // threads get stuck on one (a thread whose request the worker took just before it
     // stopped is stuck too, but not on an unacknowledged connection).

@@ -121,11 +121,7 @@ fn shutdown_is_bounded_by_shutdown_timeout() {
     let client = clients_of(0, 2, 1)[0];
     let pid = request(client, addr).unwrap().pid;
     // A stuck worker: what the dispatcher sends it is never acknowledged.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    stop_process(pid);
     let stuck = std::thread::spawn(move || request(client, addr));
     notify.wait_until("the request in flight", |line| {
         status_figure(line, "in flight") == Some(1)

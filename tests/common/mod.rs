@@ -535,6 +535,35 @@ pub fn status_kib(pid: i32, field: &str) -> u64 {
         .unwrap()
 }
 
+/// Sends SIGSTOP and waits until every thread of the process is stopped: delivery is
+/// asynchronous, and a thread still running could take one more connection.
+pub fn stop_process(pid: i32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .all(|task| {
+                let stat =
+                    std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+                matches!(
+                    stat.rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.chars().next()),
+                    Some('T' | 't')
+                )
+            });
+        if stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "process {pid} did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// How many fds a process has open.
 pub fn open_fds(pid: i32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -577,10 +606,13 @@ impl NotifySocket {
             checked = self.seen.len();
             assert!(Instant::now() < deadline, "no {what} in {:?}", self.seen);
             let mut buf = [0u8; 4096];
-            let n = self
-                .socket
-                .recv(&mut buf)
-                .expect("a notification within PATIENCE");
+            let n = match self.socket.recv(&mut buf) {
+                Ok(n) => n,
+                Err(err) => panic!(
+                    "no {what} within {PATIENCE:?} ({err}); seen {:?}",
+                    self.seen
+                ),
+            };
             self.seen
                 .push(String::from_utf8_lossy(&buf[..n]).into_owned());
         }
