@@ -16,7 +16,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const SOURCE: &str = env!("CARGO_MANIFEST_DIR");
@@ -355,9 +354,9 @@ pub fn ensure_nspawn() {
 }
 
 /// Makes sure `command` runs (`command --version`), installing the Debian `package` that
-/// provides it with apt-get if not; one apt-get at a time.
+/// provides it with apt-get if not. One apt-get at a time, across threads and test
+/// processes: the lock file is the one tests/node/support.rs takes for the same purpose.
 pub fn ensure_command(command: &str, package: &str) {
-    static APT: Mutex<()> = Mutex::new(());
     let present = || {
         Command::new(command)
             .arg("--version")
@@ -366,21 +365,33 @@ pub fn ensure_command(command: &str, package: &str) {
             .status()
             .is_ok_and(|s| s.success())
     };
-    let _apt = APT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let lock = std::env::temp_dir().join("sticky-dispatch-apt.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .unwrap_or_else(|err| panic!("{}: {err}", lock.display()));
+    let _one_apt_at_a_time = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, err)| panic!("lock {}: {err}", lock.display()));
     if present() {
         return;
     }
     eprintln!("[container] installing {package} ({command}) with apt-get");
-    let install = || {
+    let apt = |args: &[&str]| {
         Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends", package])
+            // Waits for anyone else's apt or dpkg instead of failing at once.
+            .args(["-o", "DPkg::Lock::Timeout=300"])
+            .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !install() {
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        assert!(install(), "apt-get install {package} failed");
+    let install = ["install", "-y", "-q", "--no-install-recommends", package];
+    if !apt(&install) {
+        // Stale or missing package lists: refresh once and retry.
+        apt(&["update", "-q"]);
+        assert!(apt(&install), "apt-get install {package} failed");
     }
     assert!(
         present(),
