@@ -1,6 +1,6 @@
 //! A booted systemd in a container, shared by the suites that need one
 //! (tests/systemd.rs, tests/packages.rs): systemd-nspawn on an overlay of the host's
-//! root (tests/systemd/boot-container.sh, /work/shared/REAL-SYSTEMD.md), so that every
+//! root (tests/container/boot-container.sh, ../shared/REAL-SYSTEMD.md), so that every
 //! binary and library of the host is inside and nothing the container writes reaches
 //! the host. Commands run inside with nsenter; the container powers off when dropped.
 //!
@@ -57,7 +57,7 @@ impl Container {
         let mut command = Command::new("unshare");
         command
             .args(["--mount", "--propagation", "private", "/bin/sh"])
-            .arg(Path::new(SOURCE).join("tests/systemd/boot-container.sh"))
+            .arg(Path::new(SOURCE).join("tests/container/boot-container.sh"))
             .arg(&scratch)
             .arg(&name)
             .args(&cgroups)

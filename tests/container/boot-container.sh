@@ -1,6 +1,6 @@
 #!/bin/sh
 # Boots systemd in a container on an overlay of the host's root (see
-# /work/shared/REAL-SYSTEMD.md), for tests/systemd.rs. Run it in a private mount
+# ../shared/REAL-SYSTEMD.md), for tests/container/mod.rs. Run it in a private mount
 # namespace (`unshare -m --propagation private`): every mount below then vanishes
 # with the container, and nothing the container writes reaches the host.
 #
