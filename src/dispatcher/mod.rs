@@ -1,10 +1,12 @@
 //! The dispatcher: accepts client connections and hands each to its worker.
 //!
-//! [`run`] wires three roles together: one acceptor task per listener ([`accept`]), one
-//! slot task per worker index ([`slot`]: the waiting queue, the link, acknowledgements),
-//! and the status reporter here. Every accepted connection holds a permit of a semaphore
-//! sized `max_connections` until its worker acknowledges it, so memory and fds stay
-//! bounded: when the permits run out the acceptors pause and the kernel backlog holds.
+//! [`run`] wires the roles together, one module each: `accept` (a task per listener),
+//! `keyed` (a task per connection whose key comes from what it sends), `slot` (a task per
+//! worker index: the waiting queue, the link, acknowledgements), `fdstore` (connections
+//! kept across a restart), and the status reporter here. Every accepted connection holds a
+//! permit of a semaphore sized `max_connections` until its worker acknowledges it, so
+//! memory and fds stay bounded: when the permits run out the acceptors pause and the
+//! kernel backlog holds.
 
 mod accept;
 mod fdstore;
