@@ -11,7 +11,6 @@
 //! when missing); run as another user it says "skipped". What it checks and finds is
 //! printed with the `[packages]` prefix: `cargo test --test packages -- --nocapture`.
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,7 +19,8 @@ use std::time::Duration;
 
 mod container;
 use container::{
-    ensure_command, ensure_nspawn, enter_netns, output_text, poll, stage_file, Container, PATIENCE,
+    ensure_command, ensure_nspawn, enter_netns, http_get, output_text, poll, stage_file, Container,
+    PATIENCE,
 };
 
 const SOURCE: &str = env!("CARGO_MANIFEST_DIR");
@@ -276,18 +276,9 @@ fn get(c: &Container) -> Result<String, String> {
     std::thread::spawn(move || {
         enter_netns(&netns);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, PORT));
-        let mut stream =
+        let stream =
             TcpStream::connect_timeout(&addr, PATIENCE).map_err(|e| format!("connect: {e}"))?;
-        stream
-            .set_read_timeout(Some(REPLY_TIMEOUT))
-            .map_err(|e| e.to_string())?;
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: sticky-dispatch\r\nConnection: close\r\n\r\n")
-            .map_err(|e| format!("send: {e}"))?;
-        let mut text = String::new();
-        stream
-            .read_to_string(&mut text)
-            .map_err(|e| format!("receive: {e}"))?;
+        let text = http_get(stream, REPLY_TIMEOUT)?;
         let (head, body) = text
             .split_once("\r\n\r\n")
             .ok_or_else(|| format!("no HTTP reply: {text:?}"))?;

@@ -13,8 +13,8 @@
 //! "skipped". It installs `systemd-container` (systemd-nspawn) with apt-get if missing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -27,8 +27,8 @@ use sticky_dispatch::routing::Router;
 
 mod container;
 use container::{
-    ensure_nspawn, enter_netns, field, message, output_text, parse_export, poll, stage_file,
-    stage_text, Container, Entry, PATIENCE,
+    ensure_nspawn, enter_netns, field, http_get, message, output_text, parse_export, poll,
+    stage_file, stage_text, Container, Entry, PATIENCE,
 };
 
 const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
@@ -749,17 +749,7 @@ fn request(source: IpAddr, dest: SocketAddr) -> Result<Reply, String> {
     socket
         .connect_timeout(&dest.into(), PATIENCE)
         .map_err(|e| format!("connect: {e}"))?;
-    let mut stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(REPLY_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: sticky-dispatch\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("send: {e}"))?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .map_err(|e| format!("receive: {e}"))?;
+    let text = http_get(socket.into(), REPLY_TIMEOUT)?;
     if text.is_empty() {
         return Err("closed without a reply".into());
     }

@@ -478,6 +478,25 @@ pub fn output_text(out: &Output) -> String {
 }
 /// Moves the calling thread (only it) into the container's network namespace, where
 /// 127.0.0.1:8080 is the container's socket and every 127.x.y.z is a local address.
+/// Sends the demo's one request on a connected stream and returns the whole reply.
+pub fn http_get(
+    mut stream: std::net::TcpStream,
+    reply_timeout: Duration,
+) -> Result<String, String> {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(reply_timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: sticky-dispatch\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .map_err(|e| format!("receive: {e}"))?;
+    Ok(text)
+}
+
 pub fn enter_netns(netns: &Path) {
     let ns = File::open(netns).unwrap_or_else(|e| panic!("{}: {e}", netns.display()));
     // SAFETY: setns(2) reads a valid fd we own and changes only this thread's network
