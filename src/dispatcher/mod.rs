@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::routing::{Router, RoutingKey};
@@ -140,8 +140,14 @@ impl Shared {
 
     fn status_line(&self) -> String {
         let c = &self.counters;
+        let restart_needed = &self.settings.borrow().restart_needed;
+        let restart_note = if restart_needed.is_empty() {
+            String::new()
+        } else {
+            format!("; restart needed for {}", restart_needed.join(", "))
+        };
         format!(
-            "{}/{} workers live; {} connections handed off; {} waiting, {} in flight; {} turned away, {} failed over",
+            "{}/{} workers live; {} connections handed off; {} waiting, {} in flight; {} turned away, {} failed over{}",
             self.live_workers(),
             self.live.len(),
             c.handed_off.load(Ordering::Relaxed),
@@ -149,6 +155,7 @@ impl Shared {
             c.in_flight.load(Ordering::Relaxed),
             c.turned_away.load(Ordering::Relaxed),
             c.failed_over.load(Ordering::Relaxed),
+            restart_note,
         )
     }
 }
@@ -337,53 +344,28 @@ fn take_back(shared: &Shared, permits: &Arc<Semaphore>, held_over: Vec<HeldOver>
     info!(count, "took back connections from the systemd fd store");
 }
 
-/// Applies what can change while running; the rest is reported and kept.
+/// Applies what can change while running (the keys whose reload class is `live`); the
+/// restart-only keys keep their running values, and the log and `STATUS=` say which.
 fn reload(settings: &watch::Sender<Arc<Settings>>, new: Settings) {
     // systemd 253 and later want the clock reading with RELOADING=1.
     let mut reloading = vec![sd_notify::NotifyState::Reloading];
     reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
     notify(&reloading);
-    let old = settings.borrow().clone();
-    let mut applied = old.as_ref().clone();
-    let fixed = [
-        ("workers", old.workers != new.workers),
-        ("socket_prefix", old.socket_prefix != new.socket_prefix),
-        ("listen", old.listen != new.listen),
-        ("ipv4_prefix", old.ipv4_prefix != new.ipv4_prefix),
-        ("ipv6_prefix", old.ipv6_prefix != new.ipv6_prefix),
-        ("hash_seed", old.hash_seed != new.hash_seed),
-        ("routing_key", old.routing_key != new.routing_key),
-        (
-            "max_connections",
-            old.max_connections != new.max_connections,
-        ),
-        (
-            "dispatcher_users",
-            old.dispatcher_users != new.dispatcher_users,
-        ),
-    ];
-    for (key, changed) in fixed {
-        if changed {
-            warn!(key, "changed in the configuration: takes effect at the next restart (`systemctl restart sticky-dispatch` keeps waiting connections)");
+    let running = settings.borrow().clone();
+    match running.reloaded(new) {
+        Ok(reloaded) => {
+            for key in &reloaded.kept {
+                warn!(key, "changed in the configuration: takes effect at the next restart (`systemctl restart sticky-dispatch` keeps waiting connections)");
+            }
+            info!(
+                applied = ?reloaded.applied,
+                restart_needed = ?reloaded.settings.restart_needed,
+                "configuration reloaded"
+            );
+            settings.send_replace(Arc::new(reloaded.settings));
         }
+        Err(err) => error!(%err, "reload refused: keeping the running configuration"),
     }
-    applied.log_level = new.log_level;
-    applied.shutdown_timeout = new.shutdown_timeout;
-    applied.pending_timeout = new.pending_timeout;
-    applied.max_pending = new.max_pending;
-    applied.max_in_flight = new.max_in_flight;
-    applied.on_worker_down = new.on_worker_down;
-    applied.worker_users = new.worker_users;
-    applied.worker_unit = new.worker_unit;
-    applied.config_file = new.config_file;
-    info!(
-        pending_timeout = ?applied.pending_timeout,
-        max_pending = applied.max_pending.get(),
-        on_worker_down = %applied.on_worker_down,
-        log_level = %applied.log_level,
-        "configuration reloaded"
-    );
-    settings.send_replace(Arc::new(applied));
     notify(&[sd_notify::NotifyState::Ready]);
 }
 
