@@ -46,6 +46,7 @@ pub mod logging;
 pub mod manual;
 #[cfg(feature = "dispatcher")]
 pub mod routing;
+pub mod shared;
 #[cfg(feature = "dispatcher")]
 pub mod supervisor;
 pub mod wire;

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use super::{Held, Phase, Shared, Throttle};
 use crate::config::OnWorkerDown;
 use crate::link::{self, LinkStream, Received};
+use crate::shared::{exchange_hello, link_socket_name, LinkError};
 use crate::wire::{self, Conn, Message, Role};
 
 /// First retry after a failed connect; doubled up to `RECONNECT_MAX`. Small, because a
@@ -27,8 +28,6 @@ use crate::wire::{self, Conn, Message, Role};
 const RECONNECT_MIN: Duration = Duration::from_millis(2);
 /// Bounds the reconnect backoff: a worker that comes back is found within this long.
 const RECONNECT_MAX: Duration = Duration::from_millis(100);
-/// How long a worker may take to answer our HELLO.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 const WARN_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) struct Slot {
@@ -55,18 +54,6 @@ pub(super) struct Slot {
     out: Vec<u8>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum LinkError {
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    #[error(transparent)]
-    Decode(#[from] wire::DecodeError),
-    #[error("the socket is owned by uid {uid} (pid {pid}), which is not in worker_users")]
-    Impostor { uid: u32, pid: i32 },
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-}
-
 impl Slot {
     pub(super) fn new(
         index: u32,
@@ -77,7 +64,7 @@ impl Slot {
         let now = Instant::now();
         Slot {
             index,
-            name: shared.settings().link_socket_name(index),
+            name: link_socket_name(&shared.settings().socket_prefix, index),
             shared,
             inbox,
             phase,
@@ -333,33 +320,11 @@ impl Slot {
             return Err(LinkError::Impostor {
                 uid: peer.uid.as_raw(),
                 pid: peer.pid,
+                allowed: "worker_users",
             });
         }
-        Message::Hello {
-            role: Role::Dispatcher,
-            index: self.index,
-            pid: std::process::id(),
-        }
-        .encode(&mut self.out);
-        link.send(&self.out, None).await?;
-        let mut buf = [0u8; wire::MAX_MESSAGE];
-        let received = tokio::time::timeout(HELLO_TIMEOUT, link.recv(&mut buf))
-            .await
-            .map_err(|_| LinkError::Protocol("no HELLO from the worker".into()))??;
-        if received.fd.is_some() || received.len == 0 {
-            return Err(LinkError::Protocol("no HELLO from the worker".into()));
-        }
-        match Message::decode(&buf[..received.len])? {
-            Message::Hello {
-                role: Role::Worker,
-                index,
-                pid,
-            } if index == self.index => Ok((link, pid)),
-            other => Err(LinkError::Protocol(format!(
-                "expected HELLO from worker {}, got {other:?}",
-                self.index
-            ))),
-        }
+        let pid = exchange_hello(&link, Role::Dispatcher, self.index).await?;
+        Ok((link, pid))
     }
 
     /// Connections that waited `pending_timeout` follow `on_worker_down`.
