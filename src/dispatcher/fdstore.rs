@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::Held;
+use super::state::Held;
 
 /// `FDNAME` prefix that marks a stored client connection (listener names follow it).
 const CONNECTION_PREFIX: &str = "conn/";
