@@ -42,6 +42,10 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// Serve GET /metrics and GET /health on ADDR (repeatable; overrides `metrics_listen`)
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub metrics_listen: Vec<SocketAddr>,
+
     /// Standalone mode: the worker command, spawned once per index
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -52,6 +56,14 @@ pub struct Cli {
 pub enum Action {
     /// Validate the configuration, print the effective settings, and exit
     CheckConfig,
+    /// Show a running dispatcher's workers (from its /metrics and /health). Exit status 0
+    /// when every worker is up, 1 when one is down, 2 when the dispatcher cannot be asked
+    Status {
+        /// Where the dispatcher serves /metrics [default: the first `metrics_listen`
+        /// address, else 127.0.0.1:9191, the port of sticky-dispatch-metrics.socket]
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+    },
     /// Write the manual pages sticky-dispatch(8) and sticky-dispatch.toml(5) into DIR
     #[command(hide = true)]
     Manual {
@@ -68,6 +80,7 @@ impl Cli {
             listen: self.listen.clone(),
             workers: self.workers,
             log_level: self.log_level.clone(),
+            metrics_listen: self.metrics_listen.clone(),
         }
     }
 }

@@ -20,7 +20,9 @@
 //! - [`link`] — the link's socket: abstract `SOCK_SEQPACKET`, SCM_RIGHTS, SO_PEERCRED;
 //!   nearly all the crate's `unsafe`.
 //! - `dispatcher` — accept loops, one slot per worker (queue, link, acknowledgements),
-//!   shared state and routing, sd_notify status, graceful shutdown, the fd store.
+//!   shared state and routing, metrics, the `/metrics` and `/health` listener, sd_notify
+//!   status, graceful shutdown, the fd store.
+//! - `status` — `sticky-dispatch status`: a running dispatcher's per-worker table.
 //! - `routing` — routing key, XXH64 hash, jump consistent hash, failover choice.
 //! - `keysource` — keys from the first bytes a client sends: PROXY protocol, HTTP
 //!   `X-Forwarded-For`, cookie, query parameter (pure parsers).
@@ -51,6 +53,8 @@ pub mod manual;
 #[cfg(feature = "dispatcher")]
 pub mod routing;
 pub mod shared;
+#[cfg(feature = "dispatcher")]
+pub mod status;
 #[cfg(feature = "dispatcher")]
 pub mod supervisor;
 pub mod wire;

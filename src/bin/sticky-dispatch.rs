@@ -14,6 +14,10 @@ use sticky_dispatch::{logging, supervisor};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+/// The `FileDescriptorName=` of the socket that serves `/metrics` and `/health`
+/// (systemd/sticky-dispatch-metrics.socket).
+const METRICS_SOCKET: &str = "metrics";
+
 /// EX_CONFIG from sysexits.h: systemd's unit uses `RestartPreventExitStatus=78`, so a bad
 /// configuration fails once instead of restart-looping.
 const EX_CONFIG: u8 = 78;
@@ -36,6 +40,9 @@ fn main() -> ExitCode {
         };
     }
     let overrides = cli.overrides();
+    if let Some(Action::Status { metrics }) = cli.action {
+        return status(metrics, &overrides);
+    }
     let settings = match Settings::load(&overrides, std::env::vars()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -94,6 +101,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// `sticky-dispatch status`: the table, and whether every worker is up.
+fn status(metrics: Option<std::net::SocketAddr>, overrides: &Overrides) -> ExitCode {
+    let address = metrics.unwrap_or_else(|| {
+        let configured = Settings::load(overrides, std::env::vars())
+            .ok()
+            .and_then(|settings| settings.metrics_listen.first().copied());
+        let mut address =
+            configured.unwrap_or_else(|| sticky_dispatch::status::DEFAULT_METRICS.parse().unwrap());
+        // A wildcard bind is asked on loopback.
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        address
+    });
+    match sticky_dispatch::status::fetch(address) {
+        Ok(report) => {
+            print!("{}", sticky_dispatch::status::render(&report));
+            if report.all_up() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(err) => {
+            eprintln!("sticky-dispatch status: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Every held connection is an fd: use the hard limit, not the historical soft 1024
 /// (what systemd recommends daemons do for themselves).
 fn raise_fd_limit() {
@@ -134,6 +171,10 @@ fn take_systemd_sockets() -> anyhow::Result<Sockets> {
             .take_tcp_listener(index)
             .with_context(|| format!("systemd socket {name:?} is not a TCP listener: only TCP (IPv4/IPv6) is supported"))?
             .with_context(|| format!("systemd socket {name:?} was already taken"))?;
+        if name == METRICS_SOCKET {
+            sockets.metrics.push(socket);
+            continue;
+        }
         sockets.listeners.push(Listener {
             name: name.into(),
             socket,
@@ -153,6 +194,11 @@ fn take_connection(fds: &mut ListenFd, index: usize) -> Option<std::net::TcpStre
 
 /// systemd's sockets if there are any, else the configured `listen` addresses.
 fn with_listeners(mut sockets: Sockets, settings: &Settings) -> anyhow::Result<Sockets> {
+    for addr in &settings.metrics_listen {
+        let socket = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("could not listen on {addr} for metrics"))?;
+        sockets.metrics.push(socket);
+    }
     if !sockets.listeners.is_empty() {
         if !settings.listen.is_empty() {
             warn!("sockets came from systemd: ignoring the `listen` addresses");

@@ -154,6 +154,14 @@ pub(super) fn command_line(overrides: &Overrides) -> Layer {
             .collect();
         dict.insert("listen".into(), Value::from(listen));
     }
+    if !overrides.metrics_listen.is_empty() {
+        let listen: Vec<Value> = overrides
+            .metrics_listen
+            .iter()
+            .map(|addr| Value::from(addr.to_string()))
+            .collect();
+        dict.insert("metrics_listen".into(), Value::from(listen));
+    }
     if let Some(log_level) = &overrides.log_level {
         dict.insert("log_level".into(), Value::from(log_level.clone()));
     }

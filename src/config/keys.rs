@@ -275,4 +275,13 @@ keys! {
         default Default::Toml("[]"), reload Restart,
         "Users (names or uids) a worker accepts as its dispatcher, passed to the workers \
          when they start. Empty: the worker's own uid and root.";
+    metrics_listen: Vec<SocketAddr> = values::addresses [OneOrMany<String>],
+        default Default::Toml("[]"), reload Restart,
+        "Addresses to serve `GET /metrics` (Prometheus) and `GET /health` on, e.g. \
+         `[\"127.0.0.1:9191\"]`; empty: off. Under systemd, the socket named `metrics` \
+         (sticky-dispatch-metrics.socket) serves them too.";
+    health_min_workers: u32 = values::any [u32],
+        default Default::Toml("1"), reload Live,
+        "`GET /health` answers 200 while at least this many workers are up (0..=workers), \
+         503 below it and while stopping: what a balancer in front takes a host out by.";
 }

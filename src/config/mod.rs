@@ -43,6 +43,8 @@ pub struct Overrides {
     pub workers: Option<u32>,
     /// `--log-level FILTER`.
     pub log_level: Option<String>,
+    /// `--metrics-listen ADDR` (repeatable); empty means "not given".
+    pub metrics_listen: Vec<SocketAddr>,
 }
 
 /// A configuration error: which key was wrong (if one was), in which layer, and why. The
@@ -168,6 +170,15 @@ impl Settings {
                 ),
             ));
         }
+        if self.health_min_workers > self.workers.get() {
+            return Err((
+                "health_min_workers",
+                format!(
+                    "must be at most workers ({}), got {}: /health could never be healthy",
+                    self.workers, self.health_min_workers
+                ),
+            ));
+        }
         if self.worker_users.is_empty() {
             self.worker_users = crate::shared::default_peer_users();
         }
@@ -215,6 +226,16 @@ impl Settings {
             applied,
             kept,
         })
+    }
+
+    /// `key`'s value for a log line: a string without its quotes (`30s`), anything else
+    /// as TOML (`[0, 1000]`); empty for an unknown key.
+    pub fn value_of(&self, key: &str) -> String {
+        match self.raw_table().get(key) {
+            Some(toml::Value::String(text)) => text.clone(),
+            Some(value) => value.to_string(),
+            None => String::new(),
+        }
     }
 
     /// `key`'s value as written (TOML), e.g. `"30s"`; empty for an unknown key.
@@ -362,6 +383,8 @@ mod tests {
             hash_seed: 0,
             worker_users: own_and_root,
             dispatcher_users: vec![],
+            metrics_listen: vec![],
+            health_min_workers: 1,
             config_file: format!("built-in defaults (no {})", missing_default().display()),
             restart_needed: vec![],
             raw: s.raw.clone(),
@@ -660,6 +683,16 @@ mod tests {
                 "a user name or a numeric uid",
             ),
             ("dispatcher_users = [-1]", "dispatcher_users", "-1"),
+            (
+                "metrics_listen = [\"nowhere\"]",
+                "metrics_listen",
+                "`nowhere` is not a socket address",
+            ),
+            (
+                "workers = 2\nhealth_min_workers = 3",
+                "health_min_workers",
+                "must be at most workers (2), got 3",
+            ),
         ];
         for (contents, key, message) in cases {
             let (file, result) = load_file(contents, &[]);

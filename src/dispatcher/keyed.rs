@@ -13,6 +13,7 @@ use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
+use super::metrics::KeyFailure;
 use super::state::{Held, Shared};
 use crate::config::{KeySource, Settings};
 use crate::keysource::{self, HttpKey, HttpKeySource, Parsed};
@@ -65,8 +66,8 @@ pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
     };
     let (stream, found) = match tokio::time::timeout(settings.key_timeout, found).await {
         Ok(Ok(result)) => result,
-        Ok(Err(err)) => return closed(&shared, peer, err),
-        Err(_) => return closed(&shared, peer, KeyError::Timeout),
+        Ok(Err(err)) => return closed(&shared, &listener, peer, err),
+        Err(_) => return closed(&shared, &listener, peer, KeyError::Timeout),
     };
     let held = Held::new(
         stream,
@@ -80,11 +81,14 @@ pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
     debug!(%peer, index, "routed by {}", settings.routing_key);
 }
 
-fn closed(shared: &Shared, peer: SocketAddr, err: KeyError) {
-    shared
-        .counters
-        .turned_away
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn closed(shared: &Shared, listener: &Arc<str>, peer: SocketAddr, err: KeyError) {
+    let reason = match err {
+        KeyError::Timeout => KeyFailure::Timeout,
+        KeyError::Closed => KeyFailure::Closed,
+        KeyError::BadProxyHeader => KeyFailure::BadProxyHeader,
+        KeyError::Io(_) => KeyFailure::Io,
+    };
+    shared.metrics.listener(listener).key_failure(reason);
     debug!(%peer, %err, "closing a client connection");
 }
 

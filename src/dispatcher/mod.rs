@@ -13,12 +13,13 @@
 mod accept;
 mod fdstore;
 mod keyed;
+mod metrics;
+mod observe;
 mod slot;
 mod state;
 
 pub use fdstore::{stored_connection_listener, HeldOver};
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,8 @@ pub struct Listener {
 pub struct Sockets {
     /// Listening sockets.
     pub listeners: Vec<Listener>,
+    /// Sockets to serve `/metrics` and `/health` on.
+    pub metrics: Vec<std::net::TcpListener>,
     /// Connections taken back from the fd store.
     pub held_over: Vec<HeldOver>,
 }
@@ -105,6 +108,8 @@ struct Dispatcher {
     acceptors: JoinSet<()>,
     /// Each returns the connections it could not deliver, for the fd store.
     slots: JoinSet<Vec<Held>>,
+    /// The metrics and health listeners: they run to the end (aborted with this).
+    _observers: JoinSet<()>,
 }
 
 impl Dispatcher {
@@ -116,7 +121,13 @@ impl Dispatcher {
             .unzip();
         let permits = Arc::new(Semaphore::new(connection_budget(&settings)));
         let (settings, settings_rx) = watch::channel(Arc::new(settings));
-        let shared = Arc::new(Shared::new(settings_rx, fdstore::available(), inboxes));
+        let names: Vec<Arc<str>> = sockets.listeners.iter().map(|l| l.name.clone()).collect();
+        let shared = Arc::new(Shared::new(
+            settings_rx,
+            fdstore::available(),
+            inboxes,
+            &names,
+        ));
         let (phase, phase_rx) = watch::channel(Phase::Running);
 
         let mut slots = JoinSet::new();
@@ -129,6 +140,10 @@ impl Dispatcher {
             let acceptor = accept::Acceptor::new(listener, shared.clone(), permits.clone())?;
             acceptors.spawn(acceptor.run(phase_rx.clone()));
         }
+        let mut observers = JoinSet::new();
+        for socket in sockets.metrics {
+            observers.spawn(observe::serve(socket, shared.clone(), phase_rx.clone()));
+        }
         take_back(&shared, &permits, sockets.held_over);
         Ok(Dispatcher {
             shared,
@@ -136,6 +151,7 @@ impl Dispatcher {
             phase,
             acceptors,
             slots,
+            _observers: observers,
         })
     }
 
@@ -174,7 +190,7 @@ impl Dispatcher {
             0
         };
         let summary = Summary {
-            handed_off: self.shared.counters.handed_off.load(Ordering::Relaxed),
+            handed_off: self.shared.metrics.totals().handed_off,
             stored,
             abandoned: waiting - stored,
         };
@@ -293,6 +309,10 @@ fn reload(settings: &watch::Sender<Arc<Settings>>, new: Settings) {
         Ok(reloaded) => {
             for key in &reloaded.kept {
                 warn!(key, "changed in the configuration: takes effect at the next restart (`systemctl restart sticky-dispatch` keeps waiting connections)");
+            }
+            for key in &reloaded.applied {
+                let value = reloaded.settings.value_of(key);
+                info!(key, value, "applied on reload");
             }
             info!(
                 applied = ?reloaded.applied,

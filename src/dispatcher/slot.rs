@@ -8,7 +8,6 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::state::{Count, FailOver, Held, Phase, Queue, Shared, Throttle};
+use super::metrics::TurnedAway;
+use super::state::{FailOver, Held, Phase, Queue, Shared, Throttle};
 use crate::link::{self, LinkStream, Received};
 use crate::shared::{exchange_hello, link_socket_name, LinkError};
 use crate::wire::{self, Conn, Message, Role};
@@ -65,8 +65,8 @@ impl Slot {
         Slot {
             index,
             name: link_socket_name(&shared.settings().socket_prefix, index),
-            pending: Queue::new(shared.clone(), Count::Waiting),
-            unacked: Queue::new(shared.clone(), Count::InFlight),
+            pending: Queue::new(shared.metrics.worker(index).waiting.clone()),
+            unacked: Queue::new(shared.metrics.worker(index).in_flight.clone()),
             shared,
             inbox,
             phase,
@@ -149,9 +149,17 @@ impl Slot {
         let down_too_long =
             !self.is_up() && self.down_since.elapsed() >= self.shared.settings().pending_timeout;
         if down_too_long {
-            self.give_up(held, "its worker has been down longer than pending_timeout");
+            self.give_up(
+                held,
+                TurnedAway::WorkerDown,
+                "its worker has been down longer than pending_timeout",
+            );
         } else if self.pending.len() >= self.shared.settings().max_pending.get() {
-            self.give_up(held, "its worker's queue is full (max_pending)");
+            self.give_up(
+                held,
+                TurnedAway::MaxPending,
+                "its worker's queue is full (max_pending)",
+            );
         } else {
             self.pending.push_back(held);
         }
@@ -208,10 +216,14 @@ impl Slot {
     fn on_message(&mut self, message: Message) -> Result<(), LinkError> {
         match message {
             Message::Ack { seq } if seq < self.next_seq => {
-                let handed_off = &self.shared.counters.handed_off;
+                let metrics = &self.shared.metrics;
+                let handed_off = &metrics.worker(self.index).handed_off;
+                let now = Instant::now();
                 // Dropping our copy closes the dispatcher's fd: the worker has its own.
-                while let Some(_acked) = self.unacked.pop_front_if(|(sent, _)| *sent <= seq) {
-                    handed_off.fetch_add(1, Ordering::Relaxed);
+                while let Some((_, acked)) = self.unacked.pop_front_if(|(sent, _)| *sent <= seq) {
+                    handed_off.inc();
+                    let took = now.saturating_duration_since(acked.accepted);
+                    metrics.handoff_seconds.observe(took.as_secs_f64());
                 }
                 Ok(())
             }
@@ -248,6 +260,9 @@ impl Slot {
         while let Some((_, held)) = self.unacked.pop_back() {
             self.pending.push_front(held);
         }
+        let metrics = self.shared.metrics.worker(self.index);
+        metrics.resent.inc_by(resend as u64);
+        metrics.link_down.inc();
         if resend > 0 {
             warn!(
                 index = self.index,
@@ -283,6 +298,7 @@ impl Slot {
                 self.backoff = RECONNECT_MIN;
                 self.last_failure = None;
                 self.shared.set_live(self.index, true);
+                self.shared.metrics.worker(self.index).link_up.inc();
             }
             Err(err) => {
                 let absent = matches!(&err, LinkError::Io(io) if link::is_absent(io));
@@ -324,12 +340,16 @@ impl Slot {
             .pending
             .pop_front_if(|held| held.since + timeout <= now)
         {
-            self.give_up(held, "it waited pending_timeout for its worker");
+            self.give_up(
+                held,
+                TurnedAway::PendingTimeout,
+                "it waited pending_timeout for its worker",
+            );
         }
     }
 
     /// This worker cannot take `held`: fail it over, or close it.
-    fn give_up(&mut self, held: Held, why: &str) {
+    fn give_up(&mut self, held: Held, reason: TurnedAway, why: &str) {
         let held = match self.shared.fail_over(held) {
             FailOver::Sent(target) => {
                 if self.turned_away_warning.allow() {
@@ -342,10 +362,7 @@ impl Slot {
             }
             FailOver::Kept(held) => held,
         };
-        self.shared
-            .counters
-            .turned_away
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.worker(self.index).turned_away(reason);
         if self.turned_away_warning.allow() {
             warn!(index = self.index, peer = ?held.peer, why, "closing a client connection");
         }

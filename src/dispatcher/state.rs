@@ -1,16 +1,17 @@
 //! What the dispatcher's tasks share: the held connection, the state every task reads
-//! ([`Shared`], with the routing decision), the counters and the queues that keep them,
-//! the lifecycle [`Phase`], and log throttling.
+//! ([`Shared`], with the routing decision and the metrics), the queues that keep their
+//! gauges, the lifecycle [`Phase`], and log throttling.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus::IntGauge;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
+use super::metrics::{Metrics, Totals};
 use crate::config::{OnWorkerDown, Settings};
 use crate::routing::{Router, RoutingKey};
 
@@ -33,6 +34,8 @@ pub(super) struct Held {
     pub(super) local: Option<SocketAddr>,
     pub(super) listener: Arc<str>,
     pub(super) key: RoutingKey,
+    /// When it was accepted: the hand-off time is measured from here.
+    pub(super) accepted: Instant,
     /// When it started waiting in its current slot.
     pub(super) since: Instant,
     /// Already sent to a failover worker once: it is not bounced again.
@@ -56,22 +59,12 @@ impl Held {
             local,
             listener,
             key,
+            accepted: Instant::now(),
             since: Instant::now(),
             failed_over: false,
             _permit: permit,
         }
     }
-}
-
-/// Counters shown in `STATUS=` and the exit log. `waiting` and `in_flight` are kept by
-/// the [`Queue`]s that hold those connections.
-#[derive(Default)]
-pub(super) struct Counters {
-    pub(super) handed_off: AtomicU64,
-    waiting: AtomicU64,
-    in_flight: AtomicU64,
-    pub(super) turned_away: AtomicU64,
-    pub(super) failed_over: AtomicU64,
 }
 
 /// State every task reads.
@@ -81,9 +74,9 @@ pub(super) struct Shared {
     /// Connections waiting for a down worker at exit go to systemd's fd store.
     pub(super) fd_store: bool,
     pub(super) router: Router,
-    live: Box<[AtomicBool]>,
     slots: Box<[mpsc::UnboundedSender<Held>]>,
-    pub(super) counters: Counters,
+    /// Counts, gauges (among them which workers are up) and the hand-off time.
+    pub(super) metrics: Metrics,
 }
 
 impl Shared {
@@ -91,6 +84,7 @@ impl Shared {
         settings: watch::Receiver<Arc<Settings>>,
         fd_store: bool,
         slots: Vec<mpsc::UnboundedSender<Held>>,
+        listeners: &[Arc<str>],
     ) -> Shared {
         let current = settings.borrow().clone();
         let workers = current.workers;
@@ -101,9 +95,8 @@ impl Shared {
                 current.ipv6_prefix,
                 current.hash_seed,
             ),
-            live: (0..workers.get()).map(|_| AtomicBool::new(false)).collect(),
             slots: slots.into(),
-            counters: Counters::default(),
+            metrics: Metrics::new(workers.get(), listeners),
             settings,
             fd_store,
         }
@@ -139,7 +132,7 @@ impl Shared {
             return FailOver::Kept(held);
         };
         held.failed_over = true;
-        self.counters.failed_over.fetch_add(1, Ordering::Relaxed);
+        self.metrics.worker(target).failed_over.inc();
         self.send_to(target, held);
         FailOver::Sent(target)
     }
@@ -150,17 +143,25 @@ impl Shared {
         let _ = self.slots[index as usize].send(held);
     }
 
+    /// Whether worker `index`'s link is up and it takes connections.
     pub(super) fn is_live(&self, index: u32) -> bool {
-        self.live[index as usize].load(Ordering::Relaxed)
+        self.metrics.worker(index).up.get() == 1
     }
 
     pub(super) fn set_live(&self, index: u32, live: bool) {
-        self.live[index as usize].store(live, Ordering::Relaxed);
+        self.metrics.worker(index).up.set(i64::from(live));
     }
 
     pub(super) fn status_line(&self) -> String {
-        let c = &self.counters;
-        let live = self.live.iter().filter(|live| live.load(Ordering::Relaxed));
+        let Totals {
+            live,
+            handed_off,
+            waiting,
+            in_flight,
+            resent,
+            turned_away,
+            failed_over,
+        } = self.metrics.totals();
         let restart_needed = &self.settings.borrow().restart_needed;
         let restart_note = if restart_needed.is_empty() {
             String::new()
@@ -168,15 +169,10 @@ impl Shared {
             format!("; restart needed for {}", restart_needed.join(", "))
         };
         format!(
-            "{}/{} workers live; {} connections handed off; {} waiting, {} in flight; {} turned away, {} failed over{}",
-            live.count(),
-            self.live.len(),
-            c.handed_off.load(Ordering::Relaxed),
-            c.waiting.load(Ordering::Relaxed),
-            c.in_flight.load(Ordering::Relaxed),
-            c.turned_away.load(Ordering::Relaxed),
-            c.failed_over.load(Ordering::Relaxed),
-            restart_note,
+            "{live}/{} workers live; {handed_off} connections handed off; {waiting} waiting, \
+             {in_flight} in flight; {resent} re-sent, {turned_away} turned away, \
+             {failed_over} failed over{restart_note}",
+            self.router.workers(),
         )
     }
 }
@@ -189,57 +185,40 @@ pub(super) enum FailOver {
     Kept(Held),
 }
 
-/// Which counter a [`Queue`] keeps.
-#[derive(Clone, Copy)]
-pub(super) enum Count {
-    Waiting,
-    InFlight,
-}
-
-/// A slot's queue, keeping its counter equal to its length across all slots: every
-/// insertion adds one, every removal (including the drop) takes one away.
+/// A slot's queue, keeping its gauge equal to its length: every insertion adds one,
+/// every removal (including the drop) takes one away.
 pub(super) struct Queue<T> {
     items: VecDeque<T>,
-    shared: Arc<Shared>,
-    count: Count,
+    gauge: IntGauge,
 }
 
 impl<T> Queue<T> {
-    pub(super) fn new(shared: Arc<Shared>, count: Count) -> Queue<T> {
+    pub(super) fn new(gauge: IntGauge) -> Queue<T> {
         Queue {
             items: VecDeque::new(),
-            shared,
-            count,
-        }
-    }
-
-    fn counter(&self) -> &AtomicU64 {
-        let counters = &self.shared.counters;
-        match self.count {
-            Count::Waiting => &counters.waiting,
-            Count::InFlight => &counters.in_flight,
+            gauge,
         }
     }
 
     pub(super) fn push_back(&mut self, item: T) {
-        self.counter().fetch_add(1, Ordering::Relaxed);
+        self.gauge.inc();
         self.items.push_back(item);
     }
 
     pub(super) fn push_front(&mut self, item: T) {
-        self.counter().fetch_add(1, Ordering::Relaxed);
+        self.gauge.inc();
         self.items.push_front(item);
     }
 
     pub(super) fn pop_front(&mut self) -> Option<T> {
         let item = self.items.pop_front()?;
-        self.counter().fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
         Some(item)
     }
 
     pub(super) fn pop_back(&mut self) -> Option<T> {
         let item = self.items.pop_back()?;
-        self.counter().fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
         Some(item)
     }
 
@@ -266,16 +245,14 @@ impl<T> Queue<T> {
 
     /// Empties the queue, in order.
     pub(super) fn take_all(&mut self) -> Vec<T> {
-        self.counter()
-            .fetch_sub(self.items.len() as u64, Ordering::Relaxed);
+        self.gauge.sub(self.items.len() as i64);
         self.items.drain(..).collect()
     }
 }
 
 impl<T> Drop for Queue<T> {
     fn drop(&mut self) {
-        self.counter()
-            .fetch_sub(self.items.len() as u64, Ordering::Relaxed);
+        self.gauge.sub(self.items.len() as i64);
     }
 }
 
