@@ -30,8 +30,8 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// hyper's smallest read buffer, and the most a request head may be.
 const MAX_HEAD: usize = 8192;
 const WARN_EVERY: Duration = Duration::from_secs(10);
-/// The Prometheus text exposition format prometheus-client writes.
-const METRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text exposition format (0.0.4) the `prometheus` crate writes.
+const METRICS_TYPE: &str = prometheus::TEXT_FORMAT;
 
 /// Serves `listener` until the task is dropped (at the dispatcher's exit, so that
 /// `/health` says "stopping" until the end).
