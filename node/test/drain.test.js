@@ -65,6 +65,23 @@ test('drain: an idle keep-alive connection is closed at once', LIMIT, async (t) 
   assert.deepEqual(await bridge.exited, { code: 0, signal: null });
 });
 
+test('drain: a keep-alive response whose headers went out ends its connection after it', LIMIT, async (t) => {
+  const { bridge, port } = await started(t, { APP_DRAIN_TIMEOUT: '600000', APP_KEEP_ALIVE_TIMEOUT: '600000' });
+  const client = net.connect(port, '127.0.0.1');
+  client.setEncoding('utf8');
+  let received = '';
+  client.on('data', (d) => (received += d));
+  client.write('GET /stream HTTP/1.1\r\nHost: test\r\n\r\n');
+  await bridge.message((m) => m.app === 'stream-started');
+  while (!received.includes('first part;')) await once(client, 'data');
+  assert.match(received, /connection: keep-alive/i, 'promised keep-alive before the drain');
+  const closed = once(client, 'close');
+  bridge.drain();
+  await closed;
+  assert.match(received, /last part\r\n0\r\n\r\n$/, 'the whole chunked body, then the close');
+  assert.deepEqual(await bridge.exited, { code: 0, signal: null });
+});
+
 test('drain: what is still open at the drain timeout is cut, exit 0', LIMIT, async (t) => {
   const { bridge, port } = await started(t, { APP_DRAIN_TIMEOUT: '300' });
   const hang = get(port, '/hang');

@@ -4,6 +4,8 @@
 //   /       JSON: the socket's addresses, connectionInfo(), index, pid
 //   /slow   answers only once the drain has begun (a request in flight across it);
 //           sends {app: 'slow-started'} on the IPC channel when it has the request
+//   /stream sends its headers and a first chunk, the rest once the drain has begun;
+//           sends {app: 'stream-started'}
 //   /hang   never answers; sends {app: 'hang-started'}
 //   /stop   calls close() on the handle (as SIGTERM would), answers at once
 // Settings: APP_DRAIN_TIMEOUT (ms), APP_FALLBACK_PORT, APP_EXIT=false, APP_KEEP_ALIVE_TIMEOUT.
@@ -50,6 +52,17 @@ function onRequest(req, res) {
     const answer = () => res.end(JSON.stringify({ ...whoami(req), answered: 'after drain began' }));
     if (drainBegun) answer();
     else waitingForDrain.push(answer);
+    return;
+  }
+  if (req.url === '/stream') {
+    // Headers (keep-alive) and a first chunk now, the rest once the drain has begun.
+    res.write('first part;');
+    tell({ app: 'stream-started' });
+    // A turn later than the drain's start: still in flight when the package closes the
+    // server (a response already ended counts as idle for Node's closeIdleConnections).
+    const finish = () => setImmediate(() => res.end('last part'));
+    if (drainBegun) finish();
+    else waitingForDrain.push(finish);
     return;
   }
   if (req.url === '/hang') {
