@@ -45,6 +45,29 @@ impl Container {
     /// before boot (see [`stage_file`]).
     pub fn boot(label: &str, stage: impl FnOnce(&Path)) -> Container {
         let name = format!("sticky-dispatch-{label}-{}", std::process::id());
+        Container::boot_named(label, name, None, stage)
+    }
+
+    /// Like [`Container::boot`], but the container joins the prepared network namespace
+    /// `netns` (e.g. `/run/netns/NAME` from `ip netns add`) instead of getting a private
+    /// network: its services listen on that namespace's interfaces. `host` tells several
+    /// containers of one suite apart (`sticky-dispatch-<label>-<host>-<pid>`).
+    pub fn boot_in_netns(
+        label: &str,
+        host: &str,
+        netns: &Path,
+        stage: impl FnOnce(&Path),
+    ) -> Container {
+        let name = format!("sticky-dispatch-{label}-{host}-{}", std::process::id());
+        Container::boot_named(label, name, Some(netns), stage)
+    }
+
+    fn boot_named(
+        label: &str,
+        name: String,
+        netns: Option<&Path>,
+        stage: impl FnOnce(&Path),
+    ) -> Container {
         let scratch = std::env::temp_dir().join(&name);
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch).unwrap();
@@ -61,9 +84,13 @@ impl Container {
             .arg(&scratch)
             .arg(&name)
             .args(&cgroups)
+            .env_remove("NSPAWN_NETNS")
             .stdin(Stdio::null())
             .stdout(console.try_clone().unwrap())
             .stderr(console);
+        if let Some(netns) = netns {
+            command.env("NSPAWN_NETNS", netns);
+        }
         // SAFETY: prctl is async-signal-safe. If the test process dies without unwinding
         // (killed, Ctrl-C), the container is told to power off rather than left running.
         unsafe {
