@@ -11,12 +11,16 @@
 //! # Layout
 //!
 //! - [`worker`] — the worker library: [`worker::WorkerListener`] yields
-//!   `(TcpStream, ClientInfo)` and implements `axum::serve::Listener`.
+//!   `(TcpStream, ClientInfo)` and implements `axum::serve::Listener`; [`worker::link`]
+//!   is the link underneath, for workers that acknowledge later (a bridge to another
+//!   process).
+//! - [`shared`] — what both ends of the link know: the socket name, the allowed users and
+//!   their parsing, the HELLO exchange, the link's error type.
 //! - [`wire`] — the hand-off link's message format (pure encode/decode).
 //! - [`link`] — the link's socket: abstract `SOCK_SEQPACKET`, SCM_RIGHTS, SO_PEERCRED;
-//!   the crate's only `unsafe`.
+//!   nearly all the crate's `unsafe`.
 //! - `dispatcher` — accept loops, one slot per worker (queue, link, acknowledgements),
-//!   sd_notify status, graceful shutdown.
+//!   shared state and routing, sd_notify status, graceful shutdown, the fd store.
 //! - `routing` — routing key, XXH64 hash, jump consistent hash, failover choice.
 //! - `keysource` — keys from the first bytes a client sends: PROXY protocol, HTTP
 //!   `X-Forwarded-For`, cookie, query parameter (pure parsers).
@@ -27,8 +31,8 @@
 //! - `cli`, `manual` — the daemon's command line, and the manual pages generated from it
 //!   and from the configuration keys.
 //!
-//! The modules marked `dispatcher` in Cargo.toml (all but `worker`, `wire`, `link`) need
-//! the `dispatcher` feature, on by default.
+//! The modules marked `dispatcher` in Cargo.toml (all but `worker`, `shared`, `wire`,
+//! `link`) need the `dispatcher` feature, on by default.
 #![warn(missing_docs)]
 
 #[cfg(feature = "dispatcher")]
@@ -46,6 +50,7 @@ pub mod logging;
 pub mod manual;
 #[cfg(feature = "dispatcher")]
 pub mod routing;
+pub mod shared;
 #[cfg(feature = "dispatcher")]
 pub mod supervisor;
 pub mod wire;

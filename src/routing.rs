@@ -103,7 +103,7 @@ impl RoutingKey {
         }
     }
 
-    /// The key bytes that are hashed: empty, 4 or 16 bytes.
+    /// The key bytes that are hashed: empty, 4 (IPv4), 8 (a token digest) or 16 (IPv6).
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }

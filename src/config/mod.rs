@@ -23,7 +23,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use nix::unistd::{getuid, Uid};
 
 pub use keys::{Default, Key, Reload, Settings, KEYS};
 pub use values::{EnvKind, KeySource, OnWorkerDown, MAX_WORKERS};
@@ -170,8 +169,7 @@ impl Settings {
             ));
         }
         if self.worker_users.is_empty() {
-            self.worker_users = vec![getuid(), Uid::from_raw(0)];
-            self.worker_users.dedup();
+            self.worker_users = crate::shared::default_peer_users();
         }
         Ok(())
     }
@@ -179,7 +177,7 @@ impl Settings {
     /// Name of the socket for worker `index`: `{socket_prefix}{index}` (abstract
     /// namespace; no leading '@' in the returned string).
     pub fn link_socket_name(&self, index: u32) -> String {
-        format!("{}{}", self.socket_prefix, index)
+        crate::shared::link_socket_name(&self.socket_prefix, index)
     }
 
     /// What a reload to `new` applies: the live keys from `new`, the restart-only keys as
@@ -256,6 +254,7 @@ impl fmt::Display for Settings {
 mod tests {
     use super::values::{default_workers, MAX_ABSTRACT_NAME};
     use super::*;
+    use nix::unistd::{getuid, Uid};
     use std::num::{NonZeroU32, NonZeroUsize};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
@@ -901,6 +900,14 @@ mod tests {
         // routing_key is restart-only: the running "cookie" would be left without a name.
         let err = running.reloaded(defaults()).unwrap_err();
         assert!(err.starts_with("key `key_name`: "), "{err}");
+    }
+
+    #[test]
+    fn default_socket_prefix_is_the_one_workers_use() {
+        assert_eq!(
+            defaults().socket_prefix,
+            crate::shared::DEFAULT_SOCKET_PREFIX
+        );
     }
 
     #[test]

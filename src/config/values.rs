@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
 use std::time::Duration;
 
-use nix::unistd::{Uid, User};
+use nix::unistd::Uid;
 use serde::de::{self, Deserializer, IntoDeserializer, Unexpected};
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -373,12 +373,9 @@ pub(super) fn users(specs: OneOrMany<UserSpec>) -> Result<Vec<Uid>, String> {
     for spec in specs.0 {
         let uid = match spec {
             UserSpec::Uid(uid) => Uid::from_raw(uid),
-            UserSpec::Name(name) if name.is_empty() => return Err("empty user name".to_owned()),
-            UserSpec::Name(name) => match User::from_name(&name) {
-                Ok(Some(user)) => user.uid,
-                Ok(None) => return Err(format!("unknown user `{name}`")),
-                Err(e) => return Err(format!("cannot look up user `{name}`: {e}")),
-            },
+            UserSpec::Name(name) => {
+                crate::shared::resolve_user(&name).map_err(|e| e.to_string())?
+            }
         };
         if !uids.contains(&uid) {
             uids.push(uid);

@@ -9,10 +9,10 @@ use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{watch, Semaphore};
-use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{keyed, Held, Listener, Phase, Shared, Throttle};
+use super::state::{Held, Phase, Shared, Throttle};
+use super::{keyed, Listener};
 use crate::config::KeySource;
 
 /// Pause after accept fails for lack of fds or memory: long enough not to spin, short
@@ -83,22 +83,10 @@ impl Acceptor {
                         tokio::spawn(keyed::route(self.shared.clone(), conn));
                         continue;
                     }
-                    let key = self.shared.router.key(Some(peer.ip()));
-                    let index = self.shared.router.worker_for(&key);
+                    let key = self.shared.peer_key(Some(peer));
+                    let held = Held::new(stream, Some(peer), local, self.name.clone(), key, permit);
+                    let index = self.shared.route(held);
                     debug!(%peer, index, "accepted");
-                    self.shared.send_to(
-                        index,
-                        Held {
-                            stream,
-                            peer: Some(peer),
-                            local,
-                            listener: self.name.clone(),
-                            key,
-                            since: Instant::now(),
-                            failed_over: false,
-                            _permit: permit,
-                        },
-                    );
                 }
                 Err(err) if is_resource_shortage(&err) => {
                     if shortage_warning.allow() {
