@@ -149,7 +149,9 @@ fn clients(n: usize) -> Vec<Ipv4Addr> {
 }
 
 /// Clients per host and per place.
-fn spread(placed: &BTreeMap<Ipv4Addr, Place>) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
+fn spread(
+    placed: &BTreeMap<Ipv4Addr, Place>,
+) -> (BTreeMap<String, usize>, BTreeMap<String, usize>) {
     let mut hosts = BTreeMap::new();
     let mut places = BTreeMap::new();
     for place in placed.values() {
@@ -181,7 +183,8 @@ fn wait_healthy(balancer: &Netns, hosts: &[Host]) {
             &format!("{}'s /health to answer 200", host.name),
             Duration::from_secs(30),
             || {
-                let reply = balancer.run(|| hosts::http_get(addr, "/health", Duration::from_secs(5)));
+                let reply =
+                    balancer.run(|| hosts::http_get(addr, "/health", Duration::from_secs(5)));
                 matches!(reply, Ok((200, _))).then_some(())
             },
         );
@@ -241,7 +244,11 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
         t.elapsed()
     );
     assert_eq!(per_host.len(), 3, "every host has clients: {per_host:?}");
-    assert_eq!(per_place.len(), 6, "every worker has clients: {per_place:?}");
+    assert_eq!(
+        per_place.len(),
+        6,
+        "every worker has clients: {per_place:?}"
+    );
 
     // --- 2. One host's workers all stopped: its /health says 503, HAProxy takes it
     // out, and only its clients move, each to one other host.
@@ -263,7 +270,10 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
     let changes = moved(&baseline, &during);
     let mut went_to: BTreeMap<String, usize> = BTreeMap::new();
     for (client, before, after) in &changes {
-        assert_eq!(before.host, "h1", "{client} moved from {before} to {after}: not h1's");
+        assert_eq!(
+            before.host, "h1",
+            "{client} moved from {before} to {after}: not h1's"
+        );
         assert_ne!(after.host, "h1");
         *went_to.entry(after.host.clone()).or_default() += 1;
     }
@@ -312,7 +322,9 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
     let mut to_h2 = 0;
     for outcome in &outcomes {
         match place_of(outcome.client, &outcome.answer, &local) {
-            Ok(place) if place == baseline[&outcome.client] => to_h2 += usize::from(place.host == "h2"),
+            Ok(place) if place == baseline[&outcome.client] => {
+                to_h2 += usize::from(place.host == "h2")
+            }
             Ok(place) => failures.push(format!(
                 "{} moved from {} to {place}",
                 outcome.client, baseline[&outcome.client]
@@ -329,7 +341,11 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
         checks_before["h2"].chkdown,
         checks_after["h2"].chkdown
     );
-    assert!(failures.is_empty(), "{:#?}", &failures[..failures.len().min(5)]);
+    assert!(
+        failures.is_empty(),
+        "{:#?}",
+        &failures[..failures.len().min(5)]
+    );
     assert!(to_h2 > 0, "the load reached h2");
     assert_eq!(
         checks_before["h2"].chkdown, checks_after["h2"].chkdown,
@@ -355,7 +371,10 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
         spread(&four).0
     );
     for (client, before, after) in &changes {
-        assert_eq!(after.host, "h3", "{client} moved from {before} to {after}, not to h3");
+        assert_eq!(
+            after.host, "h3",
+            "{client} moved from {before} to {after}, not to h3"
+        );
     }
     assert!(
         (0.10..=0.45).contains(&share),
@@ -367,4 +386,206 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
     drop(topology);
     let _ = std::fs::remove_dir_all(&scratch);
     say!("HAProxy suite done in {:.1?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// nftables jhash in front of 3 hosts: kernel only
+
+#[test]
+#[ignore = "needs root: network namespaces and booted systemd containers"]
+fn nftables_jhash_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
+    assert!(is_root(), "needs root");
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    container::ensure_nspawn();
+    container::ensure_command("nft", "nftables");
+    let started = Instant::now();
+    // Smaller than the HAProxy suite: the point is the kernel-only variant works.
+    const NFT_CLIENTS: usize = 150;
+
+    let topology = Topology::build("nft", 3);
+    let namespaces: Vec<&Netns> = topology.hosts.iter().collect();
+    let hosts = hosts::boot(
+        &namespaces,
+        0,
+        "# tests/multihost.rs: behind nftables DNAT, clients seen directly\n\
+         workers = 2\nrouting_key = \"peer-ip\"\n",
+    );
+    wait_healthy(&topology.balancer, &hosts);
+    let ruleset = Path::new(SOURCE).join("tests/multihost/nftables.nft");
+    topology
+        .balancer
+        .exec_ok(&["nft", "-f", &ruleset.to_string_lossy()]);
+    say!(
+        "nftables: 3 hosts booted and healthy, ruleset {} loaded in {:.1?}",
+        ruleset.display(),
+        started.elapsed()
+    );
+    let to = net::frontend(hosts::PORT);
+    // DNAT: the worker sees the host's own address as local, not the balancer's.
+    let host_addrs: Vec<String> = (0..3)
+        .map(|i| SocketAddr::from((net::host_ip(i), hosts::PORT)).to_string())
+        .collect();
+    let local = |seen: &str| host_addrs.iter().any(|a| a == seen);
+    let clients = clients(NFT_CLIENTS);
+    let t = Instant::now();
+    let baseline = round(&topology, &clients, to, &local);
+    let (per_host, per_place) = spread(&baseline);
+    say!(
+        "nftables jhash: {NFT_CLIENTS} clients x {ROUNDS} connections in {:.1?}: all answered, \
+         0 moved, each by the worker its address maps to, seeing its real address; clients \
+         per host {per_host:?}; per worker {per_place:?}",
+        t.elapsed()
+    );
+    assert_eq!(per_host.len(), 3, "every host has clients: {per_host:?}");
+    assert_eq!(
+        per_place.len(),
+        6,
+        "every worker has clients: {per_place:?}"
+    );
+
+    // Taking h2 out means a new map with mod 2: jhash is not consistent, so clients of
+    // the other hosts move too (the figure docs/scale-out.md quotes).
+    let two_hosts = std::fs::read_to_string(&ruleset).unwrap().replace(
+        "mod 3 map { 0 : 198.18.1.10, 1 : 198.18.1.11, 2 : 198.18.1.12 }",
+        "mod 2 map { 0 : 198.18.1.10, 1 : 198.18.1.11 }",
+    );
+    assert!(
+        two_hosts.contains("mod 2 map"),
+        "the ruleset's map line changed"
+    );
+    let mut nft = topology
+        .balancer
+        .command(&["nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(two_hosts.as_bytes())
+        .unwrap();
+    assert!(nft.wait().unwrap().success(), "nft -f - (2 hosts)");
+    let after = round(&topology, &clients, to, &local);
+    let changes = moved(&baseline, &after);
+    let of_h2 = changes.iter().filter(|(_, b, _)| b.host == "h2").count();
+    let others = changes.len() - of_h2;
+    let stayed_hosts = CLIENTS.min(NFT_CLIENTS) - per_host["h2"];
+    say!(
+        "nftables jhash, h2 taken out of the map (mod 3 -> mod 2): all {of_h2} of h2's clients \
+         moved, and so did {others} of the other hosts' {stayed_hosts} ({:.0}%): jhash mod N \
+         is not consistent",
+        others as f64 * 100.0 / stayed_hosts as f64
+    );
+    assert_eq!(of_h2, per_host["h2"], "every client of h2 moved");
+    assert!(after.values().all(|p| p.host != "h2"));
+    drop(hosts);
+    drop(topology);
+    say!("nftables suite done in {:.1?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// The configurations docs/scale-out.md shows, checked by their own tools
+
+/// The fenced blocks of `markdown` whose info string is `lang`.
+fn fenced_blocks(markdown: &str, lang: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in markdown.lines() {
+        match &mut current {
+            None if line.trim_end() == format!("```{lang}") => current = Some(String::new()),
+            Some(_) if line.trim_end() == "```" => blocks.push(current.take().unwrap()),
+            Some(block) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            None => {}
+        }
+    }
+    blocks
+}
+
+/// Runs `command`, panics with its output unless it succeeds.
+fn check(what: &str, command: &mut Command) {
+    let out = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "needs root: nft -c and nginx -t in a throwaway network namespace, apt-get for the tools"]
+fn scale_out_configs_are_the_documented_ones_and_valid() {
+    assert!(is_root(), "needs root");
+    let haproxy = support::debian_program("haproxy", "haproxy").unwrap();
+    let nginx = support::debian_program("nginx", "nginx-light").unwrap();
+    if !Path::new("/usr/share/nginx/modules/ngx_stream_module.so").exists() {
+        // nginx-light has no stream module; Debian ships it on its own.
+        check(
+            "apt-get install libnginx-mod-stream",
+            Command::new("apt-get")
+                .args(["-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q"])
+                .args(["--no-install-recommends", "libnginx-mod-stream"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        );
+    }
+    container::ensure_command("nft", "nftables");
+    let dir = Path::new(SOURCE).join("tests/multihost");
+    let doc = std::fs::read_to_string(Path::new(SOURCE).join("docs/scale-out.md")).unwrap();
+    for (lang, file) in [
+        ("haproxy", "haproxy.cfg"),
+        ("nginx", "nginx.conf"),
+        ("nft", "nftables.nft"),
+    ] {
+        let text = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(
+            fenced_blocks(&doc, lang).contains(&text),
+            "docs/scale-out.md has no ```{lang} block identical to tests/multihost/{file}"
+        );
+    }
+
+    let scratch = common::scratch_dir("multihost-configs");
+    check(
+        "haproxy -c (3 hosts)",
+        Command::new(&haproxy)
+            .arg("-c")
+            .arg("-f")
+            .arg(dir.join("haproxy.cfg")),
+    );
+    // The fourth host as the test (and docs/scale-out.md) adds it: one more server line.
+    let four = scratch.join("haproxy-4.cfg");
+    std::fs::write(
+        &four,
+        haproxy::config_with(&[format!("server h3 {}:8080 id 4", net::host_ip(3))]),
+    )
+    .unwrap();
+    check(
+        "haproxy -c (4 hosts)",
+        Command::new(&haproxy).arg("-c").arg("-f").arg(&four),
+    );
+    // nft -c talks to the kernel (netlink) and nginx -t binds its listen address: both
+    // in a network namespace of their own, gone when they exit.
+    check(
+        "nft -c",
+        Command::new("unshare")
+            .args(["--net", "nft", "-c", "-f"])
+            .arg(dir.join("nftables.nft")),
+    );
+    check(
+        "nginx -t",
+        Command::new("unshare")
+            .args(["--net", "sh", "-c"])
+            .arg(format!(
+                "ip link set lo up && ip addr add {}/32 dev lo && exec \"$0\" -t -q -c \"$1\" -e stderr",
+                net::FRONTEND_IP
+            ))
+            .arg(&nginx)
+            .arg(dir.join("nginx.conf")),
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    say!("haproxy -c (3 and 4 hosts), nft -c, nginx -t: valid, and the same as docs/scale-out.md shows");
 }

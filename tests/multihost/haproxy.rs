@@ -136,13 +136,9 @@ pub fn stats() -> Result<BTreeMap<String, ServerState>, String> {
 
 /// Waits until server `name` has status `status` (`UP`, `DOWN`); how long that took.
 pub fn wait_status(balancer: &Netns, name: &str, status: &str, within: Duration) -> Duration {
-    poll_for(
-        &format!("HAProxy to see {name} {status}"),
-        within,
-        || {
-            let stats = balancer.run(stats).ok()?;
-            (stats.get(name)?.status == status).then_some(())
-        },
-    )
+    poll_for(&format!("HAProxy to see {name} {status}"), within, || {
+        let stats = balancer.run(stats).ok()?;
+        (stats.get(name)?.status == status).then_some(())
+    })
     .1
 }

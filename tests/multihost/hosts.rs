@@ -190,14 +190,19 @@ pub fn deb() -> &'static Path {
         if !status.success() {
             return Err(format!("packaging/build.sh failed: {status}"));
         }
-        find_deb(&dir).ok_or_else(|| format!("packaging/build.sh left no .deb in {}", dir.display()))
+        find_deb(&dir)
+            .ok_or_else(|| format!("packaging/build.sh left no .deb in {}", dir.display()))
     });
     found.as_deref().unwrap_or_else(|err| panic!("{err}"))
 }
 
 fn find_deb(dir: &Path) -> Option<PathBuf> {
-    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
-        let name = p.file_name().unwrap_or_default().to_string_lossy();
-        name.starts_with("sticky-dispatch_") && name.ends_with(".deb")
-    })
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("sticky-dispatch_") && name.ends_with(".deb")
+        })
 }

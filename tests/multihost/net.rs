@@ -189,18 +189,53 @@ impl Topology {
             "-n", &lb, "link", "add", "lb", "type", "veth", "peer", "name", "cl", "netns", &cl,
         ]);
         let b = &topology.balancer;
-        b.exec_ok(&["ip", "addr", "add", &format!("{FRONTEND_IP}/24"), "dev", "lb"]);
+        b.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{FRONTEND_IP}/24"),
+            "dev",
+            "lb",
+        ]);
         b.exec_ok(&["ip", "link", "set", "lb", "up"]);
-        b.exec_ok(&["ip", "route", "add", CLIENT_NET, "via", &CLIENT_LINK_IP.to_string()]);
+        b.exec_ok(&[
+            "ip",
+            "route",
+            "add",
+            CLIENT_NET,
+            "via",
+            &CLIENT_LINK_IP.to_string(),
+        ]);
         let c = &topology.client;
-        c.exec_ok(&["ip", "addr", "add", &format!("{CLIENT_LINK_IP}/24"), "dev", "cl"]);
+        c.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{CLIENT_LINK_IP}/24"),
+            "dev",
+            "cl",
+        ]);
         c.exec_ok(&["ip", "link", "set", "cl", "up"]);
         c.exec_ok(&["ip", "route", "add", "local", CLIENT_NET, "dev", "lo"]);
-        c.exec_ok(&["ip", "route", "add", "default", "via", &FRONTEND_IP.to_string()]);
+        c.exec_ok(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &FRONTEND_IP.to_string(),
+        ]);
 
         // The hosts' bridge, in the balancer's namespace.
         b.exec_ok(&["ip", "link", "add", "br0", "type", "bridge"]);
-        b.exec_ok(&["ip", "addr", "add", &format!("{BRIDGE_IP}/24"), "dev", "br0"]);
+        b.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{BRIDGE_IP}/24"),
+            "dev",
+            "br0",
+        ]);
         b.exec_ok(&["ip", "link", "set", "br0", "up"]);
         for i in 0..hosts {
             topology.add_host(&prefix, i);
@@ -227,11 +262,25 @@ impl Topology {
         ]);
         self.balancer
             .exec_ok(&["ip", "link", "set", &port, "master", "br0", "up"]);
-        host.exec_ok(&["ip", "addr", "add", &format!("{}/24", host_ip(i)), "dev", "eth0"]);
+        host.exec_ok(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", host_ip(i)),
+            "dev",
+            "eth0",
+        ]);
         host.exec_ok(&["ip", "link", "set", "eth0", "up"]);
         // Replies to clients go back through the balancer: needed when it forwards
         // (nftables DNAT), harmless when it proxies (HAProxy talks from BRIDGE_IP).
-        host.exec_ok(&["ip", "route", "add", "default", "via", &BRIDGE_IP.to_string()]);
+        host.exec_ok(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &BRIDGE_IP.to_string(),
+        ]);
         self.hosts.push(host);
     }
 }
