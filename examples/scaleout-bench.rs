@@ -202,7 +202,11 @@ fn haproxy_config(two_tiers: bool) -> String {
             }
         }
     }
-    let port = if two_tiers { TWO_TIERS_PORT } else { ALONE_PORT };
+    let port = if two_tiers {
+        TWO_TIERS_PORT
+    } else {
+        ALONE_PORT
+    };
     format!(
         "global\n    maxconn 8000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    \
          timeout client 1m\n    timeout server 1m\n\nfrontend clients\n    bind {}:{port}\n    \
@@ -298,7 +302,9 @@ async fn get(from: Ipv4Addr, to: SocketAddr, path: &str) -> std::io::Result<Stri
     socket.bind(SocketAddr::from((from, 0)))?;
     let mut stream = socket.connect(to).await?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut text = Vec::new();
     stream.read_to_end(&mut text).await?;
@@ -316,7 +322,9 @@ async fn bulk(to: SocketAddr, total: u64) -> f64 {
     let mut buf = vec![0u8; 1 << 20];
     for _ in 0..total.div_ceil(BULK_CHUNK) {
         let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::from((net::client_ip(0), 0))).unwrap();
+        socket
+            .bind(SocketAddr::from((net::client_ip(0), 0)))
+            .unwrap();
         let mut stream = socket.connect(to).await.expect("bulk connect");
         stream
             .write_all(
@@ -365,7 +373,11 @@ fn main() {
     );
     let bin = |name: &str| {
         let path = o.bin_dir.join(name);
-        assert!(path.exists(), "{} missing: cargo build --release --bins", path.display());
+        assert!(
+            path.exists(),
+            "{} missing: cargo build --release --bins",
+            path.display()
+        );
         path.canonicalize().unwrap().to_string_lossy().into_owned()
     };
     let (dispatcher, demo) = (bin("sticky-dispatch"), bin("sticky-dispatch-demo"));
@@ -373,7 +385,8 @@ fn main() {
         .into_iter()
         .find(|p| Path::new(p).exists())
         .expect("haproxy (apt-get install haproxy)");
-    let scratch = Scratch(std::env::temp_dir().join(format!("scaleout-bench-{}", std::process::id())));
+    let scratch =
+        Scratch(std::env::temp_dir().join(format!("scaleout-bench-{}", std::process::id())));
     std::fs::create_dir_all(&scratch.0).unwrap();
     let scratch = &scratch.0;
     let empty = scratch.join("empty.toml");
@@ -388,13 +401,28 @@ fn main() {
         let listen = format!("{}:8080", net::host_ip(h));
         let d = Proc::spawn(
             ns,
-            &[&dispatcher, "--config", &empty, "--listen", &listen, "--workers", "2", "--", &demo],
-            &[("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol"), ("STICKY_DISPATCH_LOG_LEVEL", "warn")],
+            &[
+                &dispatcher,
+                "--config",
+                &empty,
+                "--listen",
+                &listen,
+                "--workers",
+                "2",
+                "--",
+                &demo,
+            ],
+            &[
+                ("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol"),
+                ("STICKY_DISPATCH_LOG_LEVEL", "warn"),
+            ],
             &scratch.join(format!("h{h}-dispatcher.log")),
         );
         let pid = d.pid();
         procs.push(d);
-        wait("the dispatcher's workers", || children(pid).len() == WORKERS);
+        wait("the dispatcher's workers", || {
+            children(pid).len() == WORKERS
+        });
         let mut pids = vec![pid];
         pids.extend(children(pid));
         two_tiers_hosts.push(pids);
@@ -404,7 +432,10 @@ fn main() {
             let worker = Proc::spawn(
                 ns,
                 &[&demo, "--direct", &addr],
-                &[("STICKY_DISPATCH_INDEX", &w.to_string()), ("RUST_LOG", "warn")],
+                &[
+                    ("STICKY_DISPATCH_INDEX", &w.to_string()),
+                    ("RUST_LOG", "warn"),
+                ],
                 &scratch.join(format!("h{h}-direct{w}.log")),
             );
             direct.push(worker.pid());
@@ -458,7 +489,11 @@ fn main() {
                 if ok == CLIENTS {
                     break;
                 }
-                assert!(Instant::now() < deadline, "{}: {ok}/{CLIENTS} answered", setup.name);
+                assert!(
+                    Instant::now() < deadline,
+                    "{}: {ok}/{CLIENTS} answered",
+                    setup.name
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             run(setup, o.concurrency, 0.5).await; // warm-up, not counted

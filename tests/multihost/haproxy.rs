@@ -66,7 +66,7 @@ impl Haproxy {
             if let Ok(Some(status)) = haproxy.process.child.try_wait() {
                 panic!("haproxy exited ({status}): {}", haproxy.process.log.text());
             }
-            balancer.run(|| stats()).ok()
+            balancer.run(stats).ok()
         });
         haproxy
     }

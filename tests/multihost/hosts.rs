@@ -48,25 +48,56 @@ impl Host {
     }
 }
 
-/// Boots one container per namespace in `hosts`, all at once (each boot mostly waits), and
-/// installs and starts sticky-dispatch with `config` in each. Every host is named `h<i>`,
-/// and so is its listener (`FileDescriptorName=h<i>` in a drop-in): the demo worker's
-/// answer (`listener=h<i>`) then says which host served it, since with PROXY protocol
-/// its `local=` is the balancer's frontend, the same on every host.
+/// Boots one container per namespace in `hosts`, all at once, and installs and starts
+/// sticky-dispatch with `config` in each. Every host is named `h<i>`, and so is its
+/// listener (`FileDescriptorName=h<i>` in a drop-in): the demo worker's answer
+/// (`listener=h<i>`) then says which host served it, since with PROXY protocol its
+/// `local=` is the balancer's frontend, the same on every host.
+///
+/// Call it from the test's own thread: a container powers off when the thread that
+/// started it exits.
 pub fn boot(hosts: &[&Netns], first: usize, config: &str) -> Vec<Host> {
-    let deb = deb().to_owned();
+    let deb = deb();
+    let deb_inside = format!("{DEB_DIR}/{}", deb.file_name().unwrap().to_string_lossy());
+    let booting: Vec<(String, container::Booting)> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let name = format!("h{}", first + i);
+            let booting = Container::start_in_netns("multihost", &name, &ns.path(), |dir| {
+                container::stage_file(dir, &deb_inside, deb, 0o644);
+                container::stage_text(
+                    dir,
+                    "/etc/systemd/system/sticky-dispatch.socket.d/50-host-name.conf",
+                    &format!(
+                        "# tests/multihost.rs: the host's name, shown by the demo worker as \
+                         listener=.\n[Socket]\nFileDescriptorName={name}\n"
+                    ),
+                );
+            });
+            (name, booting)
+        })
+        .collect();
+    // Waiting and installing only run commands in the containers: in parallel.
     let results: Vec<std::thread::Result<Host>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = hosts
-            .iter()
+        let handles: Vec<_> = booting
+            .into_iter()
             .enumerate()
-            .map(|(i, ns)| {
-                let deb = deb.clone();
-                scope.spawn(move || boot_one(first + i, ns, &deb, config))
+            .map(|(i, (name, booting))| {
+                scope.spawn(move || {
+                    let host = Host {
+                        index: first + i,
+                        name,
+                        container: booting.wait(),
+                    };
+                    install(&host, config);
+                    host
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join()).collect()
     });
-    // All or nothing: a failed boot powers off the containers that did boot.
+    // All or nothing: a failure powers off the containers that did boot.
     let mut booted = Vec::new();
     let mut failure = None;
     for result in results {
@@ -82,22 +113,7 @@ pub fn boot(hosts: &[&Netns], first: usize, config: &str) -> Vec<Host> {
     booted
 }
 
-fn boot_one(index: usize, ns: &Netns, deb: &Path, config: &str) -> Host {
-    let name = format!("h{index}");
-    let deb_inside = format!("{DEB_DIR}/{}", deb.file_name().unwrap().to_string_lossy());
-    let container = Container::boot_in_netns("multihost", &name, &ns.path(), |dir| {
-        container::stage_file(dir, &deb_inside, deb, 0o644);
-        container::stage_text(
-            dir,
-            "/etc/systemd/system/sticky-dispatch.socket.d/50-host-name.conf",
-            &format!("# The test's host name, shown by the demo worker as listener=.\n[Socket]\nFileDescriptorName={name}\n"),
-        );
-    });
-    let host = Host {
-        index,
-        name,
-        container,
-    };
+fn install(host: &Host, config: &str) {
     let c = &host.container;
     // dpkg rather than apt: the same maintainer scripts, without apt's resolver (the
     // dependencies are the host's own, already there). Where the image has a
@@ -109,6 +125,8 @@ fn boot_one(index: usize, ns: &Netns, deb: &Path, config: &str) -> Host {
     c.ok(&["sticky-dispatch", "check-config"]);
     // The generator reads `workers` at daemon-reload.
     host.systemctl(&["daemon-reload"]);
+    // The health endpoint HAProxy checks: the shipped, disabled-by-default metrics
+    // socket, enabled before the dispatcher starts so that it receives it.
     host.systemctl(&["enable", "sticky-dispatch-metrics.socket"]);
     host.systemctl(&["stop", "sticky-dispatch.service", "sticky-dispatch.socket"]);
     host.systemctl(&[
@@ -117,18 +135,16 @@ fn boot_one(index: usize, ns: &Netns, deb: &Path, config: &str) -> Host {
         "sticky-dispatch.socket",
         "sticky-dispatch.service",
     ]);
-    host
 }
 
-/// `GET path` on `addr` (HTTP/1.1, one request, then close): the status code and body.
+/// `GET path` on `addr`: the status code and body. HTTP/1.0: the server closes the
+/// connection after the answer.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), String> {
     let mut stream =
         TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
     stream.set_read_timeout(Some(timeout)).unwrap();
     stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
         .map_err(|e| format!("send: {e}"))?;
     let mut text = String::new();
     stream
@@ -142,7 +158,29 @@ pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16,
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("no status in {head:?}"))?;
+    // HAProxy's stats page is chunked even for HTTP/1.0 requests.
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((status, dechunk(body)?));
+    }
     Ok((status, body.to_owned()))
+}
+
+/// The data of a chunked HTTP body: hex size line, data, CRLF, ..., size 0.
+fn dechunk(mut body: &str) -> Result<String, String> {
+    let mut data = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").ok_or("truncated chunk size")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)
+            .map_err(|e| format!("chunk size {size:?}: {e}"))?;
+        if size == 0 {
+            return Ok(data);
+        }
+        data.push_str(rest.get(..size).ok_or("truncated chunk")?);
+        body = rest.get(size + 2..).ok_or("truncated chunk end")?;
+    }
 }
 
 /// Polls `check` every 20 ms until it gives a value, for at most `within`; the value and
