@@ -22,7 +22,8 @@
 //! `--concurrency` connections in flight, for `--seconds`. Runs alternate between the
 //! two set-ups, `--repeats` times each; every figure is the median of the runs:
 //! connections per second, CPU time per connection of HAProxy and of the hosts (each
-//! host's dispatcher and workers, from /proc/<pid>/stat), and bulk throughput after the
+//! host's dispatcher and workers, from /proc/<pid>/stat: all hosts' CPU over all
+//! connections, and each host's over the connections it served), and bulk throughput after the
 //! hand-off (`GET /bulk` answers of 64 MiB on new connections, `--bulk-mib` in all).
 //! Everything runs on this machine, so the clients, HAProxy and the hosts share its
 //! cores: the ratios are the result, not the absolute figures.
@@ -268,15 +269,24 @@ async fn run(setup: &Setup, concurrency: usize, seconds: f64) -> Run {
     let (ha1, hosts1) = setup.cpu();
     let by_host = by_host.lock().unwrap().clone();
     let n = done.load(Ordering::Relaxed).max(1) as f64;
-    let per_host_us: Vec<f64> = hosts0
+    let host_cpu: Vec<f64> = hosts0
         .iter()
         .zip(&hosts1)
-        .map(|(a, b)| (*b - *a).as_secs_f64() * 1e6 / n)
+        .map(|(a, b)| (*b - *a).as_secs_f64() * 1e6)
+        .collect();
+    // Each host's CPU over the connections it served (the answers name the host).
+    let per_host_us = host_cpu
+        .iter()
+        .enumerate()
+        .map(|(h, cpu)| {
+            let served = by_host.get(&net::host_ip(h).to_string()).copied();
+            cpu / served.unwrap_or(1).max(1) as f64
+        })
         .collect();
     Run {
         per_second: n / elapsed,
         haproxy_us: (ha1 - ha0).as_secs_f64() * 1e6 / n,
-        hosts_us: per_host_us.iter().sum(),
+        hosts_us: host_cpu.iter().sum::<f64>() / n,
         per_host_us,
         errors: errors.load(Ordering::Relaxed),
         by_host,
@@ -532,8 +542,8 @@ fn main() {
                 median(bulks[i].clone()),
             );
             say!(
-                "{}: {:.0} conn/s; CPU per connection: HAProxy {:.1} us, hosts {:.1} us \
-                 (h0 h1 h2: {}); bulk {:.0} MiB/s; errors {errors}; connections per host in \
+                "{}: {:.0} conn/s; CPU per connection: HAProxy {:.1} us, all hosts {:.1} us \
+                 (each host over the connections it served, h0 h1 h2: {}); bulk {:.0} MiB/s; errors {errors}; connections per host in \
                  the last run {:?}",
                 setup.name,
                 row.0,
