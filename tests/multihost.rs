@@ -343,8 +343,20 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
     );
     assert!(
         failures.is_empty(),
-        "{:#?}",
-        &failures[..failures.len().min(5)]
+        "{:#?}\nh2's dispatcher journal:\n{}",
+        &failures[..failures.len().min(5)],
+        String::from_utf8_lossy(
+            &h2.container
+                .run(&[
+                    "journalctl",
+                    "-u",
+                    "sticky-dispatch",
+                    "-n",
+                    "60",
+                    "--no-pager"
+                ])
+                .stdout
+        )
     );
     assert!(to_h2 > 0, "the load reached h2");
     assert_eq!(
