@@ -191,6 +191,15 @@ fn wait_healthy(balancer: &Netns, hosts: &[Host]) {
     }
 }
 
+/// A scratch directory, removed when dropped (also when the test fails).
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
 }
@@ -222,7 +231,8 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
         hosts::deb().file_name().unwrap().to_string_lossy(),
         started.elapsed()
     );
-    let scratch = common::scratch_dir("multihost-haproxy");
+    let scratch = RemovedOnDrop(common::scratch_dir("multihost-haproxy"));
+    let scratch = &scratch.0;
     let config = std::fs::read_to_string(haproxy::config_path()).unwrap();
     let mut balancer = haproxy::Haproxy::start(&program, &topology.balancer, &scratch, &config);
     let to = haproxy::frontend();
@@ -396,7 +406,6 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
     drop(balancer);
     drop(hosts);
     drop(topology);
-    let _ = std::fs::remove_dir_all(&scratch);
     say!("HAProxy suite done in {:.1?}", started.elapsed());
 }
 
@@ -560,7 +569,8 @@ fn scale_out_configs_are_the_documented_ones_and_valid() {
         );
     }
 
-    let scratch = common::scratch_dir("multihost-configs");
+    let scratch = RemovedOnDrop(common::scratch_dir("multihost-configs"));
+    let scratch = &scratch.0;
     check(
         "haproxy -c (3 hosts)",
         Command::new(&haproxy)
@@ -598,6 +608,5 @@ fn scale_out_configs_are_the_documented_ones_and_valid() {
             .arg(&nginx)
             .arg(dir.join("nginx.conf")),
     );
-    let _ = std::fs::remove_dir_all(&scratch);
     say!("haproxy -c (3 and 4 hosts), nft -c, nginx -t: valid, and the same as docs/scale-out.md shows");
 }
