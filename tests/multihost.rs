@@ -234,7 +234,7 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
     let scratch = RemovedOnDrop(common::scratch_dir("multihost-haproxy"));
     let scratch = &scratch.0;
     let config = std::fs::read_to_string(haproxy::config_path()).unwrap();
-    let mut balancer = haproxy::Haproxy::start(&program, &topology.balancer, &scratch, &config);
+    let mut balancer = haproxy::Haproxy::start(&program, &topology.balancer, scratch, &config);
     let to = haproxy::frontend();
     for name in ["h0", "h1", "h2"] {
         haproxy::wait_status(&topology.balancer, name, "UP", HEALTH_CHANGE);
@@ -377,7 +377,7 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
     // --- 4. A fourth host: about 1/4 of the clients move, all of them to it.
     drop(balancer);
     let with_h3 = haproxy::config_with(&[format!("server h3 {}:8080 id 4", net::host_ip(3))]);
-    balancer = haproxy::Haproxy::start(&program, &topology.balancer, &scratch, &with_h3);
+    balancer = haproxy::Haproxy::start(&program, &topology.balancer, scratch, &with_h3);
     for name in ["h0", "h1", "h2", "h3"] {
         haproxy::wait_status(&topology.balancer, name, "UP", HEALTH_CHANGE);
     }
