@@ -1,0 +1,344 @@
+//! `sticky-dispatch node-worker -- node app.js`: Node.js workers behind the bridge, in
+//! standalone mode, with real Node processes. Each test prints its figures (run with
+//! --nocapture).
+//!
+//! The app here (tests/node/apps/bridge-http.js) speaks the bridge's side of Node's IPC
+//! channel by hand and answers like the demo worker, so the load harness of tests/common
+//! checks who answered whom.
+
+mod common;
+#[path = "node/support.rs"]
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::process::ExitStatusExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const WORKERS: u32 = 4;
+const THREADS: usize = 8;
+
+fn app(name: &str) -> String {
+    support::node_dir()
+        .join("apps")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn clients() -> Vec<Ipv4Addr> {
+    (0..200).map(client_ip).collect()
+}
+
+fn expected(ip: Ipv4Addr) -> u32 {
+    expected_worker(ip, WORKERS)
+}
+
+fn kill(pid: i32, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
+/// The parent of `pid`: the bridge of a Node process.
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[1].parse().unwrap()
+}
+
+/// The Node process serving `worker`, asked through the dispatcher.
+fn node_of(worker: u32, addr: SocketAddr) -> i32 {
+    request(clients_of(worker, WORKERS, 1)[0], addr)
+        .unwrap()
+        .pid
+}
+
+/// A standalone dispatcher whose workers are `sticky-dispatch node-worker -- node <app>`,
+/// once every worker is ready and linked.
+fn node_workers(
+    test: &'static str,
+    extra_env: &[(&str, &str)],
+    bridge_args: &[&str],
+    app_name: &str,
+) -> (support::Graceful, SocketAddr) {
+    let app = app(app_name);
+    let mut command = vec![DISPATCHER, "node-worker"];
+    command.extend_from_slice(bridge_args);
+    command.extend(["--", "node", &app]);
+    let (dispatcher, addr) = standalone_with(test, WORKERS, extra_env, &command);
+    dispatcher
+        .log
+        .wait_count(&["worker link up"], WORKERS as usize);
+    (support::Graceful(dispatcher), addr)
+}
+
+#[test]
+fn connections_reach_node_with_the_client_address() {
+    let (dispatcher, addr) = node_workers("node-basic", &[], &[], "bridge-http.js");
+    assert_eq!(
+        dispatcher.0.log.count(&["node worker ready"]),
+        WORKERS as usize
+    );
+    let clients: Vec<Ipv4Addr> = (0..40).map(client_ip).collect();
+    let answers = parallel(&clients, 8, |ip| (*ip, request(*ip, addr)));
+    let mut pids = std::collections::BTreeMap::new();
+    for (ip, answer) in &answers {
+        let answer = answer.as_ref().unwrap_or_else(|err| panic!("{ip}: {err}"));
+        assert_eq!(answer.worker, expected(*ip), "{answer:?}");
+        assert_eq!(answer.client, ip.to_string(), "{answer:?}");
+        // Standalone mode names a listener by its configured address.
+        assert_eq!(answer.listener, "127.0.0.1:0", "{answer:?}");
+        assert_eq!(answer.local, addr.to_string(), "{answer:?}");
+        // One Node process per worker, whichever client asks.
+        assert_eq!(*pids.entry(answer.worker).or_insert(answer.pid), answer.pid);
+    }
+    for pid in pids.values() {
+        let bridge = parent_of(*pid);
+        let cmdline = std::fs::read_to_string(format!("/proc/{bridge}/cmdline")).unwrap();
+        assert!(cmdline.contains("node-worker"), "{cmdline:?}");
+    }
+    println!(
+        "40 clients through 4 bridges: all answered by their worker's Node process, with their own address; pids {pids:?}"
+    );
+}
+
+/// SIGTERM to a bridge, then SIGTERM to a Node process (its drain request), under load:
+/// each drains, the pair is restarted, and nothing is lost or moved.
+#[test]
+fn sigterm_to_a_bridge_or_to_node_drains_without_loss() {
+    let (dispatcher, addr) = node_workers("node-sigterm", &[], &[], "bridge-http.js");
+    let log = &dispatcher.0.log;
+    let load = Load::start(addr, &clients(), THREADS, 100_000);
+    load.wait_more(300);
+
+    for (victim, whom) in [(3, "bridge"), (1, "node")] {
+        let node = node_of(victim, addr);
+        let bridge = parent_of(node);
+        let index_field = format!("index={victim}");
+        let ups = log.count(&["worker link up", &index_field]);
+        let before = load.completed();
+        kill(
+            if whom == "bridge" { bridge } else { node },
+            Signal::SIGTERM,
+        );
+        log.wait_for(&["worker is draining", &index_field]);
+        // The pair exits 0 after the drain, and the supervisor starts a new one.
+        let exited = log.wait_for(&["worker exited; restarting", &index_field]);
+        assert!(exited.contains("exit status: 0"), "{exited}");
+        log.wait_count(&["worker link up", &index_field], ups + 1);
+        load.wait_more(300);
+        assert_ne!(
+            node_of(victim, addr),
+            node,
+            "a new Node process serves {victim}"
+        );
+        println!(
+            "SIGTERM to the {whom} of worker {victim}: drained and restarted while {} requests completed",
+            load.completed() - before
+        );
+    }
+    let tally = Tally::of(&load.stop(), expected);
+    println!("under load throughout: {tally}");
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    assert!(log.count(&["drain request from Node"]) >= 1);
+}
+
+/// SIGKILL to a Node process holding connections it had not acknowledged (it is stopped
+/// first, so they pile up in its channel): the bridge exits with Node's signal, the
+/// dispatcher survives and re-sends every unacknowledged connection to the new pair.
+#[test]
+fn killed_node_loses_nothing_unacknowledged() {
+    let dir = scratch_dir("node-sigkill");
+    let mut notify = NotifySocket::bind(&dir);
+    let notify_path = notify.path.display().to_string();
+    let (dispatcher, addr) = node_workers(
+        "node-sigkill",
+        &[("NOTIFY_SOCKET", notify_path.as_str())],
+        &[],
+        "bridge-http.js",
+    );
+    let log = &dispatcher.0.log;
+    let load = Load::start(addr, &clients(), THREADS, 100_000);
+    load.wait_more(300);
+    let victim = 2;
+    let node = node_of(victim, addr);
+    stop_process(node);
+    let status = notify.wait_until("load threads stuck", |line| {
+        status_figure(line, "in flight").is_some_and(|n| n >= THREADS as u64 / 2)
+    });
+    println!("node of worker 2 stopped: {status}");
+    kill(node, Signal::SIGKILL);
+    let down = log.wait_for(&["worker link down", "index=2", "resend="]);
+    let resent: u64 = down
+        .split("resend=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let exited = log.wait_for(&["worker exited; restarting", "index=2"]);
+    assert!(
+        exited.contains("SIGKILL"),
+        "the bridge dies as Node did: {exited}"
+    );
+    load.wait_more(600);
+    let tally = Tally::of(&load.stop(), expected);
+    println!("SIGKILL of worker 2's Node holding {resent} unacknowledged connections: {tally}");
+    assert!(resent >= THREADS as u64 / 2, "{down}");
+    assert_eq!(tally.misrouted, 0, "{tally}");
+    // Only what Node had acknowledged (taken) can die with it: at most one per thread.
+    assert!(tally.failed <= THREADS, "{tally}");
+    assert!(dispatcher.0.log.count(&["panicked"]) == 0);
+    assert_ne!(node_of(victim, addr), node);
+}
+
+/// A Node process that stops reading its channel (SIGSTOP) is treated as dead after the
+/// ACK timeout: the bridge kills it and exits 1, and the client waiting on it is served by
+/// the next pair.
+#[test]
+fn a_node_that_stops_acknowledging_is_killed_after_the_ack_timeout() {
+    let (dispatcher, addr) = node_workers(
+        "node-ack-timeout",
+        &[],
+        &["--ack-timeout", "1s"],
+        "bridge-http.js",
+    );
+    let log = &dispatcher.0.log;
+    let victim = 0;
+    let client = clients_of(victim, WORKERS, 1)[0];
+    let node = node_of(victim, addr);
+    stop_process(node);
+    let started = Instant::now();
+    let waiting = std::thread::spawn(move || request(client, addr));
+    log.wait_for(&["did not acknowledge connection", "within 1s"]);
+    let exited = log.wait_for(&["worker exited; restarting", "index=0"]);
+    assert!(exited.contains("exit status: 1"), "{exited}");
+    let answer = waiting.join().unwrap().unwrap();
+    println!(
+        "Node of worker 0 stopped: killed after the 1 s ACK timeout; its client was answered by the next Node process after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(answer.worker, victim);
+    assert_ne!(answer.pid, node);
+}
+
+/// An app that takes 2 s to become ready: its clients wait at the dispatcher and are then
+/// served; none fails.
+#[test]
+fn clients_wait_for_an_app_that_is_slow_to_become_ready() {
+    let app = app("bridge-http.js");
+    let started = Instant::now();
+    let (dispatcher, addr) = standalone_with(
+        "node-slow-ready",
+        WORKERS,
+        &[("APP_READY_DELAY_MS", "2000")],
+        &[DISPATCHER, "node-worker", "--", "node", &app],
+    );
+    let dispatcher = support::Graceful(dispatcher);
+    let clients: Vec<Ipv4Addr> = (0..40).map(client_ip).collect();
+    let load = LoadPlan::new(addr, &clients).once().start();
+    // Nobody is answered before the apps are ready.
+    dispatcher.0.log.wait_for(&["node worker ready"]);
+    let first_ready = started.elapsed();
+    let outcomes = load.join();
+    let elapsed = started.elapsed();
+    let tally = Tally::of(&outcomes, expected);
+    println!(
+        "apps ready after {first_ready:?}; 40 clients connecting at once from the start: {tally}, last answer after {elapsed:?}"
+    );
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    assert!(
+        first_ready >= Duration::from_millis(2000),
+        "{first_ready:?}"
+    );
+    assert_eq!(
+        dispatcher.0.log.count(&["worker link up"]),
+        WORKERS as usize,
+        "links come up only when the apps are ready"
+    );
+}
+
+/// The bridge run directly: its exit status is Node's, and its errors are clear.
+#[test]
+fn exit_status_and_errors() {
+    let bridge = |index: Option<&str>, args: &[&str]| {
+        let mut command = Command::new(DISPATCHER);
+        command
+            .arg("node-worker")
+            .args(args)
+            .env_remove("STICKY_DISPATCH_INDEX")
+            .env("STICKY_DISPATCH_SOCKET_PREFIX", unique_prefix("node-exit"));
+        if let Some(index) = index {
+            command.env("STICKY_DISPATCH_INDEX", index);
+        }
+        support::run(command, PATIENCE).unwrap()
+    };
+    let exit3 = bridge(Some("0"), &["--", "node", "-e", "process.exit(3)"]);
+    assert_eq!(exit3.status.code(), Some(3), "{}", exit3.stderr);
+    assert!(
+        exit3.stderr.contains("Node exited before it was ready"),
+        "{}",
+        exit3.stderr
+    );
+
+    let killed = bridge(
+        Some("0"),
+        &["node", "-e", "process.kill(process.pid, 'SIGKILL')"],
+    );
+    assert_eq!(killed.status.signal(), Some(9), "{}", killed.stderr);
+
+    // The index and the channel reach the app: it reports them, then exits 0.
+    let script = "process.send({hello: process.env.STICKY_DISPATCH_INDEX}); \
+                  console.log(`index=${process.env.STICKY_DISPATCH_INDEX} channel=${typeof process.send} fdvar=${process.env.NODE_CHANNEL_FD}`); \
+                  process.disconnect()";
+    let seen = bridge(
+        Some("5"),
+        &["--log-level", "debug", "--", "node", "-e", script],
+    );
+    assert_eq!(seen.status.code(), Some(0), "{}", seen.stderr);
+    assert!(
+        seen.stdout
+            .contains("index=5 channel=function fdvar=undefined"),
+        "{}",
+        seen.stdout
+    );
+    assert!(
+        seen.stderr.contains("message from Node ignored"),
+        "{}",
+        seen.stderr
+    );
+
+    let missing = bridge(Some("0"), &["--", "/nonexistent/node", "app.js"]);
+    assert_eq!(missing.status.code(), Some(127), "{}", missing.stderr);
+    assert!(
+        missing.stderr.contains("could not start /nonexistent/node"),
+        "{}",
+        missing.stderr
+    );
+
+    let no_index = bridge(None, &["--", "node", "-e", "0"]);
+    assert_eq!(no_index.status.code(), Some(78), "{}", no_index.stderr);
+    assert!(
+        no_index.stderr.contains("no worker index"),
+        "{}",
+        no_index.stderr
+    );
+
+    let no_command = bridge(Some("0"), &[]);
+    assert_eq!(no_command.status.code(), Some(2), "{}", no_command.stderr);
+    assert!(
+        no_command.stderr.contains("<COMMAND>"),
+        "{}",
+        no_command.stderr
+    );
+    println!("exit 3 -> 3; SIGKILL -> SIGKILL; not found -> 127; no index -> 78; no COMMAND -> 2 (usage)");
+}
