@@ -7,6 +7,7 @@
 //! checks who answered whom.
 
 mod common;
+mod container;
 #[path = "node/support.rs"]
 mod support;
 
@@ -341,4 +342,170 @@ fn exit_status_and_errors() {
         no_command.stderr
     );
     println!("exit 3 -> 3; SIGKILL -> SIGKILL; not found -> 127; no index -> 78; no COMMAND -> 2 (usage)");
+}
+
+/// Under a booted systemd (tests/container): the example unit systemd/node-app@.service
+/// with the bridge and Node, started by the generator from `worker_unit`. Its hardening
+/// as systemd-analyze rates it; every reply comes from a Node child of the unit's main
+/// process (the bridge); `systemctl restart node-app@2` under load waits for the app
+/// (Type=notify, the app taking 1 s to be ready) and loses nothing.
+#[test]
+#[ignore = "needs root: mounts an overlay and boots systemd with systemd-nspawn"]
+fn node_worker_units_under_a_booted_systemd() {
+    use container::{enter_netns, output_text, poll, stage_file, stage_text, Container};
+    use std::path::Path;
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (mounts an overlay and boots systemd with systemd-nspawn)"
+    );
+    container::ensure_nspawn();
+    const GENERATOR: &str = env!("CARGO_BIN_EXE_sticky-dispatch-generator");
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let c = Container::boot("node-worker", |dir| {
+        stage_file(dir, "usr/bin/sticky-dispatch", Path::new(DISPATCHER), 0o755);
+        stage_file(
+            dir,
+            "usr/lib/systemd/system-generators/sticky-dispatch-generator",
+            Path::new(GENERATOR),
+            0o755,
+        );
+        for unit in [
+            "sticky-dispatch.socket",
+            "sticky-dispatch.service",
+            "node-app@.service",
+        ] {
+            stage_file(
+                dir,
+                &format!("usr/lib/systemd/system/{unit}"),
+                &source.join("systemd").join(unit),
+                0o644,
+            );
+        }
+        stage_file(
+            dir,
+            "srv/app/server.js",
+            &support::node_dir().join("apps/bridge-http.js"),
+            0o644,
+        );
+        stage_text(
+            dir,
+            "etc/systemd/system/node-app@.service.d/slow-ready.conf",
+            "[Service]\nEnvironment=APP_READY_DELAY_MS=1000\n",
+        );
+        stage_text(
+            dir,
+            "etc/sticky-dispatch/config.toml",
+            "workers = 4\nworker_unit = \"node-app@.service\"\n",
+        );
+    });
+    let unit = |i: u32| format!("node-app@{i}.service");
+
+    let verify = c.run(&["systemd-analyze", "verify", "node-app@0.service"]);
+    let text = output_text(&verify);
+    let ours: Vec<&str> = text.lines().filter(|l| l.contains("node-app@")).collect();
+    assert!(
+        verify.status.success() && ours.is_empty(),
+        "systemd-analyze verify: {text}"
+    );
+    let security = output_text(&c.run(&[
+        "systemd-analyze",
+        "security",
+        "--no-pager",
+        "node-app@0.service",
+    ]));
+    let exposure: f64 = security
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for").nth(1))
+        .and_then(|rest| rest.split(':').nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level:\n{security}"));
+    let open: Vec<&str> = security
+        .lines()
+        .filter(|l| l.starts_with('✗'))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    println!(
+        "systemd-analyze security node-app@0.service: exposure {exposure} (open: {})",
+        open.join(" ")
+    );
+    assert!(exposure <= 2.0, "exposure {exposure} > 2.0:\n{security}");
+
+    c.ok(&["systemctl", "start", "sticky-dispatch.socket"]);
+    let to = SocketAddr::from((Ipv4Addr::LOCALHOST, 8080));
+    let netns = c.netns();
+    let clients: Vec<Ipv4Addr> = (0..200)
+        .map(|i| Ipv4Addr::new(127, 16, (i / 100) as u8, (i % 100) as u8 + 2))
+        .collect();
+    let plan = |clients: &[Ipv4Addr]| {
+        let netns = netns.clone();
+        LoadPlan::new(to, clients)
+            .reply_timeout(Duration::from_secs(40))
+            .max_time(Duration::from_secs(90))
+            .setup(move || enter_netns(&netns))
+    };
+    // The first connection starts the dispatcher and the four pairs.
+    let first = plan(&clients[..1]).once().start().join();
+    first[0]
+        .answer
+        .as_ref()
+        .unwrap_or_else(|err| panic!("first connection: {err}"));
+    poll("the four Node workers active", || {
+        (0..WORKERS)
+            .all(|i| c.active_state(&unit(i)) == "active")
+            .then_some(())
+    });
+    let outcomes = plan(&clients).once().start().join();
+    let tally = Tally::of(&outcomes, expected);
+    println!("socket activation, 200 clients at once: {tally}");
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    for outcome in &outcomes {
+        let answer = outcome.answer.as_ref().unwrap();
+        assert_eq!(answer.client, outcome.client.to_string());
+        // The reply comes from Node, a child of the unit's main process, the bridge.
+        let bridge = c.main_pid(&unit(answer.worker));
+        let stat = c.ok(&["cat", &format!("/proc/{}/stat", answer.pid)]);
+        let ppid: u32 = stat
+            .rsplit_once(") ")
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(ppid, bridge, "{answer:?}");
+    }
+
+    let old_bridge = c.main_pid(&unit(2));
+    let load = plan(&clients)
+        .threads(THREADS)
+        .max_each(100_000 / THREADS)
+        .start();
+    load.wait_until("load running", |l| l.answered() >= 300);
+    let started = Instant::now();
+    c.ok(&["systemctl", "restart", &unit(2)]);
+    let took = started.elapsed();
+    let new_bridge = c.main_pid(&unit(2));
+    let answered = load.answered();
+    load.wait_until("worker 2's new Node serving", |l| {
+        l.answered() >= answered + 300
+    });
+    let outcomes = load.stop();
+    let tally = Tally::of(&outcomes, expected);
+    let journal: Vec<String> = c
+        .journal(&["-u", &unit(2), "-n", "12"])
+        .iter()
+        .map(|e| container::message(e).to_owned())
+        .collect();
+    println!(
+        "systemctl restart node-app@2 under load (bridge pid {old_bridge} -> {new_bridge}): returned after {took:?} (the app takes 1 s to be ready); {tally}"
+    );
+    println!("journal -u node-app@2: {journal:#?}");
+    assert_ne!(old_bridge, new_bridge);
+    assert!(
+        took >= Duration::from_secs(1),
+        "systemctl restart returned before the app was ready: {took:?}"
+    );
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
 }
