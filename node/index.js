@@ -338,14 +338,15 @@ const bridge = {
       sticky.draining = true;
       sticky.emit('drain', reason);
       endResponses(sticky);
-      // net.Server.close() emits 'close' once every connection is closed (we count them
-      // as net.Server does); for http it also closes the idle keep-alive connections.
-      sticky.server.close();
-      closeIdle(sticky.server);
+      // net.Server.close() emits 'close' now if the server has no connection left,
+      // otherwise handToServer() does once the last one has closed. For http, close()
+      // also closes the idle keep-alive connections (Node >= 19; closeIdle for 18).
       sticky.server.once('close', () => {
         finishServer(sticky);
         this.maybeFinish();
       });
+      sticky.server.close();
+      closeIdle(sticky.server);
     }
     const left = Math.max(0, this.deadline - Date.now());
     this.forceTimer = setTimeout(() => this.cut(), left);
@@ -397,13 +398,18 @@ function handToServer(sticky, socket, info) {
   if (server.noDelay) socket.setNoDelay(true);
   if (server.keepAlive) socket.setKeepAlive(true, server.keepAliveInitialDelay * 1000);
   if (server.pauseOnConnect) socket.pause();
-  // Counted like an accepted connection, so that server.getConnections() is right and
-  // server.close() emits 'close' only once the last connection has closed.
+  // Counted like an accepted connection (server.getConnections(), maxConnections), but
+  // without net's socket._server link: through it, net would emit 'close' on the server
+  // whenever its last connection closes, as the server has no listening socket; engine.io
+  // (socket.io) shuts itself down on that event. 'close' comes once drained, below.
   server._connections++;
   socket.server = server;
-  socket._server = server;
   sticky.sockets.add(socket);
-  socket.once('close', () => sticky.sockets.delete(socket));
+  socket.once('close', () => {
+    server._connections--;
+    sticky.sockets.delete(socket);
+    if (sticky.draining && sticky.sockets.size === 0) server.emit('close');
+  });
   sticky.emit('connection', socket, info);
   server.emit('connection', socket);
 }

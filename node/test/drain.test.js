@@ -34,9 +34,23 @@ test('drain: the request in flight is answered, then the app exits 0', LIMIT, as
   assert.ok(bridge.messages.some((m) => m.app === 'drain' && m.reason === 'bridge'));
 });
 
+test("the server emits 'close' only at the drain, not whenever it has no connection", LIMIT, async (t) => {
+  const { bridge, port } = await started(t);
+  for (const seq of [1, 2]) {
+    assert.equal((await get(port, '/')).status, 200);
+    await bridge.message((m) => m.app === 'connection-closed' && m.seq === seq);
+  }
+  // Messages arrive in order: a 'close' emitted when connection 1 closed would be here.
+  assert.ok(!bridge.messages.some((m) => m.app === 'server-close'), 'no close while serving');
+  bridge.drain();
+  await bridge.message((m) => m.app === 'server-close');
+  assert.deepEqual(await bridge.exited, { code: 0, signal: null });
+});
+
 test('drain: an idle keep-alive connection is closed at once', LIMIT, async (t) => {
-  // A drain timeout far beyond the test's limit: only closing the idle connection ends it.
-  const { bridge, port } = await started(t, { APP_DRAIN_TIMEOUT: '600000' });
+  // Drain and keep-alive timeouts far beyond the test's limit: only closing the idle
+  // connection at the drain ends it in time.
+  const { bridge, port } = await started(t, { APP_DRAIN_TIMEOUT: '600000', APP_KEEP_ALIVE_TIMEOUT: '600000' });
   const client = net.connect(port, '127.0.0.1');
   client.setEncoding('utf8');
   let received = '';

@@ -6,7 +6,7 @@
 //           sends {app: 'slow-started'} on the IPC channel when it has the request
 //   /hang   never answers; sends {app: 'hang-started'}
 //   /stop   calls close() on the handle (as SIGTERM would), answers at once
-// Settings: APP_DRAIN_TIMEOUT (ms), APP_FALLBACK_PORT, APP_EXIT=false.
+// Settings: APP_DRAIN_TIMEOUT (ms), APP_FALLBACK_PORT, APP_EXIT=false, APP_KEEP_ALIVE_TIMEOUT.
 const fs = require('node:fs');
 const http = require('node:http');
 const https = require('node:https');
@@ -16,6 +16,9 @@ const tlsOptions = process.env.APP_TLS_KEY
   ? { key: fs.readFileSync(process.env.APP_TLS_KEY), cert: fs.readFileSync(process.env.APP_TLS_CERT) }
   : null;
 const server = tlsOptions ? https.createServer(tlsOptions, onRequest) : http.createServer(onRequest);
+
+// For the tests that must not be ended by Node's own keep-alive timeout (5 s).
+if (process.env.APP_KEEP_ALIVE_TIMEOUT) server.keepAliveTimeout = Number(process.env.APP_KEEP_ALIVE_TIMEOUT);
 
 function tell(msg) {
   if (process.connected) process.send(msg);
@@ -70,6 +73,8 @@ if (process.env.APP_FALLBACK_PORT !== undefined) options.fallbackPort = process.
 if (process.env.APP_EXIT === 'false') options.exit = false;
 
 const handle = sticky.listen(server, options);
+server.on('close', () => tell({ app: 'server-close' }));
+handle.on('connection', (socket, info) => socket.on('close', () => tell({ app: 'connection-closed', seq: info.seq })));
 handle.on('drain', (reason) => {
   drainBegun = true;
   tell({ app: 'drain', reason });
