@@ -509,3 +509,123 @@ fn node_worker_units_under_a_booted_systemd() {
     );
     assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
 }
+
+/// One client's outcome, from a `client ...` line of tests/node/socketio-clients.js.
+#[derive(Debug)]
+struct Session {
+    ip: Ipv4Addr,
+    ok: bool,
+    received: usize,
+    expected: usize,
+    worker: Option<u32>,
+    client: String,
+}
+
+/// Runs the 50 socket.io clients (long-polling, each request a new connection from the
+/// client's own address) against `addr`; `phase_ms` bounds each phase of a client.
+fn socketio_clients(addr: SocketAddr, phase_ms: u32) -> Vec<Session> {
+    support::npm_ci();
+    let mut command = Command::new("node");
+    command
+        .arg(support::node_dir().join("socketio-clients.js"))
+        .arg(format!("http://{addr}"))
+        .args((0..50).map(|n| client_ip(n).to_string()))
+        .env("PHASE_MS", phase_ms.to_string());
+    let out = support::run(command, Duration::from_secs(150)).unwrap();
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    let sessions: Vec<Session> = out
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("client "))
+        .map(|line| {
+            let fields = line.split(" error=").next().unwrap();
+            let field = |name: &str| {
+                fields
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+                    .unwrap_or_else(|| panic!("no {name}= in {line}"))
+            };
+            Session {
+                ip: field("ip").parse().unwrap(),
+                ok: field("ok") == "true",
+                received: field("received").parse().unwrap(),
+                expected: field("expected").parse().unwrap(),
+                worker: field("worker").parse().ok(),
+                client: field("client").to_owned(),
+            }
+        })
+        .collect();
+    assert_eq!(sessions.len(), 50, "{}", out.stdout);
+    sessions
+}
+
+/// The socket.io chat (tests/node/apps/chat.js, with the npm package from node/) on 4 Node
+/// workers behind the bridge: 50 real socket.io clients complete handshake, join and
+/// messages, each on its worker, seen from its own address. The same app on Node's own
+/// cluster module (round-robin) fails: the test can fail.
+#[test]
+fn socketio_chat_on_node_workers_and_not_on_node_cluster() {
+    support::npm_ci();
+    let (dispatcher, addr) = node_workers("node-socketio", &[], &[], "chat.js");
+    let sessions = socketio_clients(addr, 20_000);
+    let ok = sessions.iter().filter(|s| s.ok).count();
+    let delivered: usize = sessions.iter().map(|s| s.received).sum();
+    println!("socket.io chat, 4 Node workers behind sticky-dispatch: {ok}/50 clients completed handshake, join and messages; {delivered} messages delivered");
+    for s in &sessions {
+        assert!(s.ok, "{s:?}");
+        assert_eq!(s.worker, Some(expected(s.ip)), "{s:?}");
+        assert_eq!(
+            s.client,
+            s.ip.to_string(),
+            "socket.io's handshake.address: {s:?}"
+        );
+        assert_eq!(s.received, s.expected, "{s:?}");
+    }
+    drop(dispatcher);
+
+    // Node's cluster module, round-robin: the same app, not sticky.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = Command::new("node");
+    command
+        .arg(app("chat.js"))
+        .env("CHAT_CLUSTER_PORT", port.to_string())
+        .env("CHAT_WORKERS", WORKERS.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let log = Log::capture(&mut child, "cluster");
+    let cluster = Running { child, log };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("chat cluster listening") => break,
+            Ok(_) => {}
+            Err(err) => panic!("the cluster did not listen: {err}; {}", cluster.log.text()),
+        }
+    }
+    let sessions = socketio_clients(SocketAddr::from(([127, 0, 0, 1], port)), 8_000);
+    let failed = sessions.iter().filter(|s| !s.ok).count();
+    println!("the same chat on Node's cluster module (round-robin, 4 workers): {}/50 clients completed, {failed} failed", 50 - failed);
+    assert!(
+        failed >= 25,
+        "without stickiness most sessions should break: {failed} failed"
+    );
+    drop(cluster);
+}
