@@ -629,3 +629,79 @@ fn socketio_chat_on_node_workers_and_not_on_node_cluster() {
     );
     drop(cluster);
 }
+
+/// A TCP-mode HAProxy in front, sending PROXY protocol v2 on each of two server lines to
+/// the one dispatcher (as tests/haproxy.rs), in the foreground; killed when dropped.
+fn haproxy_in_front_of(dispatcher: SocketAddr) -> (Running, SocketAddr) {
+    let program =
+        support::debian_program("haproxy", "haproxy").unwrap_or_else(|why| panic!("{why}"));
+    let frontend = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let path = scratch_dir("node-haproxy").join("haproxy.cfg");
+    std::fs::write(
+        &path,
+        format!(
+            "global\n    maxconn 2000\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 30s\n    timeout server 30s\n\
+             frontend clients\n    bind {frontend}\n    default_backend dispatchers\n\
+             backend dispatchers\n    balance roundrobin\n    server a {dispatcher} send-proxy-v2\n    server b {dispatcher} send-proxy-v2\n"
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new(program);
+    command.arg("-db").arg("-f").arg(&path);
+    let mut haproxy = Running::spawn(command, "haproxy");
+    let deadline = Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(frontend).is_err() {
+        assert!(
+            haproxy.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "haproxy does not accept on {frontend}; log:\n{}",
+            haproxy.log.text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (haproxy, frontend)
+}
+
+/// Behind HAProxy with PROXY protocol v2 (`routing_key = "proxy-protocol"`): every
+/// connection comes from HAProxy, yet each of the 50 socket.io clients stays on the worker
+/// of its own address, and socket.io's `handshake.address` in Node is the client's.
+#[test]
+#[ignore = "needs root (apt-get install haproxy when missing) or haproxy installed"]
+fn socketio_behind_haproxy_with_proxy_protocol_sees_the_client() {
+    support::npm_ci();
+    let (dispatcher, addr) = node_workers(
+        "node-haproxy",
+        &[("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol")],
+        &[],
+        "chat.js",
+    );
+    let (_haproxy, frontend) = haproxy_in_front_of(addr);
+    let sessions = socketio_clients(frontend, 20_000);
+    let ok = sessions.iter().filter(|s| s.ok).count();
+    println!("socket.io through HAProxy (send-proxy-v2) to 4 Node workers: {ok}/50 completed; every handshake.address the client's own");
+    for s in &sessions {
+        assert!(s.ok, "{s:?}");
+        assert_eq!(
+            s.worker,
+            Some(expected(s.ip)),
+            "routed by the PROXY header: {s:?}"
+        );
+        assert_eq!(
+            s.client,
+            s.ip.to_string(),
+            "socket.io's handshake.address: {s:?}"
+        );
+    }
+    // Plain HTTP too: the app sees the client, and HAProxy's frontend as the local address.
+    let answer = send(
+        client_ip(7),
+        frontend,
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(answer.client, client_ip(7).to_string(), "{answer:?}");
+    assert_eq!(answer.local, frontend.to_string(), "{answer:?}");
+    drop(dispatcher);
+}
