@@ -194,10 +194,13 @@ fn killed_node_loses_nothing_unacknowledged() {
     load.wait_more(600);
     let tally = Tally::of(&load.stop(), expected);
     println!("SIGKILL of worker 2's Node holding {resent} unacknowledged connections: {tally}");
-    assert!(resent >= THREADS as u64 / 2, "{down}");
+    // ACKs Node wrote just before it stopped may still be passed on, so fewer than the
+    // STATUS above may be left unacknowledged; but some always are.
+    assert!(resent >= 1, "{down}");
     assert_eq!(tally.misrouted, 0, "{tally}");
-    // Only what Node had acknowledged (taken) can die with it: at most one per thread.
-    assert!(tally.failed <= THREADS, "{tally}");
+    // Each load thread has one request open: re-sent (and then answered), or taken by
+    // Node (acknowledged) and lost with it. Nothing unacknowledged is lost.
+    assert!(tally.failed + resent as usize <= THREADS, "{tally}; {down}");
     assert!(dispatcher.0.log.count(&["panicked"]) == 0);
     assert_ne!(node_of(victim, addr), node);
 }

@@ -6,12 +6,12 @@
 //! a line `{"cmd":"NODE_HANDLE","type":"net.Socket","msg":M}` that arrives with an fd is
 //! answered with `{"cmd":"NODE_HANDLE_ACK"}` (in the order received), then turned into a
 //! `net.Socket` and emitted as `process.on('message', (M, socket))`. Without its fd the
-//! answer is `{"cmd":"NODE_HANDLE_NACK"}`. Node keeps a received fd until the line it
-//! came with is complete, so a line split over two reads still gets its fd; but the
-//! kernel delivers at most one SCM_RIGHTS message per read, and Node pairs the fd with the
-//! first NODE_HANDLE line it completes: so each line goes in a `sendmsg` of its own, with
-//! exactly its own fd. Two lines in one `sendmsg` would give every later connection the
-//! previous connection's fd.
+//! answer is `{"cmd":"NODE_HANDLE_NACK"}`. Node pairs the fd a read brought with the first
+//! NODE_HANDLE line it completes, keeping one fd at a time, and the kernel ends a read
+//! after the first message that carries fds: so each line goes in a `sendmsg` of its own,
+//! with exactly its own fd (two lines in one `sendmsg` would give every later connection
+//! the previous connection's fd), and no line may be split across reads (the bridge's
+//! window of unacknowledged lines keeps them whole: see `WINDOW`).
 
 use std::io;
 use std::net::SocketAddr;

@@ -58,6 +58,16 @@ use self::links::LinkId;
 use crate::worker::link::{Handoff, LinkServer};
 use crate::worker::WorkerOptions;
 
+/// Connections sent to Node and not yet acknowledged, at most. Node keeps one received fd
+/// until the line it came with is complete, and a read that brings a second fd replaces
+/// it: a line must never be split across two of Node's reads. The kernel ends a read after
+/// the first message carrying fds, so a line is split only if the socket took part of it
+/// (a full send buffer) or Node's 64 KiB read buffer ended inside it. Lines are under
+/// 1 KiB (the listener name is at most 255 bytes), so 32 of them stay under 32 KiB: far
+/// below the socket's send buffer and Node's read buffer, with neither case possible,
+/// while Node still acknowledges a batch per event-loop turn instead of one connection
+/// per round trip.
+const WINDOW: usize = 32;
 /// Times a connection is sent again after Node answered NACK (it got the line without the
 /// fd, e.g. out of fds), as Node's own `child.send` does; then it is dropped.
 const MAX_RETRANSMISSIONS: u8 = 3;
@@ -255,7 +265,10 @@ impl Bridge {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
-                Some((link, handoff)) = self.handoffs.recv() => self.hand_to_node(link, handoff).await,
+                // While the window is full the links wait, and so does the dispatcher.
+                Some((link, handoff)) = self.handoffs.recv(), if self.in_flight.len() < WINDOW => {
+                    self.hand_to_node(link, handoff).await;
+                }
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Ok(link) = done {
                         self.links.remove(&link);
