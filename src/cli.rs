@@ -70,6 +70,25 @@ pub enum Action {
         /// Directory to write the pages into
         dir: PathBuf,
     },
+    /// Be worker N for a Node.js app: start COMMAND (e.g. `node app.js`) with Node's IPC
+    /// channel and hand it each connection; ready when the app is (docs/node.md)
+    NodeWorker {
+        /// How long Node may take to acknowledge a connection before it is treated as
+        /// dead (killed; the dispatcher re-sends what it had not acknowledged)
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+        ack_timeout: std::time::Duration,
+        /// How long Node may take to exit once told to drain; then SIGKILL
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        stop_timeout: std::time::Duration,
+        /// The Node.js command and its arguments
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<OsString>,
+    },
 }
 
 impl Cli {

@@ -29,6 +29,8 @@
 //! - `config` — figment layers validated into typed settings.
 //! - `supervisor` — standalone mode: spawn and restart the workers (one `unsafe` line: the
 //!   parent-death signal set between fork and exec).
+//! - `node_bridge` — `sticky-dispatch node-worker -- node app.js`: a worker that hands
+//!   each connection to a Node.js process over Node's own IPC channel.
 //! - `logging` — journald when under systemd, stderr otherwise.
 //! - `cli`, `manual` — the daemon's command line, and the manual pages generated from it
 //!   and from the configuration keys.
@@ -50,6 +52,8 @@ pub mod link;
 pub mod logging;
 #[cfg(feature = "dispatcher")]
 pub mod manual;
+#[cfg(feature = "dispatcher")]
+pub mod node_bridge;
 #[cfg(feature = "dispatcher")]
 pub mod routing;
 pub mod shared;

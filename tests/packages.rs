@@ -123,6 +123,26 @@ fn deb_installs_serves_upgrades_removes_and_purges_under_systemd() {
         String::from_utf8_lossy(&check.stderr).trim()
     );
 
+    // The Node.js package, found by a plain require() without npm: by Debian's Node in
+    // /usr/share/nodejs, by an upstream-built one (the host's) through /usr/lib/node.
+    let node = c.run(&[
+        "node",
+        "-e",
+        "const s = require('sticky-dispatch'); console.log(require.resolve('sticky-dispatch'), typeof s.listen)",
+    ]);
+    say!(
+        "node -e \"require('sticky-dispatch')\": {}",
+        output_text(&node).trim()
+    );
+    assert!(
+        node.status.success()
+            && String::from_utf8_lossy(&node.stdout)
+                .trim_end()
+                .ends_with("index.js function"),
+        "require('sticky-dispatch') after apt install: {}",
+        output_text(&node)
+    );
+
     let enabled = c.ok_or_not(&["systemctl", "is-enabled", "sticky-dispatch.socket"]);
     let active = c.ok_or_not(&["systemctl", "is-active", "sticky-dispatch.socket"]);
     say!("sticky-dispatch.socket after install: {enabled}, {active}");

@@ -24,6 +24,22 @@ const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Action::NodeWorker {
+        command,
+        ack_timeout,
+        stop_timeout,
+    }) = &cli.action
+    {
+        let timeouts = sticky_dispatch::node_bridge::Timeouts {
+            ack: *ack_timeout,
+            stop: *stop_timeout,
+        };
+        return sticky_dispatch::node_bridge::main(
+            command.clone(),
+            timeouts,
+            cli.log_level.clone(),
+        );
+    }
     // Before any thread exists: reading the systemd variables also unsets them.
     let systemd_sockets = take_systemd_sockets();
 
