@@ -108,12 +108,18 @@ impl RoutingKey {
         &self.bytes[..usize::from(self.len)]
     }
 
-    /// Builds a key from at most 16 bytes (only called with 4 or 16).
+    /// A key from the bytes [`RoutingKey::as_bytes`] gave (0, 4, 8 or 16 of them), as
+    /// kept with a connection in systemd's fd store; `None` for any other length.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        matches!(bytes.len(), 0 | 4 | 8 | 16).then(|| Self::from_slice(bytes))
+    }
+
+    /// Builds a key from at most 16 bytes (only called with 0, 4, 8 or 16).
     fn from_slice(src: &[u8]) -> Self {
         let mut bytes = [0; 16];
         bytes[..src.len()].copy_from_slice(src);
         RoutingKey {
-            // Callers pass 4 or 16 bytes, so this never truncates.
+            // Callers pass at most 16 bytes, so this never truncates.
             len: src.len() as u8,
             bytes,
         }

@@ -23,7 +23,7 @@ fn reload_reports_restart_only_keys_in_status_until_they_match_again() {
         .env("STICKY_DISPATCH_SOCKET_PREFIX", unique_prefix("reload"));
     let mut dispatcher = Running::spawn(command, "dispatcher");
     notify.wait_for("READY=1");
-    let first = notify.seen.len();
+    let first = notify.seen().len();
 
     std::fs::write(&config, "workers = 3\npending_timeout = \"5s\"\n").unwrap();
     dispatcher.signal(Signal::SIGHUP);
@@ -31,11 +31,11 @@ fn reload_reports_restart_only_keys_in_status_until_they_match_again() {
         line.starts_with("STATUS=") && line.contains("restart needed for workers")
     });
     assert!(status.starts_with("STATUS=0/2 workers live"), "{status}");
-    let reloading = notify.seen[first..]
+    let reloading = notify.seen()[first..]
         .iter()
         .flat_map(|d| d.lines())
         .any(|l| l == "RELOADING=1");
-    assert!(reloading, "no RELOADING=1 in {:?}", notify.seen);
+    assert!(reloading, "no RELOADING=1 in {:?}", notify.seen());
     let warned = dispatcher
         .log
         .wait_for(&["takes effect at the next restart"]);
@@ -44,7 +44,7 @@ fn reload_reports_restart_only_keys_in_status_until_they_match_again() {
     assert!(applied.contains("pending_timeout"), "{applied}");
 
     // Back to the running value: the note goes away (only notifications from now count).
-    notify.seen.clear();
+    notify.skip_seen();
     std::fs::write(&config, "workers = 2\npending_timeout = \"5s\"\n").unwrap();
     dispatcher.signal(Signal::SIGHUP);
     dispatcher.log.wait_count(&["configuration reloaded"], 2);

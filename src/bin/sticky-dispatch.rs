@@ -171,12 +171,9 @@ fn take_systemd_sockets() -> anyhow::Result<Sockets> {
     for index in 0..fds.len() {
         let name = names.next().filter(|name| !name.is_empty());
         let name = name.map_or_else(|| format!("fd{}", index + 3), str::to_owned);
-        if let Some(listener) = dispatcher::stored_connection_listener(&name) {
+        if dispatcher::is_stored_connection(&name) {
             match take_connection(&mut fds, index) {
-                Some(stream) => sockets.held_over.push(HeldOver {
-                    listener: listener.into(),
-                    stream,
-                }),
+                Some(stream) => sockets.held_over.push(HeldOver { stream, name }),
                 None => eprintln!(
                     "sticky-dispatch: stored fd {name:?} is not a TCP connection; closing it"
                 ),
@@ -237,7 +234,8 @@ fn with_listeners(mut sockets: Sockets, settings: &Settings) -> anyhow::Result<S
 }
 
 /// Turns signals into dispatcher controls: SIGTERM (systemd's stop) and SIGINT (Ctrl-C)
-/// stop it; SIGHUP (`systemctl reload`) re-reads the configuration.
+/// stop it gracefully, and a second one at once; SIGHUP (`systemctl reload`) re-reads the
+/// configuration.
 fn signals(
     overrides: Overrides,
     logs: logging::LogControl,
@@ -263,8 +261,8 @@ fn signals(
                     }
                 },
             };
-            let stop = matches!(command, Control::Shutdown);
-            if control.send(command).await.is_err() || stop {
+            // After a first stop, keep listening: a second SIGTERM or SIGINT stops at once.
+            if control.send(command).await.is_err() {
                 return;
             }
         }

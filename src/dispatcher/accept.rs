@@ -86,6 +86,7 @@ impl Acceptor {
                             local,
                             listener: self.name.clone(),
                             permit,
+                            reading: self.shared.reading_key(),
                         };
                         tokio::spawn(keyed::route(self.shared.clone(), conn));
                         continue;

@@ -18,7 +18,7 @@ mod observe;
 mod slot;
 mod state;
 
-pub use fdstore::{stored_connection_listener, HeldOver};
+pub use fdstore::{is_stored_connection, HeldOver};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +26,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, Interval};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
+use fdstore::Stored;
 use state::{Held, Phase, Shared};
 
 /// How often `STATUS=` is refreshed (only sent when it changed).
@@ -97,7 +98,7 @@ pub async fn run(
             _ = status.tick() => status.refresh(&dispatcher.shared),
         }
     }
-    Ok(dispatcher.shut_down().await)
+    Ok(dispatcher.shut_down(&mut control).await)
 }
 
 /// The running tasks, and the senders that steer them.
@@ -124,7 +125,7 @@ impl Dispatcher {
         let names: Vec<Arc<str>> = sockets.listeners.iter().map(|l| l.name.clone()).collect();
         let shared = Arc::new(Shared::new(
             settings_rx,
-            fdstore::available(),
+            fdstore::FdStore::connect(),
             inboxes,
             &names,
         ));
@@ -155,40 +156,63 @@ impl Dispatcher {
         })
     }
 
-    /// Stops accepting, lets the slots finish within `shutdown_timeout`, and keeps what
-    /// still waits in the fd store if it can.
-    async fn shut_down(mut self) -> Summary {
-        let shutdown_timeout = self.shared.settings().shutdown_timeout;
-        let deadline = Instant::now() + shutdown_timeout;
-        info!(timeout = ?shutdown_timeout, "stopping: no new connections; finishing hand-offs");
+    /// Stops accepting, lets the connections whose key is being read be routed, lets the
+    /// slots finish within `shutdown_timeout`, and leaves what still waits in the fd store
+    /// if it can. A second stop signal (`control`) cuts it short: what waits is kept, the
+    /// rest is closed.
+    async fn shut_down(mut self, control: &mut mpsc::Receiver<Control>) -> Summary {
+        let settings = self.shared.settings();
+        let deadline = Instant::now() + settings.shutdown_timeout;
+        info!(timeout = ?settings.shutdown_timeout, "stopping: no new connections; finishing hand-offs");
         notify(&[
             sd_notify::NotifyState::Stopping,
             sd_notify::NotifyState::Status("stopping: finishing hand-offs"),
         ]);
         self.phase.send_replace(Phase::Stopping);
-        while self.acceptors.join_next().await.is_some() {}
-        self.phase.send_replace(Phase::Finishing);
         let mut left = Vec::new();
-        let finished = tokio::time::timeout_at(deadline, async {
+        let graceful = async {
+            while self.acceptors.join_next().await.is_some() {}
+            // A connection accepted just before the stop may still be sending its key: it
+            // is routed (or times out) before the slots finish, not dropped.
+            let mut readers = self.shared.key_readers.subscribe();
+            crate::wait_until(&mut readers, |n| *n == 0).await;
+            self.phase.send_replace(Phase::Finishing);
             while let Some(Ok(held)) = self.slots.join_next().await {
                 left.extend(held);
             }
-        })
-        .await;
-        if finished.is_err() {
-            warn!("shutdown timeout reached: giving up on the connections still held");
-            self.phase.send_replace(Phase::Abandon);
-            while let Some(Ok(held)) = self.slots.join_next().await {
-                left.extend(held);
+        };
+        tokio::select! {
+            finished = tokio::time::timeout_at(deadline, graceful) => if finished.is_err() {
+                warn!("shutdown timeout reached: giving up on the connections still held");
+            },
+            () = second_stop(control) => {
+                warn!("second stop signal: stopping at once; waiting connections stay in the fd store, unacknowledged ones are closed");
+                notify(&[
+                    sd_notify::NotifyState::Stopping,
+                    sd_notify::NotifyState::Status("stopping at once (second stop signal)"),
+                ]);
             }
         }
+        self.phase.send_replace(Phase::Abandon);
+        while let Some(Ok(held)) = self.slots.join_next().await {
+            left.extend(held);
+        }
         let waiting = left.len() as u64;
-        let stored = if self.shared.fd_store && waiting > 0 {
-            fdstore::store(left)
-        } else {
-            drop(left);
-            0
-        };
+        let mut stored = 0;
+        for mut held in left {
+            let entry = match held.stored.take() {
+                Some(entry) => Some(entry),
+                None => self
+                    .shared
+                    .fd_store
+                    .as_ref()
+                    .and_then(|store| Stored::store(store, &held)),
+            };
+            if let Some(entry) = entry {
+                entry.keep();
+                stored += 1;
+            }
+        }
         let summary = Summary {
             handed_off: self.shared.metrics.totals().handed_off,
             stored,
@@ -200,6 +224,12 @@ impl Dispatcher {
                 "closed connections that were still waiting for a worker"
             );
         }
+        if stored > 0 {
+            info!(
+                stored,
+                "waiting connections kept in the systemd fd store for the next start"
+            );
+        }
         info!(
             handed_off = summary.handed_off,
             stored,
@@ -207,6 +237,18 @@ impl Dispatcher {
             "dispatcher stopped"
         );
         summary
+    }
+}
+
+/// Resolves on a second `Control::Shutdown` (SIGTERM or SIGINT again); reloads asked for
+/// while stopping are ignored.
+async fn second_stop(control: &mut mpsc::Receiver<Control>) {
+    loop {
+        match control.recv().await {
+            Some(Control::Shutdown) => return,
+            Some(Control::Reload(_)) => debug!("reload ignored while stopping"),
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -225,7 +267,7 @@ impl Status {
         ]);
         info!(
             workers = shared.router.workers().get(),
-            fd_store = shared.fd_store,
+            fd_store = shared.fd_store.is_some(),
             "dispatcher ready"
         );
         Status {
@@ -276,25 +318,47 @@ fn connection_budget(settings: &Settings) -> usize {
     budget
 }
 
-/// Routes the connections a previous instance left in the fd store, then tells systemd
-/// to forget them.
+/// Routes the connections a previous instance left in the fd store as it would have: by
+/// the key it had (which may have come from a PROXY or HTTP header), with the real client
+/// address, keeping the time they have waited. They stay in the store until sent or
+/// closed, so that a second crash does not lose them either.
 fn take_back(shared: &Shared, permits: &Arc<Semaphore>, held_over: Vec<HeldOver>) {
     if held_over.is_empty() {
         return;
     }
-    fdstore::forget(&held_over);
     let count = held_over.len();
-    for HeldOver { listener, stream } in held_over {
+    let mut by_peer = 0;
+    for HeldOver { stream, name } in held_over {
+        let Some(restored) = fdstore::parse(&name) else {
+            warn!(
+                name,
+                "an fd in the store has a name this version cannot read: closing it"
+            );
+            drop(fdstore::adopt(shared.fd_store.as_ref(), &name));
+            continue;
+        };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             warn!("more connections in the fd store than max_connections: closing the rest");
-            break;
+            drop(fdstore::adopt(shared.fd_store.as_ref(), &name));
+            continue;
         };
-        let peer = stream.peer_addr().ok();
-        let local = stream.local_addr().ok();
-        let key = shared.peer_key(peer);
-        shared.route(Held::new(stream, peer, local, listener, key, permit));
+        let peer = restored.peer.or_else(|| stream.peer_addr().ok());
+        let local = restored.local.or_else(|| stream.local_addr().ok());
+        let key = restored.key.unwrap_or_else(|| {
+            by_peer += 1;
+            shared.peer_key(peer)
+        });
+        let mut held = Held::new(stream, peer, local, restored.listener, key, permit);
+        held.since = Instant::now()
+            .checked_sub(restored.waited)
+            .unwrap_or_else(Instant::now);
+        held.stored = fdstore::adopt(shared.fd_store.as_ref(), &name);
+        shared.route(held);
     }
-    info!(count, "took back connections from the systemd fd store");
+    info!(
+        count,
+        by_peer, "took back connections from the systemd fd store"
+    );
 }
 
 /// Applies what can change while running (the keys whose reload class is `live`); the

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::fdstore::Stored;
 use super::metrics::TurnedAway;
 use super::state::{FailOver, Held, Phase, Queue, Shared, Throttle};
 use crate::link::{self, LinkStream, Received};
@@ -92,7 +93,7 @@ impl Slot {
             let phase = *self.phase.borrow();
             let idle = self.pending.is_empty() && self.unacked.is_empty() && self.inbox.is_empty();
             let keep_for_next_start =
-                phase == Phase::Finishing && self.shared.fd_store && !self.is_up();
+                phase == Phase::Finishing && self.shared.fd_store.is_some() && !self.is_up();
             if (phase >= Phase::Finishing && idle) || keep_for_next_start || phase == Phase::Abandon
             {
                 return self.leftovers();
@@ -145,7 +146,11 @@ impl Slot {
 
     /// A new connection for this worker.
     fn arrive(&mut self, mut held: Held) {
-        held.since = Instant::now();
+        // A connection restored from the fd store keeps the time it started waiting, so
+        // that its pending_timeout deadline survives the restart.
+        if held.stored.is_none() {
+            held.since = Instant::now();
+        }
         let down_too_long =
             !self.is_up() && self.down_since.elapsed() >= self.shared.settings().pending_timeout;
         if down_too_long {
@@ -161,6 +166,9 @@ impl Slot {
                 "its worker's queue is full (max_pending)",
             );
         } else {
+            if !self.is_up() {
+                keep_safe(&self.shared, &mut held);
+            }
             self.pending.push_back(held);
         }
     }
@@ -185,7 +193,10 @@ impl Slot {
             .encode(&mut self.out);
             match link.try_send(&self.out, Some(held.stream.as_fd())) {
                 Ok(()) => {
-                    let held = self.pending.pop_front().expect("front exists");
+                    let mut held = self.pending.pop_front().expect("front exists");
+                    // Sent: the worker has it (even if we die now, it reads the CONN), so
+                    // the fd store must not give it to the next instance too.
+                    held.stored = None;
                     self.unacked.push_back((self.next_seq, held));
                     self.next_seq += 1;
                 }
@@ -259,6 +270,10 @@ impl Slot {
         let resend = self.unacked.len();
         while let Some((_, held)) = self.unacked.pop_back() {
             self.pending.push_front(held);
+        }
+        // Everything held now waits for a worker that is down.
+        for held in self.pending.iter_mut() {
+            keep_safe(&self.shared, held);
         }
         let metrics = self.shared.metrics.worker(self.index);
         metrics.resent.inc_by(resend as u64);
@@ -367,6 +382,14 @@ impl Slot {
             warn!(index = self.index, peer = ?held.peer, why, "closing a client connection");
         }
         drop(held);
+    }
+}
+
+/// `held` waits for a worker that is down: into the fd store with it (once), so that it
+/// outlives a crash of the dispatcher.
+fn keep_safe(shared: &Shared, held: &mut Held) {
+    if let (Some(store), None) = (&shared.fd_store, &held.stored) {
+        held.stored = Stored::store(store, held);
     }
 }
 

@@ -11,6 +11,7 @@ use prometheus::IntGauge;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
+use super::fdstore::{FdStore, Stored};
 use super::metrics::{Metrics, Totals};
 use crate::config::{OnWorkerDown, Settings};
 use crate::routing::{Router, RoutingKey};
@@ -40,6 +41,8 @@ pub(super) struct Held {
     pub(super) since: Instant,
     /// Already sent to a failover worker once: it is not bounced again.
     pub(super) failed_over: bool,
+    /// Its entry in systemd's fd store while it waits for a worker that is down.
+    pub(super) stored: Option<Stored>,
     /// Its share of `max_connections`, given back when the connection is let go.
     _permit: OwnedSemaphorePermit,
 }
@@ -62,6 +65,7 @@ impl Held {
             accepted: Instant::now(),
             since: Instant::now(),
             failed_over: false,
+            stored: None,
             _permit: permit,
         }
     }
@@ -71,18 +75,21 @@ impl Held {
 pub(super) struct Shared {
     /// The settings in force; `Control::Reload` replaces the ones that can change live.
     settings: watch::Receiver<Arc<Settings>>,
-    /// Connections waiting for a down worker at exit go to systemd's fd store.
-    pub(super) fd_store: bool,
+    /// systemd's fd store, where connections waiting for a worker that is down are kept.
+    pub(super) fd_store: Option<Arc<FdStore>>,
     pub(super) router: Router,
     slots: Box<[mpsc::UnboundedSender<Held>]>,
     /// Counts, gauges (among them which workers are up) and the hand-off time.
     pub(super) metrics: Metrics,
+    /// Connections whose routing key is being read (`routing_key` other than `peer-ip`):
+    /// shutdown waits for them to be routed.
+    pub(super) key_readers: watch::Sender<usize>,
 }
 
 impl Shared {
     pub(super) fn new(
         settings: watch::Receiver<Arc<Settings>>,
-        fd_store: bool,
+        fd_store: Option<Arc<FdStore>>,
         slots: Vec<mpsc::UnboundedSender<Held>>,
         listeners: &[Arc<str>],
     ) -> Shared {
@@ -97,9 +104,16 @@ impl Shared {
             ),
             slots: slots.into(),
             metrics: Metrics::new(workers.get(), listeners),
+            key_readers: watch::Sender::new(0),
             settings,
             fd_store,
         }
+    }
+
+    /// Counts a connection as reading its key until the guard is dropped.
+    pub(super) fn reading_key(&self) -> KeyReader {
+        self.key_readers.send_modify(|n| *n += 1);
+        KeyReader(self.key_readers.clone())
     }
 
     pub(super) fn settings(&self) -> Arc<Settings> {
@@ -177,6 +191,15 @@ impl Shared {
     }
 }
 
+/// A connection reading its routing key; see [`Shared::reading_key`].
+pub(super) struct KeyReader(watch::Sender<usize>);
+
+impl Drop for KeyReader {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 /// What [`Shared::fail_over`] did.
 pub(super) enum FailOver {
     /// Sent to the slot of this worker index.
@@ -241,6 +264,10 @@ impl<T> Queue<T> {
 
     pub(super) fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.items.iter_mut()
     }
 
     /// Empties the queue, in order.

@@ -723,11 +723,13 @@ pub fn open_fds(pid: i32) -> usize {
         .count()
 }
 
-/// A datagram socket standing in for systemd's NOTIFY_SOCKET.
+/// A datagram socket standing in for systemd's NOTIFY_SOCKET. Like systemd, it reads
+/// every datagram as it comes (a thread does), so a sender never finds it full.
 pub struct NotifySocket {
-    socket: std::os::unix::net::UnixDatagram,
+    received: Arc<(Mutex<Vec<String>>, Condvar)>,
     pub path: PathBuf,
-    pub seen: Vec<String>,
+    /// How many datagrams earlier calls have looked at; `wait_*` look at later ones.
+    checked: usize,
 }
 
 impl NotifySocket {
@@ -735,38 +737,55 @@ impl NotifySocket {
         let path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&path);
         let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
-        socket.set_read_timeout(Some(PATIENCE)).unwrap();
+        let received: Arc<(Mutex<Vec<String>>, Condvar)> = Arc::default();
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Ends with the test process; recv fails only if the socket is gone.
+            while let Ok(n) = socket.recv(&mut buf) {
+                let (seen, arrived) = &*sink;
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                arrived.notify_all();
+            }
+        });
         NotifySocket {
-            socket,
+            received,
             path,
-            seen: Vec::new(),
+            checked: 0,
         }
     }
 
-    /// Waits for a line for which `accept` holds; returns it. Lines seen before count.
+    /// Every datagram received so far.
+    pub fn seen(&self) -> Vec<String> {
+        self.received.0.lock().unwrap().clone()
+    }
+
+    /// Forgets what was received so far: later waits see only what comes next.
+    pub fn skip_seen(&mut self) {
+        self.checked = self.received.0.lock().unwrap().len();
+    }
+
+    /// Waits for a line, in a datagram not skipped, for which `accept` holds; returns it.
     pub fn wait_until(&mut self, what: &str, accept: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + PATIENCE;
-        let mut checked = 0;
+        let (seen, arrived) = &*self.received;
+        let mut guard = seen.lock().unwrap();
         loop {
-            if let Some(line) = self.seen[checked..]
+            if let Some(line) = guard[self.checked..]
                 .iter()
                 .flat_map(|d| d.lines())
                 .find(|l| accept(l))
             {
                 return line.to_owned();
             }
-            checked = self.seen.len();
-            assert!(Instant::now() < deadline, "no {what} in {:?}", self.seen);
-            let mut buf = [0u8; 4096];
-            let n = match self.socket.recv(&mut buf) {
-                Ok(n) => n,
-                Err(err) => panic!(
-                    "no {what} within {PATIENCE:?} ({err}); seen {:?}",
-                    self.seen
-                ),
-            };
-            self.seen
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {what} within {PATIENCE:?} in {guard:?}"
+            );
+            guard = arrived.wait_timeout(guard, left).unwrap().0;
         }
     }
 
