@@ -35,16 +35,22 @@
 //! Everything goes to loopback only; every loop is bounded in time and count, and the
 //! processes it started are stopped (SIGTERM, then SIGKILL) when it ends.
 
-use std::io::{BufRead, BufReader};
+// Log capture, CPU and memory readings and client addresses, as the tests have them.
+#[path = "../tests/common/process.rs"]
+#[allow(dead_code)] // the tests use more of it
+mod process;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+
+use process::{client_ip, cpu_time, status_kib, Log};
 
 /// How long processes may take to start and report ready.
 const STARTUP: Duration = Duration::from_secs(30);
@@ -135,51 +141,6 @@ fn list<T: std::str::FromStr>(text: &str) -> Result<Vec<T>, ()> {
         .collect()
 }
 
-/// Lines a child writes to stderr, collected by a thread, waitable.
-#[derive(Clone, Default)]
-struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
-
-impl Log {
-    fn capture(child: &mut Child) -> Log {
-        let log = Log::default();
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let (lines, ready) = &*sink.0;
-                lines.lock().expect("not poisoned").push(line);
-                ready.notify_all();
-            }
-        });
-        log
-    }
-
-    /// Waits until `count` lines contain every one of `parts`; returns the first.
-    fn wait_for(&self, parts: &[&str], count: usize) -> Result<String, String> {
-        let (lines, ready) = &*self.0;
-        let deadline = Instant::now() + STARTUP;
-        let mut guard = lines.lock().expect("not poisoned");
-        loop {
-            let matching: Vec<&String> = guard
-                .iter()
-                .filter(|l| parts.iter().all(|p| l.contains(p)))
-                .collect();
-            if matching.len() >= count {
-                return Ok(matching[0].clone());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(format!(
-                    "no {count} log lines with {parts:?} within {STARTUP:?}; log:\n{}",
-                    guard.join("\n")
-                ));
-            }
-            guard = ready.wait_timeout(guard, left).expect("not poisoned").0;
-        }
-    }
-}
-
 /// A process this benchmark started: stopped with SIGTERM (then SIGKILL) when dropped.
 struct Process {
     child: Child,
@@ -197,7 +158,7 @@ impl Process {
         let mut child = command
             .spawn()
             .map_err(|err| format!("could not start {command:?}: {err}"))?;
-        let log = Log::capture(&mut child);
+        let log = Log::capture(&mut child, "bench");
         Ok(Process { child, log })
     }
 
@@ -220,33 +181,6 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Clock ticks per second of the times in `/proc/<pid>/stat`: USER_HZ, which the Linux
-/// ABI fixes at 100 on x86 and ARM whatever the kernel's own tick rate.
-const USER_HZ: f64 = 100.0;
-
-/// utime + stime of a process, in microseconds.
-fn cpu_time_us(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line; `fields[0]` is field 3.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 * 1e6 / USER_HZ)
-}
-
-/// Peak resident set size of a process, in KiB.
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The n-th client source address: 127.1.0.1, 127.1.0.2, … (never 127.0.0.1).
-fn client_ip(n: u32) -> Ipv4Addr {
-    let n = n + 1;
-    Ipv4Addr::new(127, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
 }
 
 /// Which worker each client was answered by, and who was answered by several.
@@ -424,7 +358,8 @@ fn run_load(
     options: &Options,
     next_client: &Arc<AtomicU64>,
 ) -> Run {
-    let cpu_before = target.dispatcher.and_then(cpu_time_us);
+    let cpu_us = |pid: u32| cpu_time(pid as i32).map(|t| t.as_secs_f64() * 1e6);
+    let cpu_before = target.dispatcher.and_then(cpu_us);
     let (connections, errors, mut latencies, elapsed) = runtime.block_on(load(
         target.clone(),
         concurrency,
@@ -432,7 +367,7 @@ fn run_load(
         options.clients,
         next_client.clone(),
     ));
-    let cpu_after = target.dispatcher.and_then(cpu_time_us);
+    let cpu_after = target.dispatcher.and_then(cpu_us);
     latencies.sort_unstable();
     Run {
         rate: connections as f64 / elapsed.as_secs_f64(),
@@ -592,7 +527,9 @@ fn start(workers: u32, options: &Options, scratch: &Path) -> Result<Setups, Stri
         .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix)
         .env("STICKY_DISPATCH_LOG_LEVEL", "info");
     let dispatcher = Process::spawn(command)?;
-    let line = dispatcher.log.wait_for(&["listening", "address="], 1)?;
+    let line = dispatcher
+        .log
+        .wait_lines(&["listening", "address="], 1, STARTUP)?;
     let address: SocketAddr = line
         .split("address=")
         .nth(1)
@@ -601,7 +538,7 @@ fn start(workers: u32, options: &Options, scratch: &Path) -> Result<Setups, Stri
         .ok_or_else(|| format!("no address in {line:?}"))?;
     dispatcher
         .log
-        .wait_for(&["worker link up"], workers as usize)?;
+        .wait_lines(&["worker link up"], workers as usize, STARTUP)?;
 
     // Reserve a port for the direct set-up: bound with SO_REUSEPORT but never listening,
     // so it takes no connections while the workers join the port.
@@ -624,7 +561,9 @@ fn start(workers: u32, options: &Options, scratch: &Path) -> Result<Setups, Stri
                 .env("STICKY_DISPATCH_INDEX", index.to_string())
                 .env("STICKY_DISPATCH_LOG_LEVEL", "info");
             let process = Process::spawn(command)?;
-            process.log.wait_for(&["listening directly"], 1)?;
+            process
+                .log
+                .wait_lines(&["listening directly"], 1, STARTUP)?;
             Ok(process)
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -866,7 +805,7 @@ fn bench(options: &Options) -> Result<(), String> {
         };
         per_workers.push(PerWorkers {
             workers,
-            peak_rss_kib: peak_rss_kib(setups.dispatcher.pid()),
+            peak_rss_kib: status_kib(setups.dispatcher.pid() as i32, "VmHWM"),
             sticky_clients: setups.sticky.stickiness.summary(),
             direct_clients: setups.direct.stickiness.summary(),
             bulk,

@@ -271,8 +271,8 @@ fn overload_toward_a_down_worker_stays_bounded() {
         .into_iter()
         .filter(|ip| expected(*ip) != victim)
         .collect();
-    let rss_before = status_kib(pid, "VmRSS");
-    let cpu_before = cpu_time(pid);
+    let rss_before = status_kib(pid, "VmRSS").unwrap();
+    let cpu_before = cpu_time(pid).unwrap();
     let started = Instant::now();
 
     // Light load on the other workers throughout.
@@ -303,14 +303,14 @@ fn overload_toward_a_down_worker_stays_bounded() {
     }
     peak_fds = peak_fds.max(open_fds(pid));
     let flood_time = started.elapsed();
-    let cpu = cpu_time(pid) - cpu_before;
+    let cpu = cpu_time(pid).unwrap() - cpu_before;
     let tally = Tally::of(&load.stop(), expected);
 
     // At rest with 100 connections waiting: no spinning.
-    let idle_before = cpu_time(pid);
+    let idle_before = cpu_time(pid).unwrap();
     let idle_start = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
-    let idle_cpu = cpu_time(pid) - idle_before;
+    let idle_cpu = cpu_time(pid).unwrap() - idle_before;
     let idle_wall = idle_start.elapsed();
 
     let closed = flood
@@ -324,7 +324,7 @@ fn overload_toward_a_down_worker_stays_bounded() {
             }
         })
         .count();
-    let peak_rss = status_kib(pid, "VmHWM");
+    let peak_rss = status_kib(pid, "VmHWM").unwrap();
     let handled = FLOOD + tally.total;
     eprintln!(
         "overload: {FLOOD} connections in waves of 1000 toward down worker 0 (max_pending 100): {closed} closed at once, {} waiting; \
@@ -381,10 +381,10 @@ fn running_out_of_fds_pauses_accepting_without_spinning() {
     dispatcher
         .log
         .wait_for(&["accept failed for lack of resources"]);
-    let cpu_before = cpu_time(pid);
+    let cpu_before = cpu_time(pid).unwrap();
     let wall = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    let cpu = cpu_time(pid) - cpu_before;
+    let cpu = cpu_time(pid).unwrap() - cpu_before;
     let wall = wall.elapsed();
 
     prlimit(limit * 100);

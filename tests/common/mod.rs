@@ -3,7 +3,10 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod process;
+pub use process::*;
+
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -12,9 +15,6 @@ use std::time::{Duration, Instant};
 
 pub const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
 pub const DEMO: &str = env!("CARGO_BIN_EXE_sticky-dispatch-demo");
-
-/// Generous bound for anything that should take milliseconds: machines are shared.
-pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A socket prefix no other test (or test run) uses.
 pub fn unique_prefix(test: &str) -> String {
@@ -29,76 +29,6 @@ pub fn scratch_dir(test: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
-}
-
-/// Lines a child wrote to stderr, collected by a thread, waitable.
-#[derive(Clone, Default)]
-pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
-
-impl Log {
-    /// Starts collecting `child`'s stderr (which must be piped).
-    pub fn capture(child: &mut Child, tag: &'static str) -> Log {
-        let log = Log::default();
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if std::env::var_os("TEST_VERBOSE").is_some() {
-                    eprintln!("[{tag}] {line}");
-                }
-                let (lines, ready) = &*sink.0;
-                lines.lock().unwrap().push(line);
-                ready.notify_all();
-            }
-        });
-        log
-    }
-
-    /// Waits for a line containing every one of `parts`; returns it.
-    pub fn wait_for(&self, parts: &[&str]) -> String {
-        let (lines, ready) = &*self.0;
-        let deadline = Instant::now() + PATIENCE;
-        let mut guard = lines.lock().unwrap();
-        loop {
-            if let Some(line) = guard.iter().find(|l| parts.iter().all(|p| l.contains(p))) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(
-                !left.is_zero(),
-                "no log line with {parts:?} within {PATIENCE:?}; log:\n{}",
-                guard.join("\n")
-            );
-            guard = ready.wait_timeout(guard, left).unwrap().0;
-        }
-    }
-
-    /// Waits until `n` lines contain every one of `parts`.
-    pub fn wait_count(&self, parts: &[&str], n: usize) {
-        let deadline = Instant::now() + PATIENCE;
-        while self.count(parts) < n {
-            assert!(
-                Instant::now() < deadline,
-                "fewer than {n} lines with {parts:?}; log:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    /// How many lines so far contain every one of `parts`.
-    pub fn count(&self, parts: &[&str]) -> usize {
-        let lines = self.0 .0.lock().unwrap();
-        lines
-            .iter()
-            .filter(|l| parts.iter().all(|p| l.contains(p)))
-            .count()
-    }
-
-    pub fn text(&self) -> String {
-        self.0 .0.lock().unwrap().join("\n")
-    }
 }
 
 /// A running process, killed when dropped so a failing test leaves nothing behind.
@@ -265,12 +195,6 @@ pub fn listening_address(log: &Log) -> SocketAddr {
     let line = log.wait_for(&["listening", "address="]);
     let value = line.split("address=").nth(1).unwrap();
     value.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// The `n`-th distinct client source address: 127.1.0.1, 127.1.0.2, … (never 127.0.0.1).
-pub fn client_ip(n: u32) -> Ipv4Addr {
-    let n = n + 1;
-    Ipv4Addr::new(127, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
 }
 
 /// What the demo worker said: `worker=<i> pid=<p> client=<ip>` and
@@ -653,38 +577,6 @@ impl std::fmt::Display for Tally {
         }
         Ok(())
     }
-}
-
-/// CPU time (user + system) a process has used, from /proc/<pid>/stat.
-pub fn cpu_time(pid: i32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .unwrap()
-        .unwrap() as u64;
-    Duration::from_micros(ticks * 1_000_000 / hz)
-}
-
-/// A `VmHWM`/`VmRSS`-style field of /proc/<pid>/status, in KiB.
-pub fn status_kib(pid: i32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim_start_matches(':')
-                .trim()
-                .strip_suffix(" kB")?
-                .parse()
-                .ok()
-        })
-        .unwrap()
 }
 
 /// Sends SIGSTOP and waits until every thread of the process is stopped: delivery is
