@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ._handoff import Handoffs, socket_key
 from .options import WorkerOptions
-from .worker import Worker
+from .worker import Worker, default_logging
 
 log = logging.getLogger("sticky_dispatch")
 
@@ -100,9 +100,7 @@ def run_app(
 ) -> None:
     """Like ``aiohttp.web.run_app(app)``, on the connections of sticky-dispatch.
 
-    Logs at INFO to stderr unless logging is already configured, as ``web.run_app`` does
-    for its access log.
+    This package's log lines go to stderr unless the app configured logging.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    default_logging()
     asyncio.run(serve_app(app, options=options, shutdown_timeout=shutdown_timeout, **runner_kwargs))

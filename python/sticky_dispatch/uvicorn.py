@@ -28,7 +28,7 @@ import uvicorn
 
 from ._handoff import Handoffs, socket_key
 from .options import WorkerOptions
-from .worker import Worker
+from .worker import Worker, default_logging
 
 log = logging.getLogger("sticky_dispatch")
 
@@ -107,5 +107,6 @@ def run(
         if key in kwargs:
             raise TypeError(f"sticky_dispatch.uvicorn.run: {key}= is the dispatcher's business")
     kwargs.setdefault("timeout_graceful_shutdown", SHUTDOWN_TIMEOUT)
-    config = uvicorn.Config(app, **kwargs)
+    config = uvicorn.Config(app, **kwargs)  # configures uvicorn's loggers, then ours:
+    default_logging()
     asyncio.run(serve(config, options=options))

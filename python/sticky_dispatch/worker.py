@@ -68,6 +68,21 @@ class Connection:
     client: ClientInfo
 
 
+def default_logging() -> None:
+    """Sends this package's INFO lines to stderr unless the app configured logging.
+
+    The adapters call it: a worker under systemd should say in the journal when it is
+    ready, drains or refuses a link, and uvicorn's own logging setup covers only its
+    loggers. No timestamps: the journal records them.
+    """
+    if logging.getLogger().handlers or log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("sticky_dispatch: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 class LinkError(Exception):
     """The dispatcher broke the protocol: the link is closed with this reason logged."""
 

@@ -1,0 +1,411 @@
+//! Python workers (`python/`, import `sticky_dispatch`) behind the real dispatcher, in
+//! standalone mode: `sticky-dispatch --listen ADDR --workers 4 -- python app.py`.
+//!
+//! - socket.io with real clients (npm's socket.io-client, `tests/node/socketio-clients.js`:
+//!   50 clients, long-polling, each from its own 127.x.y.z, a new TCP connection per
+//!   request) against a python-socketio chat on aiohttp (`tests/python/chat_aiohttp.py`)
+//!   and on FastAPI + uvicorn (`tests/python/chat_asgi.py`): all complete through the
+//!   dispatcher; most fail on the same app as 4 SO_REUSEPORT processes (no stickiness).
+//! - PROXY protocol: the app sees the real client (`request.remote`, `scope["client"]`).
+//! - Faults under load: a Python worker restarted with SIGTERM loses nothing; one killed
+//!   with SIGKILL while holding unacknowledged connections loses none of them.
+//! - SO_PEERCRED: a process of another uid cannot inject a connection (root).
+//!
+//! The venv (`<target>/python-venv`) is created on first use; see `python/support.rs`.
+
+mod common;
+#[path = "python/support.rs"]
+mod python_support;
+#[path = "node/support.rs"]
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const CLIENTS: u32 = 50;
+const WORKERS: u32 = 4;
+/// Bound on one run of the Node clients (each of its phases is bounded by 20 s).
+const NODE_LIMIT: Duration = Duration::from_secs(120);
+
+const AIOHTTP_APP: &str = "chat_aiohttp.py";
+const ASGI_APP: &str = "chat_asgi.py";
+
+/// Standalone dispatcher with 4 Python workers running `app`, once all have linked.
+fn python_standalone(
+    test: &'static str,
+    app: &str,
+    extra_env: &[(&str, &str)],
+) -> (support::Graceful, SocketAddr) {
+    let command = python_support::app_command(app);
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let pythonpath = python_support::pythonpath();
+    let mut env = vec![("PYTHONPATH", pythonpath.as_str())];
+    env.extend_from_slice(extra_env);
+    let (dispatcher, addr) = standalone_with(test, WORKERS, &env, &command);
+    dispatcher
+        .log
+        .wait_count(&["worker link up"], WORKERS as usize);
+    (support::Graceful(dispatcher), addr)
+}
+
+/// One client's outcome, from a `client ...` line of socketio-clients.js.
+#[derive(Debug)]
+struct Session {
+    ip: Ipv4Addr,
+    ok: bool,
+    received: usize,
+    expected: usize,
+    worker: Option<u32>,
+    client: String,
+    error: String,
+}
+
+fn parse_session(line: &str) -> Session {
+    let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
+    let field = |name: &str| {
+        fields
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+    };
+    Session {
+        ip: field("ip").parse().unwrap(),
+        ok: field("ok") == "true",
+        received: field("received").parse().unwrap(),
+        expected: field("expected").parse().unwrap(),
+        worker: field("worker").parse().ok(),
+        client: field("client").to_owned(),
+        error: error.to_owned(),
+    }
+}
+
+fn run_clients(addr: SocketAddr) -> Vec<Session> {
+    support::npm_ci();
+    let mut args = vec![format!("http://{addr}")];
+    args.extend((0..CLIENTS).map(|n| client_ip(n).to_string()));
+    let out = support::node("socketio-clients.js", &args, NODE_LIMIT);
+    let sessions: Vec<Session> = out
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("client "))
+        .map(parse_session)
+        .collect();
+    assert_eq!(sessions.len(), CLIENTS as usize, "{}", out.stdout);
+    sessions
+}
+
+fn summary(sessions: &[Session]) -> String {
+    let ok = sessions.iter().filter(|s| s.ok).count();
+    let mut text = format!(
+        "{ok}/{} socket.io sessions completed handshake, join and messages; {} failed",
+        sessions.len(),
+        sessions.len() - ok
+    );
+    let errors: Vec<String> = sessions
+        .iter()
+        .filter(|s| !s.ok)
+        .take(3)
+        .map(|s| format!("{}: {}", s.ip, s.error))
+        .collect();
+    if !errors.is_empty() {
+        text.push_str(&format!(" (first failures: {errors:?})"));
+    }
+    text
+}
+
+fn sessions_complete_through_the_dispatcher(test: &'static str, app: &str) {
+    let (_dispatcher, addr) = python_standalone(test, app, &[]);
+    let sessions = run_clients(addr);
+    println!(
+        "{app}, sticky-dispatch, {WORKERS} workers: {}",
+        summary(&sessions)
+    );
+    for session in &sessions {
+        assert!(session.ok, "{session:?}");
+        assert_eq!(
+            session.worker,
+            Some(expected_worker(session.ip, WORKERS)),
+            "{session:?}"
+        );
+        assert_eq!(session.client, session.ip.to_string(), "{session:?}");
+        assert_eq!(session.received, session.expected, "{session:?}");
+    }
+    let shared = sessions.iter().filter(|s| s.expected > 1).count();
+    assert!(
+        shared >= CLIENTS as usize / 2,
+        "most clients exchange messages with others"
+    );
+}
+
+/// `processes` copies of `app` accepting directly on one SO_REUSEPORT port: the kernel
+/// spreads connections over them, with no stickiness.
+fn direct_processes(app: &str, processes: u32) -> (Vec<Running>, SocketAddr) {
+    // The port, reserved with SO_REUSEPORT but never listening, so it takes no
+    // connections while the processes join it.
+    let port = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    port.set_reuse_address(true).unwrap();
+    port.set_reuse_port(true).unwrap();
+    port.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = port.local_addr().unwrap().as_socket().unwrap();
+    let command = python_support::app_command(app);
+    let running = (0..processes)
+        .map(|index| {
+            let mut process = Command::new(&command[0]);
+            process
+                .arg(&command[1])
+                .args(["--direct", &addr.to_string()])
+                .env("STICKY_DISPATCH_INDEX", index.to_string());
+            let worker = Running::spawn(process, "direct");
+            worker.log.wait_for(&["listening directly"]);
+            worker
+        })
+        .collect();
+    // `port` closes here; the processes keep the address.
+    (running, addr)
+}
+
+fn sessions_fail_without_stickiness(app: &str) {
+    // Control: one process on its own serves every session, so what breaks below is the
+    // missing stickiness, not the app.
+    let (one, addr) = direct_processes(app, 1);
+    let sessions = run_clients(addr);
+    println!(
+        "{app}, 1 process accepting directly: {}",
+        summary(&sessions)
+    );
+    assert!(sessions.iter().all(|s| s.ok), "{}", summary(&sessions));
+    drop(one);
+
+    let (_processes, addr) = direct_processes(app, WORKERS);
+    let sessions = run_clients(addr);
+    let failed = sessions.iter().filter(|s| !s.ok).count();
+    println!(
+        "{app}, {WORKERS} processes on one SO_REUSEPORT port, no stickiness: {}",
+        summary(&sessions)
+    );
+    assert!(
+        failed >= CLIENTS as usize / 2,
+        "without stickiness most sessions should break: {}",
+        summary(&sessions)
+    );
+}
+
+#[test]
+fn aiohttp_socketio_sessions_complete_through_the_dispatcher() {
+    sessions_complete_through_the_dispatcher("py-aiohttp-sio", AIOHTTP_APP);
+}
+
+#[test]
+fn aiohttp_socketio_sessions_fail_without_stickiness() {
+    sessions_fail_without_stickiness(AIOHTTP_APP);
+}
+
+#[test]
+fn asgi_socketio_sessions_complete_through_the_dispatcher() {
+    sessions_complete_through_the_dispatcher("py-asgi-sio", ASGI_APP);
+}
+
+#[test]
+fn asgi_socketio_sessions_fail_without_stickiness() {
+    sessions_fail_without_stickiness(ASGI_APP);
+}
+
+/// Under `routing_key = "proxy-protocol"` the socket's peer is the balancer; the app must
+/// see the client named in the PROXY header, which the dispatcher consumed.
+fn proxy_protocol_shows_the_real_client(test: &'static str, app: &str) {
+    let (_dispatcher, addr) = python_standalone(
+        test,
+        app,
+        &[("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol")],
+    );
+    for n in 0..20 {
+        let real = Ipv4Addr::new(203, 0, 113, n + 1);
+        let mut bytes = format!("PROXY TCP4 {real} 192.0.2.1 40000 443\r\n").into_bytes();
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        // Every request from the same balancer address: only the header tells them apart.
+        let answer = send(client_ip(0), addr, &bytes).unwrap();
+        assert_eq!(answer.client, real.to_string(), "{}", answer.body);
+        assert_eq!(
+            answer.worker,
+            expected_worker(real, WORKERS),
+            "{}",
+            answer.body
+        );
+    }
+    // Without a rewrite the app sees the socket's own peer.
+    let plain = request(client_ip(7), addr);
+    assert!(
+        plain.is_err(),
+        "a request without a PROXY header is refused: {plain:?}"
+    );
+}
+
+#[test]
+fn aiohttp_sees_the_real_client_behind_proxy_protocol() {
+    proxy_protocol_shows_the_real_client("py-aiohttp-proxy", AIOHTTP_APP);
+}
+
+#[test]
+fn asgi_sees_the_real_client_behind_proxy_protocol() {
+    proxy_protocol_shows_the_real_client("py-asgi-proxy", ASGI_APP);
+}
+
+const THREADS: usize = 8;
+
+fn load_clients() -> Vec<Ipv4Addr> {
+    (0..200).map(client_ip).collect()
+}
+
+fn kill(pid: i32, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
+fn pid_of(worker: u32, addr: SocketAddr) -> i32 {
+    request(clients_of(worker, WORKERS, 1)[0], addr)
+        .unwrap()
+        .pid
+}
+
+/// SIGTERM to a Python worker under load: it sends DRAIN, serves everything the
+/// dispatcher sent up to DRAINED, exits; the restarted one takes the held connections.
+fn graceful_restart_loses_nothing(test: &'static str, app: &str) {
+    let (dispatcher, addr) = python_standalone(test, app, &[]);
+    let load = Load::start(addr, &load_clients(), THREADS, 100_000);
+    load.wait_more(300);
+    let victim = 3;
+    let pid = pid_of(victim, addr);
+    let ups = dispatcher.0.log.count(&["worker link up", "index=3"]);
+    kill(pid, Signal::SIGTERM);
+    dispatcher
+        .0
+        .log
+        .wait_for(&["worker is draining", "index=3"]);
+    dispatcher
+        .0
+        .log
+        .wait_count(&["worker link up", "index=3"], ups + 1);
+    load.wait_more(600);
+    let tally = Tally::of(&load.stop(), |ip| expected_worker(ip, WORKERS));
+    println!("{app}: graceful restart of Python worker 3 under load: {tally}");
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    assert_ne!(pid_of(victim, addr), pid, "a new process serves worker 3");
+}
+
+#[test]
+fn aiohttp_worker_graceful_restart_under_load_loses_nothing() {
+    graceful_restart_loses_nothing("py-aiohttp-graceful", AIOHTTP_APP);
+}
+
+#[test]
+fn asgi_worker_graceful_restart_under_load_loses_nothing() {
+    graceful_restart_loses_nothing("py-asgi-graceful", ASGI_APP);
+}
+
+/// SIGKILL to a Python worker holding unacknowledged connections (stopped first, so they
+/// pile up): the dispatcher re-sends every one of them to the restarted worker.
+#[test]
+fn killed_python_worker_loses_nothing_unacknowledged() {
+    let dir = scratch_dir("py-sigkill");
+    let mut notify = NotifySocket::bind(&dir);
+    let notify_path = notify.path.display().to_string();
+    let (dispatcher, addr) = python_standalone(
+        "py-sigkill",
+        AIOHTTP_APP,
+        &[("NOTIFY_SOCKET", notify_path.as_str())],
+    );
+    let load = Load::start(addr, &load_clients(), THREADS, 100_000);
+    load.wait_more(300);
+    let victim = 2;
+    let pid = pid_of(victim, addr);
+    stop_process(pid);
+    let status = notify.wait_until("load threads stuck", |line| {
+        status_figure(line, "in flight").is_some_and(|n| n >= THREADS as u64 / 2)
+    });
+    println!("Python worker 2 stopped: {status}");
+    kill(pid, Signal::SIGKILL);
+    let down = dispatcher
+        .0
+        .log
+        .wait_for(&["worker link down", "index=2", "resend="]);
+    let resent: u64 = down
+        .split("resend=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    dispatcher
+        .0
+        .log
+        .wait_for(&["worker exited; restarting", "index=2"]);
+    load.wait_more(600);
+    let tally = Tally::of(&load.stop(), |ip| expected_worker(ip, WORKERS));
+    println!("SIGKILL of Python worker 2 holding {resent} unacknowledged connections: {tally}");
+    assert!(
+        resent >= THREADS as u64 / 2,
+        "the stuck connections were re-sent: {down}"
+    );
+    assert_eq!(tally.misrouted, 0, "{tally}");
+    // Only connections the worker had acknowledged (taken) can die with it: at most one
+    // per load thread. Every unacknowledged one was re-sent and answered.
+    assert!(tally.failed <= THREADS, "{tally}");
+    assert_ne!(pid_of(victim, addr), pid);
+}
+
+/// A process of another uid connects to the Python worker's link socket as if it were
+/// the dispatcher and offers a connection: the worker refuses before reading anything.
+#[test]
+#[ignore = "needs root: runs the fake dispatcher as uid 65534 with setpriv"]
+fn python_worker_refuses_a_dispatcher_of_another_uid() {
+    let prefix = unique_prefix("py-impostor");
+    let command = python_support::app_command(AIOHTTP_APP);
+    let mut worker = Command::new(&command[0]);
+    worker
+        .arg(&command[1])
+        .env("PYTHONPATH", python_support::pythonpath())
+        .env("STICKY_DISPATCH_INDEX", "0")
+        .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix);
+    let worker = Running::spawn(worker, "py-worker");
+    worker.log.wait_for(&["worker ready", "index=0"]);
+
+    let script = r#"
+import array, socket, sys
+link = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+link.settimeout(10)
+link.connect("\0" + sys.argv[1] + "0")
+link.send(bytes([1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]))
+victim = socket.socket()
+conn = bytes([1, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0])
+try:
+    link.sendmsg([conn], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [victim.fileno()]))])
+    print("sent", flush=True)
+    print("reply", link.recv(512), flush=True)
+except OSError as err:
+    print("refused", err, flush=True)
+"#;
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(python_support::system_python())
+        .args(["-c", script, &prefix])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    worker.log.wait_for(&["refused a link", "uid=65534"]);
+    println!("the impostor saw: {}", printed.trim());
+    assert!(
+        !printed.contains("reply b'\\x01"),
+        "the worker answered the impostor: {printed}"
+    );
+    assert_eq!(worker.log.count(&["link up"]), 0, "{}", worker.log.text());
+}
