@@ -582,3 +582,123 @@ fn systemctl_restart_of_a_python_worker_under_load_loses_nothing() {
         "app@1 did not drain:\n{journal}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// The packages
+
+/// The `.deb` puts `sticky_dispatch` in /usr/lib/python3/dist-packages, which is on the
+/// system python3's path, so `import sticky_dispatch` works after `apt install`; the
+/// `.rpm` puts it in /usr/share/sticky-dispatch/python (docs/python.md). Checked on the
+/// files of the built packages (packaging/build.sh runs when target/packages has none).
+#[test]
+fn the_packages_ship_the_python_package() {
+    use std::path::{Path, PathBuf};
+    let dir = Path::new(DISPATCHER)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("packages");
+    let find = |prefix: &str, ext: &str| -> Option<PathBuf> {
+        std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with(prefix) && name.ends_with(ext)
+            })
+    };
+    if find("sticky-dispatch_", ".deb").is_none() {
+        eprintln!(
+            "no packages in {}: running packaging/build.sh",
+            dir.display()
+        );
+        let status = Command::new("bash")
+            .arg(python_support::repo().join("packaging/build.sh"))
+            .current_dir(python_support::repo())
+            .status()
+            .unwrap();
+        assert!(status.success(), "packaging/build.sh failed: {status}");
+    }
+    let deb = find("sticky-dispatch_", ".deb").unwrap();
+    let root = scratch_dir("py-deb");
+    let _ = std::fs::remove_dir_all(&root);
+    let out = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let installed = root.join("usr/lib/python3/dist-packages");
+    let sources = python_support::repo().join("python/sticky_dispatch");
+    for entry in std::fs::read_dir(&sources).unwrap().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".py") || name == "py.typed" {
+            let shipped = installed.join("sticky_dispatch").join(&*name);
+            assert_eq!(
+                std::fs::read(&shipped).unwrap_or_default(),
+                std::fs::read(entry.path()).unwrap(),
+                "{} is not the source's {name} (stale package? rerun packaging/build.sh)",
+                shipped.display()
+            );
+        }
+    }
+    // The system python3 looks there, and the shipped files import.
+    let script = "import sys, sticky_dispatch, sticky_dispatch.wire as w\n\
+        print('/usr/lib/python3/dist-packages' in sys.path, sticky_dispatch.__file__, w.encode(w.Ack(1)).hex())";
+    let out = Command::new(python_support::system_python())
+        .args(["-I", "-c"])
+        .arg(format!(
+            "import sys; sys.path.insert(0, {:?})\n{script}",
+            installed.display().to_string()
+        ))
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    println!("{}: {}", deb.display(), printed.trim());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.starts_with("True "),
+        "python3 does not search /usr/lib/python3/dist-packages: {printed}"
+    );
+    assert!(
+        printed.contains(&installed.display().to_string()),
+        "{printed}"
+    );
+    assert!(
+        printed.trim().ends_with("01030000000000000001"),
+        "{printed}"
+    );
+
+    if let (Some(rpm), Some(_)) = (find("sticky-dispatch-", ".rpm"), which("rpm")) {
+        let listed = Command::new("rpm").arg("-qlp").arg(&rpm).output().unwrap();
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        for file in [
+            "__init__.py",
+            "worker.py",
+            "wire.py",
+            "aiohttp.py",
+            "uvicorn.py",
+            "py.typed",
+        ] {
+            let path = format!("/usr/share/sticky-dispatch/python/sticky_dispatch/{file}");
+            assert!(listed.lines().any(|l| l == path), "rpm -qlp misses {path}");
+        }
+    }
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
