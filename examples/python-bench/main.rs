@@ -185,6 +185,8 @@ struct Setup {
     name: &'static str,
     addr: SocketAddr,
     middle: Option<(i32, bool)>,
+    /// Every server-side process: the middle and the Python workers.
+    everything: Vec<(i32, bool)>,
     _procs: Vec<Proc>,
     _dir: Option<PathBuf>,
 }
@@ -237,6 +239,8 @@ fn dispatch(o: &Options) -> Setup {
         name: "sticky-dispatch",
         addr,
         middle: Some((p.pid(), false)),
+        // The standalone dispatcher's children are the workers.
+        everything: vec![(p.pid(), true)],
         _procs: vec![p],
         _dir: Some(dir),
     }
@@ -249,6 +253,7 @@ fn reuseport(o: &Options) -> Setup {
         name: "SO_REUSEPORT",
         addr,
         middle: None,
+        everything: procs.iter().map(|p| (p.pid(), false)).collect(),
         _procs: procs,
         _dir: None,
     }
@@ -301,6 +306,10 @@ http {{\n    access_log off;\n    client_body_temp_path {dir}/body;\n    proxy_t
         name: "nginx ip_hash",
         addr,
         middle: Some((pid, true)),
+        everything: procs
+            .iter()
+            .map(|p| (p.pid(), p.pid() == pid))
+            .collect(),
         _procs: procs,
         _dir: Some(dir),
     }
@@ -381,6 +390,7 @@ fn main() {
     let length = Duration::from_secs_f64(o.seconds);
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let mut totals: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut errors = vec![0u64; setups.len()];
     for s in &setups {
         run(s.addr, o.concurrency, WARM_UP);
@@ -388,13 +398,20 @@ fn main() {
     for repeat in 0..o.repeats {
         for (i, s) in setups.iter().enumerate() {
             let before = s.middle.map(|(pid, children)| cpu(pid, children));
+            let all = || -> Duration { s.everything.iter().map(|&(pid, c)| cpu(pid, c)).sum() };
+            let all_before = all();
             let started = Instant::now();
             let (done, failed) = run(s.addr, o.concurrency, length);
             let elapsed = started.elapsed().as_secs_f64();
             let rate = done as f64 / elapsed;
             rates[i].push(rate);
             errors[i] += failed;
-            let mut line = format!("run {repeat} {:<16} {rate:8.0} conn/s", s.name);
+            let total = all().saturating_sub(all_before).as_secs_f64() * 1e6 / done.max(1) as f64;
+            totals[i].push(total);
+            let mut line = format!(
+                "run {repeat} {:<16} {rate:8.0} conn/s  server CPU {total:6.1} us/conn",
+                s.name
+            );
             if let (Some(before), Some((pid, children))) = (before, s.middle) {
                 let used = cpu(pid, children).saturating_sub(before);
                 let per = used.as_secs_f64() * 1e6 / done.max(1) as f64;
@@ -410,18 +427,27 @@ fn main() {
     println!("\nmedians over {} runs:", o.repeats);
     let rate = |i: usize| median(rates[i].clone());
     for (i, s) in setups.iter().enumerate() {
-        let mut line = format!("{:<16} {:8.0} conn/s", s.name, rate(i));
+        let mut line = format!(
+            "{:<16} {:8.0} conn/s  server CPU {:6.1} us/conn",
+            s.name,
+            rate(i),
+            median(totals[i].clone())
+        );
         if !cpus[i].is_empty() {
             line.push_str(&format!("  middle CPU {:6.1} us/conn", median(cpus[i].clone())));
         }
         line.push_str(&format!("  errors {}", errors[i]));
         println!("{line}");
     }
+    let total = |i: usize| median(totals[i].clone());
     println!(
-        "ratios: sticky-dispatch / SO_REUSEPORT = {:.2}x, sticky-dispatch / nginx = {:.2}x; \
-         nginx CPU per conn / dispatcher's = {:.2}x",
+        "ratios: rate sticky-dispatch / SO_REUSEPORT = {:.2}x, sticky-dispatch / nginx = {:.2}x; \
+         middle CPU per conn nginx / dispatcher = {:.2}x; \
+         capacity (1 / server CPU per conn) sticky-dispatch / SO_REUSEPORT = {:.2}x, / nginx = {:.2}x",
         rate(0) / rate(1),
         rate(0) / rate(2),
-        median(cpus[2].clone()) / median(cpus[0].clone())
+        median(cpus[2].clone()) / median(cpus[0].clone()),
+        total(1) / total(0),
+        total(2) / total(0)
     );
 }

@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import OrderedDict
-from typing import Optional
+from typing import Callable, Optional
 
 from . import wire
-from .worker import Connection
+from .worker import Connection, Worker, log
 
 SocketKey = tuple[str, int, str, int]
 """The socket's own (peer host, peer port, local host, local port)."""
@@ -102,3 +102,33 @@ class Handoffs:
                 await asyncio.wait_for(self._all_read.wait(), min(0.05, deadline - loop.time()))
             except asyncio.TimeoutError:
                 pass
+
+
+async def serve_connections(
+    worker: Worker, handoffs: Handoffs, protocol_factory: Callable[[], asyncio.BaseProtocol]
+) -> None:
+    """Gives every connection of ``worker`` to the server's protocol, until drained.
+
+    Each connection is attached in its own task, as asyncio's own servers do after
+    ``accept()``, so that the next one is taken without waiting for the transport.
+    Returns once the drain ended, every attachment finished and the server started
+    reading every connection (see :meth:`Handoffs.wait_first_reads`).
+    """
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def attach(conn: Connection) -> None:
+        try:
+            await loop.connect_accepted_socket(protocol_factory, conn.socket)
+        except OSError as err:
+            log.warning("could not serve a handed-over connection: %s", err)
+            conn.socket.close()
+
+    async for conn in worker:
+        handoffs.handed(conn)
+        task = loop.create_task(attach(conn))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    if pending:
+        await asyncio.gather(*pending)
+    await handoffs.wait_first_reads()

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 from aiohttp import web
 
-from ._handoff import Handoffs, socket_key
+from ._handoff import Handoffs, serve_connections, socket_key
 from .options import WorkerOptions
 from .worker import Worker, default_logging
 
@@ -75,17 +75,9 @@ async def serve_app(
         await worker.start()
         server = runner.server
         assert server is not None  # set by setup()
-        loop = asyncio.get_running_loop()
         worker.notify_ready()
         log.info("serving aiohttp app as worker %d", worker.index)
-        async for conn in worker:
-            handoffs.handed(conn)
-            try:
-                await loop.connect_accepted_socket(server, conn.socket)
-            except OSError as err:
-                log.warning("could not serve a handed-over connection: %s", err)
-                conn.socket.close()
-        await handoffs.wait_first_reads()
+        await serve_connections(worker, handoffs, server)
         log.info("drained: finishing requests in progress (up to %s s)", shutdown_timeout)
     finally:
         await runner.cleanup()

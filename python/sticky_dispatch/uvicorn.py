@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 import uvicorn
 
-from ._handoff import Handoffs, socket_key
+from ._handoff import Handoffs, serve_connections, socket_key
 from .options import WorkerOptions
 from .worker import Worker, default_logging
 
@@ -78,17 +78,9 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
                 config=config, server_state=server.server_state, app_state=server.lifespan.state
             )
 
-        loop = asyncio.get_running_loop()
         worker.notify_ready()
         log.info("serving ASGI app as worker %d", worker.index)
-        async for conn in worker:
-            handoffs.handed(conn)
-            try:
-                await loop.connect_accepted_socket(protocol, conn.socket)
-            except OSError as err:
-                log.warning("could not serve a handed-over connection: %s", err)
-                conn.socket.close()
-        await handoffs.wait_first_reads()
+        await serve_connections(worker, handoffs, protocol)
     finally:
         server.should_exit = True
         await ticks

@@ -8,7 +8,7 @@ readings of the same text. Every message is one ``SOCK_SEQPACKET`` datagram of a
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -108,9 +108,12 @@ def encode(message: Message) -> bytes:
 def _encode_addr(addr: Optional[Address]) -> bytes:
     if addr is None:
         return b"\x00"
-    ip = ipaddress.ip_address(addr[0])
-    family = 4 if ip.version == 4 else 6
-    return bytes([family]) + ip.packed + struct.pack(">H", addr[1])
+    if ":" in addr[0]:
+        return b"\x06" + socket.inet_pton(socket.AF_INET6, addr[0]) + struct.pack(">H", addr[1])
+    return b"\x04" + socket.inet_pton(socket.AF_INET, addr[0]) + struct.pack(">H", addr[1])
+
+
+_LAYOUTS = {fmt: struct.Struct(fmt) for fmt in (">H", ">I", ">Q")}
 
 
 class _Reader:
@@ -129,17 +132,19 @@ class _Reader:
         return chunk
 
     def unpack(self, fmt: str) -> int:
-        (value,) = struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+        layout = _LAYOUTS[fmt]
+        (value,) = layout.unpack(self.take(layout.size))
         return int(value)
 
     def addr(self) -> Optional[Address]:
         family = self.take(1)[0]
         if family == 0:
             return None
+        # inet_ntop: the spelling Python's sockets use for peer addresses (and fast).
         if family == 4:
-            host = str(ipaddress.IPv4Address(self.take(4)))
+            host = socket.inet_ntop(socket.AF_INET, self.take(4))
         elif family == 6:
-            host = str(ipaddress.IPv6Address(self.take(16)))
+            host = socket.inet_ntop(socket.AF_INET6, self.take(16))
         else:
             raise DecodeError(f"malformed {self.name} message: address family {family}")
         return (host, self.unpack(">H"))

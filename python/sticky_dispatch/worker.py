@@ -40,6 +40,10 @@ the worker is stopping, and systemd's stop timeout would kill it anyway."""
 ACCEPT_QUEUE = 256
 """Connections received but not yet taken by the application. Beyond it the link is not
 read, so the dispatcher keeps holding (and could re-send) what the app has not taken."""
+ACK_BURST = 32
+"""CONNs already waiting on the link are received together and acknowledged with one
+cumulative ACK (at most this many), before any of them reaches the app: one send and
+one wake-up of the dispatcher per burst instead of per connection."""
 _MAX_FDS = 4
 """Room for more fds than the one a CONN carries, so that extra ones are received and
 closed rather than silently truncated by the kernel."""
@@ -340,25 +344,55 @@ class _Session:
         return data, list(fds)
 
     async def _serve(self) -> None:
+        batch: list[Connection] = []
+        try:
+            await self._serve_link(batch)
+        finally:
+            # Received but not acknowledged: the dispatcher still holds them and will
+            # re-send them on its next link, so they must not reach the app from here.
+            for conn in batch:
+                conn.socket.close()
+
+    async def _serve_link(self, batch: list[Connection]) -> None:
         worker = self.worker
         loop = asyncio.get_running_loop()
         await self._send(wire.Hello(wire.Role.WORKER, worker.index, os.getpid()))
         said_hello = False
         last_seq = 0
+        acked = 0
         drain_until: Optional[int] = None  # set by DRAINED: stop after this CONN
         drain_sent = False
         deadline: Optional[float] = None  # while draining: give up on the dispatcher then
+
+        async def flush() -> None:
+            """One cumulative ACK for the CONNs received in a burst, then they go to the
+            app: never before their ACK is sent (see the module docstring)."""
+            nonlocal acked
+            if last_seq == acked:
+                return
+            await self._send(wire.Ack(last_seq))
+            acked = last_seq
+            for conn in batch:
+                # Waits while the app is behind; meanwhile the link is not read.
+                await worker._queue.put(conn)
+            batch.clear()
+
         while True:
             if drain_until is not None and last_seq >= drain_until:
+                await flush()
                 return
             if worker.draining:
                 if deadline is None:
                     deadline = loop.time() + DRAIN_ANSWER_TIMEOUT
                 if said_hello and not drain_sent:
                     drain_sent = True
+                    await flush()
                     await self._send(wire.Drain())
-            received = self._try_recv()
+            received = self._try_recv() if last_seq - acked < ACK_BURST else None
             if received is None:
+                if last_seq != acked:
+                    await flush()
+                    continue
                 timeout = None if deadline is None else deadline - loop.time()
                 if timeout is not None and timeout <= 0:
                     raise LinkError(f"no answer to DRAIN within {DRAIN_ANSWER_TIMEOUT} s")
@@ -378,18 +412,12 @@ class _Session:
                     _close_all(fds)
                     raise LinkError(f"CONN {message.seq} after {last_seq}")
                 last_seq = message.seq
-                # Acknowledge before the app can read a byte (see the module docstring).
-                try:
-                    await self._send(wire.Ack(last_seq))
-                except BaseException:
-                    _close_all(fds)
-                    raise
                 conn = _connection(fds[0], message)
                 if conn is not None:
-                    # Waits while the app is behind; meanwhile the link is not read.
-                    await worker._queue.put(conn)
+                    batch.append(conn)
                 continue
             _close_all(fds)
+            await flush()
             if isinstance(message, wire.Hello) and not said_hello:
                 if message.role != wire.Role.DISPATCHER:
                     raise LinkError(f"HELLO from a {message.role.name.lower()}, not the dispatcher")

@@ -84,6 +84,26 @@ def test_ack_comes_before_the_app_takes_the_connection(prefix: str) -> None:
     asyncio.run(main())
 
 
+def test_conns_waiting_together_get_one_cumulative_ack(prefix: str) -> None:
+    """Sent while the worker cannot run (from the event loop's own thread), three CONNs
+    are received in one burst and acknowledged once, before the app sees any of them."""
+
+    async def main() -> None:
+        worker = await started(prefix)
+        dispatcher = await link(prefix)
+        pairs = [TcpPair() for _ in range(3)]
+        for seq, pair in enumerate(pairs, 1):
+            dispatcher.send(wire.Conn(seq, None, None, "x"), pair.server.fileno())
+        assert await asyncio.to_thread(dispatcher.recv) == wire.Ack(3)
+        assert [(await next_conn(worker)).client.seq for _ in range(3)] == [1, 2, 3]
+        for pair in pairs:
+            pair.close()
+        dispatcher.close()
+        await worker.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(
     "bad, reason",
     [
