@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import OrderedDict
+from collections.abc import Awaitable
 from typing import Callable, Optional
 
 from . import wire
-from .worker import Connection, Worker, log
+from .worker import Connection, log
 
 SocketKey = tuple[str, int, str, int]
 """The socket's own (peer host, peer port, local host, local port)."""
@@ -104,15 +105,16 @@ class Handoffs:
                 pass
 
 
-async def serve_connections(
-    worker: Worker, handoffs: Handoffs, protocol_factory: Callable[[], asyncio.BaseProtocol]
-) -> None:
-    """Gives every connection of ``worker`` to the server's protocol, until drained.
+def connection_server(
+    handoffs: Handoffs, protocol_factory: Callable[[], asyncio.BaseProtocol]
+) -> tuple[Callable[[Connection], None], Callable[[], Awaitable[None]]]:
+    """What the adapters give :class:`Worker` as ``on_connection``, and what they await
+    after the drain.
 
-    Each connection is attached in its own task, as asyncio's own servers do after
-    ``accept()``, so that the next one is taken without waiting for the transport.
-    Returns once the drain ended, every attachment finished and the server started
-    reading every connection (see :meth:`Handoffs.wait_first_reads`).
+    Each connection is attached to a new protocol in its own task, as asyncio's own
+    servers do after ``accept()``. The second function waits until every attachment has
+    finished and the server has started reading every connection
+    (:meth:`Handoffs.wait_first_reads`).
     """
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
@@ -124,11 +126,15 @@ async def serve_connections(
             log.warning("could not serve a handed-over connection: %s", err)
             conn.socket.close()
 
-    async for conn in worker:
+    def deliver(conn: Connection) -> None:
         handoffs.handed(conn)
         task = loop.create_task(attach(conn))
         pending.add(task)
         task.add_done_callback(pending.discard)
-    if pending:
-        await asyncio.gather(*pending)
-    await handoffs.wait_first_reads()
+
+    async def settle() -> None:
+        if pending:
+            await asyncio.gather(*pending)
+        await handoffs.wait_first_reads()
+
+    return deliver, settle

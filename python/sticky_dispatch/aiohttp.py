@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 from aiohttp import web
 
-from ._handoff import Handoffs, serve_connections, socket_key
+from ._handoff import Handoffs, connection_server, socket_key
 from .options import WorkerOptions
 from .worker import Worker, default_logging
 
@@ -71,13 +71,15 @@ async def serve_app(
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, **runner_kwargs)
     await runner.setup()
     try:
-        worker = Worker(options, notify_ready=False)
-        await worker.start()
         server = runner.server
         assert server is not None  # set by setup()
+        deliver, settle = connection_server(handoffs, server)
+        worker = Worker(options, notify_ready=False, on_connection=deliver)
+        await worker.start()
         worker.notify_ready()
         log.info("serving aiohttp app as worker %d", worker.index)
-        await serve_connections(worker, handoffs, server)
+        await worker.drained()
+        await settle()
         log.info("drained: finishing requests in progress (up to %s s)", shutdown_timeout)
     finally:
         await runner.cleanup()

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, Union
 
 import uvicorn
 
-from ._handoff import Handoffs, serve_connections, socket_key
+from ._handoff import Handoffs, connection_server, socket_key
 from .options import WorkerOptions
 from .worker import Worker, default_logging
 
@@ -69,8 +69,6 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
         return
     ticks = asyncio.get_running_loop().create_task(server.main_loop())
     try:
-        worker = Worker(options, notify_ready=False)
-        await worker.start()
 
         def protocol() -> asyncio.Protocol:
             factory: Callable[..., asyncio.Protocol] = config.http_protocol_class
@@ -78,9 +76,13 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
                 config=config, server_state=server.server_state, app_state=server.lifespan.state
             )
 
+        deliver, settle = connection_server(handoffs, protocol)
+        worker = Worker(options, notify_ready=False, on_connection=deliver)
+        await worker.start()
         worker.notify_ready()
         log.info("serving ASGI app as worker %d", worker.index)
-        await serve_connections(worker, handoffs, protocol)
+        await worker.drained()
+        await settle()
     finally:
         server.should_exit = True
         await ticks

@@ -26,7 +26,7 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from . import wire
 from .notify import notify
@@ -99,9 +99,13 @@ class Worker:
     """Receives the connections the dispatcher hands to this worker index.
 
     Iterate with ``async for``; the first iteration binds the link socket (or call
-    :meth:`start` first). With ``notify_ready=False`` the caller sends ``READY=1`` itself
-    through :meth:`notify_ready`, once its application is ready, as the aiohttp and
-    uvicorn adapters do.
+    :meth:`start` first). Or pass ``on_connection``: it is called with each connection
+    as soon as it is acknowledged (no queue, no iteration: what servers that attach
+    sockets themselves want), and :meth:`drained` tells when the drain is over.
+
+    With ``notify_ready=False`` the caller sends ``READY=1`` itself through
+    :meth:`notify_ready`, once its application is ready, as the aiohttp and uvicorn
+    adapters do.
     """
 
     def __init__(
@@ -110,9 +114,11 @@ class Worker:
         *,
         notify_ready: bool = True,
         drain_on_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+        on_connection: Optional[Callable[[Connection], None]] = None,
     ) -> None:
         self.options = options if options is not None else WorkerOptions.from_env()
         self._notify_ready = notify_ready
+        self._on_connection = on_connection
         self._drain_signals = drain_on_signals
         # Made in start(): on Python 3.9 they bind to the loop current at creation.
         self._queue: asyncio.Queue[Connection | _End]
@@ -281,7 +287,11 @@ class Worker:
         if sessions:
             await asyncio.gather(*sessions, return_exceptions=True)
         log.info("all links closed")
-        await self._queue.put(_End())
+        if self._on_connection is None:
+            await self._queue.put(_End())
+        else:
+            self._remove_signal_handlers()
+            self._drained.set()
 
     def _admit(self, link: socket.socket) -> bool:
         """Checks the connecting process's uid (SO_PEERCRED) before reading anything."""
@@ -307,6 +317,41 @@ class _Session:
     def __init__(self, worker: Worker, link: socket.socket) -> None:
         self.worker = worker
         self.link = link
+        self.loop = asyncio.get_running_loop()
+        # The link stays registered with the loop between waits (one epoll_ctl per
+        # link, not two per message) while each readiness finds someone waiting.
+        self._watching = False
+        self._wake: Optional[asyncio.Future[None]] = None
+
+    def _on_readable(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        else:
+            # Nobody waits (the app is behind): stop watching, or the level-triggered
+            # readiness would call us in a loop.
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self.loop.remove_reader(self.link.fileno())
+            self._watching = False
+
+    async def _wait_readable(self, timeout: Optional[float]) -> None:
+        """Returns when the link is readable, a drain starts, or ``timeout`` passes."""
+        if not self._watching:
+            self.loop.add_reader(self.link.fileno(), self._on_readable)
+            self._watching = True
+        wake: asyncio.Future[None] = self.loop.create_future()
+        self._wake = wake
+        timer = self.loop.call_later(timeout, _resolve, wake) if timeout is not None else None
+        self.worker._waiters.add(wake)
+        try:
+            await wake
+        finally:
+            self._wake = None
+            self.worker._waiters.discard(wake)
+            if timer is not None:
+                timer.cancel()
 
     async def run(self) -> None:
         try:
@@ -319,6 +364,7 @@ class _Session:
         except Exception as err:  # noqa: BLE001 - a bad link must never stop the app
             log.warning("link closed: %s: %s", type(err).__name__, err)
         finally:
+            self._unwatch()
             self.link.close()
 
     async def _send(self, message: wire.Message) -> None:
@@ -372,9 +418,14 @@ class _Session:
                 return
             await self._send(wire.Ack(last_seq))
             acked = last_seq
-            for conn in batch:
-                # Waits while the app is behind; meanwhile the link is not read.
-                await worker._queue.put(conn)
+            deliver = worker._on_connection
+            if deliver is not None:
+                for conn in batch:
+                    deliver(conn)
+            else:
+                for conn in batch:
+                    # Waits while the app is behind; meanwhile the link is not read.
+                    await worker._queue.put(conn)
             batch.clear()
 
         while True:
@@ -396,7 +447,7 @@ class _Session:
                 timeout = None if deadline is None else deadline - loop.time()
                 if timeout is not None and timeout <= 0:
                     raise LinkError(f"no answer to DRAIN within {DRAIN_ANSWER_TIMEOUT} s")
-                await worker._wait_readable(self.link, timeout)
+                await self._wait_readable(timeout)
                 continue
             data, fds = received
             if not data:
@@ -453,6 +504,11 @@ def _connection(fd: int, message: wire.Conn) -> Optional[Connection]:
     sock.setblocking(False)
     info = ClientInfo(message.seq, message.peer, message.local, message.listener)
     return Connection(sock, info)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _close_all(fds: list[int]) -> None:
