@@ -61,7 +61,10 @@ fn options() -> Options {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let mut value = || args.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        let mut value = || {
+            args.next()
+                .unwrap_or_else(|| panic!("{flag} needs a value"))
+        };
         match flag.as_str() {
             "--python" => options.python = value().into(),
             "--workers" => options.workers = value().parse().unwrap(),
@@ -117,7 +120,11 @@ impl Proc {
                 return found[0].clone();
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no {n}× {text:?} within {STARTUP:?}:\n{}", lines.join("\n"));
+            assert!(
+                !left.is_zero(),
+                "no {n}× {text:?} within {STARTUP:?}:\n{}",
+                lines.join("\n")
+            );
             lines = self.lines.1.wait_timeout(lines, left).unwrap().0;
         }
     }
@@ -217,11 +224,20 @@ fn dispatch(o: &Options) -> Setup {
     let mut c = Command::new(o.bin_dir.join("sticky-dispatch"));
     c.arg("--config")
         .arg(&config)
-        .args(["--listen", "127.0.0.1:0", "--workers", &o.workers.to_string(), "--"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            &o.workers.to_string(),
+            "--",
+        ])
         .arg(&o.python)
         .arg(app())
         .env("PYTHONPATH", python_path())
-        .env("STICKY_DISPATCH_SOCKET_PREFIX", format!("python-bench/{}/", std::process::id()))
+        .env(
+            "STICKY_DISPATCH_SOCKET_PREFIX",
+            format!("python-bench/{}/", std::process::id()),
+        )
         .env("STICKY_DISPATCH_LOG_LEVEL", "info");
     let p = Proc::spawn(c);
     let line = p.wait_lines("address=", 1);
@@ -295,9 +311,15 @@ http {{\n    access_log off;\n    client_body_temp_path {dir}/body;\n    proxy_t
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     // nginx has no readiness signal in the foreground: a bounded retry of real requests.
     let deadline = Instant::now() + STARTUP;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     while rt.block_on(one(addr, Ipv4Addr::new(127, 0, 0, 1))).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not answer within {STARTUP:?}");
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not answer within {STARTUP:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let pid = p.pid();
@@ -306,10 +328,7 @@ http {{\n    access_log off;\n    client_body_temp_path {dir}/body;\n    proxy_t
         name: "nginx ip_hash",
         addr,
         middle: Some((pid, true)),
-        everything: procs
-            .iter()
-            .map(|p| (p.pid(), p.pid() == pid))
-            .collect(),
+        everything: procs.iter().map(|p| (p.pid(), p.pid() == pid)).collect(),
         _procs: procs,
         _dir: Some(dir),
     }
@@ -317,9 +336,7 @@ http {{\n    access_log off;\n    client_body_temp_path {dir}/body;\n    proxy_t
 
 async fn one(to: SocketAddr, from: Ipv4Addr) -> Result<(), String> {
     let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-    socket
-        .bind((from, 0).into())
-        .map_err(|e| e.to_string())?;
+    socket.bind((from, 0).into()).map_err(|e| e.to_string())?;
     let mut stream = socket.connect(to).await.map_err(|e| e.to_string())?;
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
@@ -353,7 +370,9 @@ fn run(addr: SocketAddr, concurrency: usize, length: Duration) -> (u64, u64) {
                 let (done, errors, next) = (done.clone(), errors.clone(), next.clone());
                 tokio::spawn(async move {
                     while Instant::now() < end {
-                        let n = (next.fetch_add(1, Ordering::Relaxed) % CLIENT_ADDRESSES as u64) as u32 + 1;
+                        let n = (next.fetch_add(1, Ordering::Relaxed) % CLIENT_ADDRESSES as u64)
+                            as u32
+                            + 1;
                         let from = Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8);
                         match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, from)).await {
                             Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
@@ -434,7 +453,10 @@ fn main() {
             median(totals[i].clone())
         );
         if !cpus[i].is_empty() {
-            line.push_str(&format!("  middle CPU {:6.1} us/conn", median(cpus[i].clone())));
+            line.push_str(&format!(
+                "  middle CPU {:6.1} us/conn",
+                median(cpus[i].clone())
+            ));
         }
         line.push_str(&format!("  errors {}", errors[i]));
         println!("{line}");
