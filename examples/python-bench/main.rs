@@ -19,8 +19,10 @@
 //! over 4096), send `GET /` with `Connection: close`, read the answer to the end, and
 //! start over, for `--seconds`. Runs alternate between the set-ups, `--repeats` times after
 //! an unmeasured warm-up; every figure is the median over the runs: connections per
-//! second, and the CPU time (utime + stime from `/proc/<pid>/stat`) per connection of
-//! what sits in the middle: the dispatcher, or nginx's master and workers.
+//! second; the CPU time (utime + stime from `/proc/<pid>/stat`) per connection of what
+//! sits in the middle (the dispatcher, or nginx's master and workers); and the server
+//! CPU per connection (the middle plus the Python workers), which tells the capacity of
+//! a set-up on a machine of its own even when the rate is disturbed by other load.
 //!
 //! Loopback only; every loop is bounded in time and count; every process started is
 //! stopped (SIGTERM, then SIGKILL) at the end, also on a panic.
