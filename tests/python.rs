@@ -704,6 +704,30 @@ fn after_apt_install_the_system_python_imports_sticky_dispatch() {
         import.trim(),
         "/usr/lib/python3/dist-packages/sticky_dispatch/__init__.py 0104"
     );
+    // That import, as root, wrote byte code beside the module; removing the package
+    // still removes the whole directory (prerm cleans __pycache__ as py3clean would).
+    c.ok(&[
+        "test",
+        "-d",
+        "/usr/lib/python3/dist-packages/sticky_dispatch/__pycache__",
+    ]);
+    let remove = c.run(&[
+        "sh",
+        "-c",
+        "DEBIAN_FRONTEND=noninteractive apt-get remove -y -q sticky-dispatch",
+    ]);
+    let text = container::output_text(&remove);
+    assert!(remove.status.success(), "{text}");
+    assert!(!text.contains("not empty"), "{text}");
+    let left = c.run(&[
+        "test",
+        "-e",
+        "/usr/lib/python3/dist-packages/sticky_dispatch",
+    ]);
+    assert!(
+        !left.status.success(),
+        "the module directory is left after apt remove"
+    );
 }
 
 /// The built package whose file name starts with `prefix` and ends with `ext`, in
