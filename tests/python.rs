@@ -438,13 +438,16 @@ fn systemctl_restart_of_a_python_worker_under_load_loses_nothing() {
             &format!("\nworkers = {WORKERS_HERE}\n"),
         );
     assert!(config.contains(&format!("\nworkers = {WORKERS_HERE}\n")));
-    // The shipped template's sandboxing stays; only what runs changes.
+    // The shipped template's sandboxing stays; only what runs changes. The venv, the
+    // package and the app are copied to /opt/sdt in the container: ProtectHome= hides a
+    // clone under /root or /home from the unit, and nspawn mounts its own /tmp.
     let drop_in = format!(
-        "[Service]\nExecStart=\nExecStart={} {}\nEnvironment=PYTHONPATH={}\n",
-        python.display(),
-        source.join("tests/python").join(AIOHTTP_APP).display(),
-        python_support::pythonpath()
+        "[Service]\n\
+         ExecStart=\n\
+         ExecStart=/opt/sdt/venv/bin/python /opt/sdt/app/{AIOHTTP_APP}\n\
+         Environment=PYTHONPATH=/opt/sdt/python\n"
     );
+    let venv = python.parent().unwrap().parent().unwrap().to_owned();
     let c = Container::boot("python", |dir| {
         let bin = Path::new(DISPATCHER).parent().unwrap();
         stage_file(dir, "usr/bin/sticky-dispatch", Path::new(DISPATCHER), 0o755);
@@ -472,14 +475,53 @@ fn systemctl_restart_of_a_python_worker_under_load_loses_nothing() {
             "etc/systemd/system/app@.service.d/python.conf",
             &drop_in,
         );
+        let opt = dir.join("opt/sdt");
+        std::fs::create_dir_all(opt.join("python")).unwrap();
+        for (from, to) in [
+            (venv.clone(), opt.join("venv")),
+            (source.join("python/sticky_dispatch"), opt.join("python")),
+            (source.join("tests/python"), opt.join("app")),
+        ] {
+            // cp -a keeps the venv's python -> /usr/bin/python3 symlink as it is.
+            let copied = Command::new("cp")
+                .arg("-a")
+                .arg(&from)
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(
+                copied.success(),
+                "cp -a {} {}",
+                from.display(),
+                to.display()
+            );
+        }
     });
     c.ok(&["systemctl", "daemon-reload"]);
     c.ok(&["systemctl", "start", "sticky-dispatch.socket"]);
     c.ok(&["systemctl", "start", "sticky-dispatch.service"]);
     for index in 0..WORKERS_HERE {
-        poll(&format!("app@{index} active"), || {
-            (c.active_state(&format!("app@{index}.service")) == "active").then_some(())
-        });
+        let unit = format!("app@{index}.service");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while c.active_state(&unit) != "active" {
+            if std::time::Instant::now() > deadline {
+                let status = c.run(&[
+                    "systemctl",
+                    "status",
+                    "--no-pager",
+                    "-l",
+                    "sticky-dispatch.service",
+                    &unit,
+                ]);
+                let journal = c.run(&["journalctl", "-b", "--no-pager", "-n", "60"]);
+                panic!(
+                    "{unit} not active within {PATIENCE:?}:\n{}\n{}",
+                    container::output_text(&status),
+                    container::output_text(&journal)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     let dest: SocketAddr = ([127, 0, 0, 1], 8080).into();
