@@ -815,3 +815,118 @@ fn which(program: &str) -> Option<std::path::PathBuf> {
         .map(|dir| dir.join(program))
         .find(|p| p.is_file())
 }
+
+/// One HTTP/1.1 request on a new connection from `from`; the status code and the body.
+fn http(from: Ipv4Addr, to: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(from.into(), 0).into())
+        .unwrap();
+    socket.connect_timeout(&to.into(), PATIENCE).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+         Content-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// SIGTERM while a socket.io long-poll is held by the worker: the drain serves it (the
+/// poll is answered with the next ping, here after at most CHAT_PING_INTERVAL = 5 s),
+/// then the worker stops, within the adapters' 30 s bound.
+#[test]
+fn a_held_socketio_long_poll_is_answered_before_the_worker_stops() {
+    const PING: u64 = 5;
+    let dir = scratch_dir("py-longpoll");
+    let mut notify = NotifySocket::bind(&dir);
+    let notify_path = notify.path.display().to_string();
+    let command = python_support::app_command(AIOHTTP_APP);
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let pythonpath = python_support::pythonpath();
+    let ping = PING.to_string();
+    let (dispatcher, addr) = standalone_with(
+        "py-longpoll",
+        1,
+        &[
+            ("PYTHONPATH", pythonpath.as_str()),
+            ("CHAT_PING_INTERVAL", ping.as_str()),
+            ("NOTIFY_SOCKET", notify_path.as_str()),
+        ],
+        &command,
+    );
+    let dispatcher = support::Graceful(dispatcher);
+    dispatcher.0.log.wait_for(&["worker link up", "index=0"]);
+    let client = client_ip(0);
+    let base = "/socket.io/?EIO=4&transport=polling";
+    let (status, open) = http(client, addr, "GET", base, "");
+    assert_eq!(status, 200, "{open}");
+    let sid = open
+        .split("\"sid\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let session = format!("{base}&sid={sid}");
+    assert_eq!(
+        http(client, addr, "POST", &session, "40"),
+        (200, "OK".to_owned())
+    );
+    let (status, greeting) = http(client, addr, "GET", &session, "");
+    assert_eq!(status, 200, "{greeting}");
+    let pid: i32 = greeting
+        .split("pid=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let poll = {
+        let session = session.clone();
+        std::thread::spawn(move || http(client, addr, "GET", &session, ""))
+    };
+    // The 4th connection handed over and acknowledged is the long-poll.
+    notify.wait_until("the long-poll handed over", |line| {
+        status_figure(line, "connections handed off").is_some_and(|n| n >= 4)
+    });
+    let terminated = std::time::Instant::now();
+    kill(pid, Signal::SIGTERM);
+    let (status, body) = poll.join().unwrap();
+    let answered = terminated.elapsed();
+    dispatcher
+        .0
+        .log
+        .wait_for(&["worker exited; restarting", "index=0"]);
+    let stopped = terminated.elapsed();
+    println!(
+        "long-poll held at SIGTERM: answered {status} {body:?} after {answered:.1?}; worker stopped after {stopped:.1?}"
+    );
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "2"),
+        "the held poll gets the next ping"
+    );
+    assert!(
+        stopped < Duration::from_secs(PING + 10),
+        "stopped after {stopped:?}"
+    );
+}

@@ -19,7 +19,13 @@ import socketio
 from aiohttp import web
 from common import direct_socket, who
 
-sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*")
+# CHAT_PING_INTERVAL: a long-poll is held up to this long (socket.io's default 25 s);
+# the drain test shortens it.
+sio = socketio.AsyncServer(
+    async_mode="aiohttp",
+    cors_allowed_origins="*",
+    ping_interval=float(os.environ.get("CHAT_PING_INTERVAL", "25")),
+)
 app = web.Application()
 sio.attach(app)
 

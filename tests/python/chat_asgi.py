@@ -18,7 +18,13 @@ from common import direct_socket, who
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 
-sio = socketio.AsyncServer(async_mode="asgi", cors_allowed_origins="*")
+# CHAT_PING_INTERVAL: a long-poll is held up to this long (socket.io's default 25 s);
+# the drain test shortens it.
+sio = socketio.AsyncServer(
+    async_mode="asgi",
+    cors_allowed_origins="*",
+    ping_interval=float(os.environ.get("CHAT_PING_INTERVAL", "25")),
+)
 api = FastAPI()
 
 
