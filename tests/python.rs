@@ -445,7 +445,9 @@ fn systemctl_restart_of_a_python_worker_under_load_loses_nothing() {
         "[Service]\n\
          ExecStart=\n\
          ExecStart=/opt/sdt/venv/bin/python /opt/sdt/app/{AIOHTTP_APP}\n\
-         Environment=PYTHONPATH=/opt/sdt/python\n"
+         Environment=PYTHONPATH=/opt/sdt/python\n\
+         # The index from the unit's instance name in /proc/self/cgroup instead.\n\
+         UnsetEnvironment=STICKY_DISPATCH_INDEX\n"
     );
     let venv = python.parent().unwrap().parent().unwrap().to_owned();
     let c = Container::boot("python", |dir| {
@@ -623,6 +625,18 @@ fn systemctl_restart_of_a_python_worker_under_load_loses_nothing() {
         journal.contains("draining"),
         "app@1 did not drain:\n{journal}"
     );
+    assert!(
+        journal.contains("worker ready index=1 socket=@sticky-dispatch/1"),
+        "the index did not come from the instance name:\n{journal}"
+    );
+    let env = c.ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "UnsetEnvironment",
+        "app@1.service",
+    ]);
+    assert!(env.contains("STICKY_DISPATCH_INDEX"), "{env}");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -65,6 +65,8 @@ async def serve_app(
 
     ``runner_kwargs`` go to ``web.AppRunner`` (``access_log``, ``handler_cancellation``...).
     """
+    # First: the index (also set for the app when it comes from the unit's name).
+    options = options if options is not None else WorkerOptions.from_env()
     handoffs = Handoffs()
     # First, so that the app's own middlewares already see the real client.
     app.middlewares.insert(0, _real_client_middleware(handoffs))

@@ -39,26 +39,34 @@ class WorkerOptions:
     @classmethod
     def from_env(cls) -> WorkerOptions:
         """Index from ``STICKY_DISPATCH_INDEX``, else the systemd unit's instance name
-        (``app@3.service`` → 3), else :class:`ConfigError`; prefix and users from their
-        variables or the defaults the dispatcher also uses."""
+        (``app@3.service`` → 3, then also set as ``STICKY_DISPATCH_INDEX`` for the app),
+        else :class:`ConfigError`; prefix and users from their variables or the defaults
+        the dispatcher also uses."""
         text = os.environ.get(INDEX_ENV)
-        if text is None:
-            try:
-                with open("/proc/self/cgroup") as f:
-                    cgroup = f.read()
-            except OSError:
-                cgroup = ""
-            text = instance_from_cgroup(cgroup)
-            if text is None:
+        if text is not None:
+            index = parse_index(text)
+        else:
+            instance = instance_from_cgroup(_own_cgroup())
+            if instance is None:
                 raise ConfigError(
                     f"no worker index: set {INDEX_ENV}, or run as an instance of a "
                     "template unit such as app@3.service"
                 )
-        index = parse_index(text)
+            index = parse_index(instance)
+            # The app reads its index from the environment in every mode.
+            os.environ[INDEX_ENV] = str(index)
         prefix = os.environ.get(SOCKET_PREFIX_ENV) or DEFAULT_SOCKET_PREFIX
         users_text = os.environ.get(DISPATCHER_USERS_ENV, "")
         users = parse_users(users_text) if users_text.strip() else default_users()
         return cls(index=index, socket_prefix=prefix, dispatcher_users=users)
+
+
+def _own_cgroup() -> str:
+    try:
+        with open("/proc/self/cgroup") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def parse_index(text: str) -> int:

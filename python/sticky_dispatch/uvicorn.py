@@ -57,6 +57,8 @@ class RealClient:
 
 async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = None) -> None:
     """Serves the app of ``config`` on the connections the dispatcher hands over."""
+    # First: the index (also set for the app when it comes from the unit's name).
+    options = options if options is not None else WorkerOptions.from_env()
     server = uvicorn.Server(config)
     if not config.loaded:
         config.load()

@@ -59,6 +59,21 @@ def test_options_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert options.socket_name == "sticky-dispatch/5"
 
 
+def test_the_index_from_the_unit_name_is_given_to_the_app(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sticky_dispatch import options as options_module
+
+    # setenv first, so that the variable from_env sets is undone after the test.
+    monkeypatch.setenv("STICKY_DISPATCH_INDEX", "-")
+    monkeypatch.delenv("STICKY_DISPATCH_INDEX")
+    monkeypatch.setattr(
+        options_module, "_own_cgroup", lambda: "0::/system.slice/system-app.slice/app@7.service\n"
+    )
+    assert WorkerOptions.from_env().index == 7
+    assert os.environ["STICKY_DISPATCH_INDEX"] == "7"
+
+
 def test_no_index_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("STICKY_DISPATCH_INDEX", raising=False)
     with open("/proc/self/cgroup") as f:
