@@ -42,6 +42,10 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// Serve GET /metrics and GET /health on ADDR (repeatable; overrides `metrics_listen`)
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub metrics_listen: Vec<SocketAddr>,
+
     /// Standalone mode: the worker command, spawned once per index
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
@@ -52,11 +56,38 @@ pub struct Cli {
 pub enum Action {
     /// Validate the configuration, print the effective settings, and exit
     CheckConfig,
+    /// Show a running dispatcher's workers (from its /metrics and /health). Exit status 0
+    /// when every worker is up, 1 when one is down, 2 when the dispatcher cannot be asked
+    Status {
+        /// Where the dispatcher serves /metrics [default: the first `metrics_listen`
+        /// address, else 127.0.0.1:9191, the port of sticky-dispatch-metrics.socket]
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<SocketAddr>,
+    },
     /// Write the manual pages sticky-dispatch(8) and sticky-dispatch.toml(5) into DIR
     #[command(hide = true)]
     Manual {
         /// Directory to write the pages into
         dir: PathBuf,
+    },
+    /// Be worker N for a Node.js app: start COMMAND (e.g. `node app.js`) with Node's IPC
+    /// channel and hand it each connection; ready when the app is (docs/node.md)
+    NodeWorker {
+        /// How long Node may take to acknowledge a connection before it is treated as
+        /// dead (killed; the dispatcher re-sends what it had not acknowledged)
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+        ack_timeout: std::time::Duration,
+        /// How long Node may take to exit once told to drain; then SIGKILL
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        stop_timeout: std::time::Duration,
+        /// The Node.js command and its arguments
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<OsString>,
     },
 }
 
@@ -68,6 +99,7 @@ impl Cli {
             listen: self.listen.clone(),
             workers: self.workers,
             log_level: self.log_level.clone(),
+            metrics_listen: self.metrics_listen.clone(),
         }
     }
 }

@@ -11,24 +11,32 @@
 //! # Layout
 //!
 //! - [`worker`] — the worker library: [`worker::WorkerListener`] yields
-//!   `(TcpStream, ClientInfo)` and implements `axum::serve::Listener`.
+//!   `(TcpStream, ClientInfo)` and implements `axum::serve::Listener`; [`worker::link`]
+//!   is the link underneath, for workers that acknowledge later (a bridge to another
+//!   process).
+//! - [`shared`] — what both ends of the link know: the socket name, the allowed users and
+//!   their parsing, the HELLO exchange, the link's error type.
 //! - [`wire`] — the hand-off link's message format (pure encode/decode).
 //! - [`link`] — the link's socket: abstract `SOCK_SEQPACKET`, SCM_RIGHTS, SO_PEERCRED;
-//!   the crate's only `unsafe`.
+//!   nearly all the crate's `unsafe`.
 //! - `dispatcher` — accept loops, one slot per worker (queue, link, acknowledgements),
-//!   sd_notify status, graceful shutdown.
+//!   shared state and routing, metrics, the `/metrics` and `/health` listener, sd_notify
+//!   status, graceful shutdown, the fd store.
+//! - `status` — `sticky-dispatch status`: a running dispatcher's per-worker table.
 //! - `routing` — routing key, XXH64 hash, jump consistent hash, failover choice.
 //! - `keysource` — keys from the first bytes a client sends: PROXY protocol, HTTP
 //!   `X-Forwarded-For`, cookie, query parameter (pure parsers).
 //! - `config` — figment layers validated into typed settings.
 //! - `supervisor` — standalone mode: spawn and restart the workers (one `unsafe` line: the
 //!   parent-death signal set between fork and exec).
+//! - `node_bridge` — `sticky-dispatch node-worker -- node app.js`: a worker that hands
+//!   each connection to a Node.js process over Node's own IPC channel.
 //! - `logging` — journald when under systemd, stderr otherwise.
 //! - `cli`, `manual` — the daemon's command line, and the manual pages generated from it
 //!   and from the configuration keys.
 //!
-//! The modules marked `dispatcher` in Cargo.toml (all but `worker`, `wire`, `link`) need
-//! the `dispatcher` feature, on by default.
+//! The modules marked `dispatcher` in Cargo.toml (all but `worker`, `shared`, `wire`,
+//! `link`) need the `dispatcher` feature, on by default.
 #![warn(missing_docs)]
 
 #[cfg(feature = "dispatcher")]
@@ -45,7 +53,12 @@ pub mod logging;
 #[cfg(feature = "dispatcher")]
 pub mod manual;
 #[cfg(feature = "dispatcher")]
+pub mod node_bridge;
+#[cfg(feature = "dispatcher")]
 pub mod routing;
+pub mod shared;
+#[cfg(feature = "dispatcher")]
+pub mod status;
 #[cfg(feature = "dispatcher")]
 pub mod supervisor;
 pub mod wire;

@@ -1,8 +1,9 @@
 //! The hand-off link's socket: AF_UNIX `SOCK_SEQPACKET` in the abstract namespace, with
 //! file descriptors passed as SCM_RIGHTS.
 //!
-//! This is the crate's only module with `unsafe`: adopting the raw fds that `accept4` and
-//! `recvmsg` hand us as `OwnedFd`s. Each block says why it is sound.
+//! Nearly all of the crate's `unsafe` is here (the rest is one line in `supervisor`):
+//! adopting the raw fds that `accept4` and `recvmsg` hand us as `OwnedFd`s, and
+//! registering owned sockets with tokio. Each block says why it is sound.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -119,8 +120,9 @@ impl LinkStream {
         LinkStream::from_fd(fd)
     }
 
-    /// A connected pair, for tests.
-    pub fn pair() -> io::Result<(LinkStream, LinkStream)> {
+    /// A connected pair, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn pair() -> io::Result<(LinkStream, LinkStream)> {
         let (a, b) = socket::socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,

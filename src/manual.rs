@@ -63,14 +63,15 @@ pub fn configuration(out: &mut impl Write) -> io::Result<()> {
     )?;
     writeln!(out, ".SH SYNOPSIS\n{}", roff(DEFAULT_CONFIG_PATH))?;
     writeln!(out, ".SH DESCRIPTION")?;
-    writeln!(out, "A TOML file of top\\-level keys. Settings are layered, later ones winning: built\\-in defaults, this file (or the one given with \\fB\\-\\-config\\fR), environment variables \\fBSTICKY_DISPATCH_\\fR\\fIKEY\\fR (the key in upper case), command\\-line options. An unknown key or a bad value is an error naming the key and where it came from; the dispatcher then exits with status 78. \\fBsticky\\-dispatch check\\-config\\fR prints the effective settings.")?;
+    writeln!(out, "A TOML file of top\\-level keys. Settings are layered, later ones winning: built\\-in defaults, this file (or the one given with \\fB\\-\\-config\\fR), environment variables \\fBSTICKY_DISPATCH_\\fR\\fIKEY\\fR (the key in upper case), command\\-line options. An unknown key or a bad value is an error naming the key and where it came from; the dispatcher then exits with status 78. \\fBsticky\\-dispatch check\\-config\\fR prints the effective settings. Each key says when a change takes effect: \\fIlive\\fR keys are applied by \\fBsystemctl reload sticky\\-dispatch\\fR (SIGHUP); \\fIrestart\\fR keys only by a restart, and a reload that changes one keeps the running value, logs a warning and shows it in the unit's status.")?;
     writeln!(out, ".SH KEYS")?;
     for key in KEYS {
         writeln!(
             out,
-            ".TP\n\\fB{}\\fR (default: {})\n{}",
+            ".TP\n\\fB{}\\fR (default: {}; reload: {})\n{}",
             roff(key.name),
-            roff(key.default),
+            roff(key.default_text()),
+            key.reload.as_str(),
             roff(key.doc)
         )?;
     }
@@ -115,7 +116,12 @@ mod tests {
         let page = String::from_utf8(page).unwrap();
         for key in KEYS {
             assert!(
-                page.contains(&format!("\\fB{}\\fR", roff(key.name))),
+                page.contains(&format!(
+                    "\\fB{}\\fR (default: {}; reload: {})",
+                    roff(key.name),
+                    roff(key.default_text()),
+                    key.reload.as_str()
+                )),
                 "{} missing",
                 key.name
             );

@@ -17,12 +17,19 @@ fn readme_config_table_matches_the_key_definitions() {
     let expected: Vec<String> = KEYS
         .iter()
         .map(|key| {
-            let default = if key.default.chars().all(|c| c.is_alphabetic() || c == ' ') {
-                key.default.to_owned()
+            let default = key.default_text();
+            let default = if default.chars().all(|c| c.is_alphabetic() || c == ' ') {
+                default.to_owned()
             } else {
-                format!("`{}`", key.default)
+                format!("`{default}`")
             };
-            format!("| `{}` | {} | {} |", key.name, default, key.doc)
+            format!(
+                "| `{}` | {} | {} | {} |",
+                key.name,
+                default,
+                key.reload.as_str(),
+                key.doc
+            )
         })
         .collect();
     assert_eq!(table, expected, "update the README table from config::KEYS");

@@ -96,18 +96,10 @@ fn killed_worker_gets_its_unacknowledged_connections_again() {
     });
     eprintln!("worker 2 stopped: {status}");
     kill(pid, Signal::SIGKILL);
-    let down = dispatcher
-        .log
-        .wait_for(&["worker link down", "index=2", "resend="]);
-    let resent: u64 = down
-        .split("resend=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let down = notify.wait_until("connections re-sent", |line| {
+        status_figure(line, "re-sent").is_some_and(|n| n > 0)
+    });
+    let resent = status_figure(&down, "re-sent").unwrap();
     dispatcher
         .log
         .wait_for(&["worker exited; restarting", "index=2"]);

@@ -8,7 +8,8 @@
 //! into them: `bash packaging/build.sh`.
 //!
 //! Needs root (it mounts and boots a container, installs lintian and rpm with apt-get
-//! when missing); run as another user it says "skipped". What it checks and finds is
+//! when missing): those tests are ignored unless asked for (`-- --include-ignored`), and
+//! fail, not pass, when asked for without root. What it checks and finds is
 //! printed with the `[packages]` prefix: `cargo test --test packages -- --nocapture`.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -55,21 +56,16 @@ macro_rules! say {
     ($($arg:tt)*) => { eprintln!("[packages] {}", format_args!($($arg)*)) };
 }
 
-fn is_root() -> bool {
-    nix::unistd::Uid::effective().is_root()
-}
-
 // ---------------------------------------------------------------------------------------
 // The .deb in a booted container
 
 #[test]
+#[ignore = "needs root: builds and installs packages, boots systemd with systemd-nspawn"]
 fn deb_installs_serves_upgrades_removes_and_purges_under_systemd() {
-    if !is_root() {
-        eprintln!(
-            "skipped: needs root (builds and installs packages, boots systemd with systemd-nspawn)"
-        );
-        return;
-    }
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (builds and installs packages, boots systemd with systemd-nspawn)"
+    );
     ensure_nspawn();
     let deb = packages().deb.clone();
     let name = file_name(&deb);
@@ -125,6 +121,26 @@ fn deb_installs_serves_upgrades_removes_and_purges_under_systemd() {
     say!(
         "sticky-dispatch check-config: {}",
         String::from_utf8_lossy(&check.stderr).trim()
+    );
+
+    // The Node.js package, found by a plain require() without npm: by Debian's Node in
+    // /usr/share/nodejs, by an upstream-built one (the host's) through /usr/lib/node.
+    let node = c.run(&[
+        "node",
+        "-e",
+        "const s = require('sticky-dispatch'); console.log(require.resolve('sticky-dispatch'), typeof s.listen)",
+    ]);
+    say!(
+        "node -e \"require('sticky-dispatch')\": {}",
+        output_text(&node).trim()
+    );
+    assert!(
+        node.status.success()
+            && String::from_utf8_lossy(&node.stdout)
+                .trim_end()
+                .ends_with("index.js function"),
+        "require('sticky-dispatch') after apt install: {}",
+        output_text(&node)
     );
 
     let enabled = c.ok_or_not(&["systemctl", "is-enabled", "sticky-dispatch.socket"]);
@@ -304,11 +320,12 @@ fn worker_of(reply: &str) -> u32 {
 // lintian
 
 #[test]
+#[ignore = "needs root: builds the packages, installs lintian with apt-get"]
 fn lintian_finds_no_errors_and_no_unexplained_warnings() {
-    if !is_root() {
-        eprintln!("skipped: needs root (builds the packages, installs lintian with apt-get)");
-        return;
-    }
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (builds the packages, installs lintian with apt-get)"
+    );
     ensure_command("lintian", "lintian");
     let deb = &packages().deb;
     // --show-overrides: the overridden tags too (as O:), each explained in
@@ -346,11 +363,12 @@ fn lintian_finds_no_errors_and_no_unexplained_warnings() {
 // The .rpm, with Debian's rpm
 
 #[test]
+#[ignore = "needs root: builds the packages, installs rpm with apt-get"]
 fn rpm_has_the_files_scriptlets_config_and_dependencies() {
-    if !is_root() {
-        eprintln!("skipped: needs root (builds the packages, installs rpm with apt-get)");
-        return;
-    }
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (builds the packages, installs rpm with apt-get)"
+    );
     ensure_command("rpm", "rpm");
     let rpm = &packages().rpm;
     let query = |args: &[&str]| -> String {

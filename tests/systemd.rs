@@ -9,26 +9,24 @@
 //! (connections ok/failed, clients misrouted) are printed with the `[systemd]` prefix:
 //! `cargo test --test systemd -- --nocapture` shows them.
 //!
-//! Needs root (it mounts and boots a container); run as another user it says
-//! "skipped". It installs `systemd-container` (systemd-nspawn) with apt-get if missing.
+//! Needs root (it mounts and boots a container): ignored unless asked for
+//! (`-- --include-ignored`), and it fails, not passes, when asked for without root. It installs `systemd-container` (systemd-nspawn) with apt-get if missing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::num::NonZeroU32;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use sticky_dispatch::routing::Router;
-
+mod common;
 mod container;
+use common::{
+    expected_worker, request_within, status_figure, Answer, Load, LoadPlan, Outcome, Tally,
+};
 use container::{
-    ensure_nspawn, enter_netns, field, http_get, message, output_text, parse_export, poll,
-    stage_file, stage_text, Container, Entry, PATIENCE,
+    ensure_nspawn, enter_netns, field, message, output_text, parse_export, poll, stage_file,
+    stage_text, Container, Entry, PATIENCE,
 };
 
 const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
@@ -59,11 +57,12 @@ macro_rules! figure {
 }
 
 #[test]
+#[ignore = "needs root: mounts an overlay and boots systemd with systemd-nspawn"]
 fn units_generator_and_dispatcher_under_a_booted_systemd() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root (mounts an overlay and boots systemd with systemd-nspawn)");
-        return;
-    }
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (mounts an overlay and boots systemd with systemd-nspawn)"
+    );
     ensure_nspawn();
     let config = Config::shipped_with_workers(WORKERS);
     let container = Container::boot("systemd", |dir| stage(dir, &config.text));
@@ -125,8 +124,8 @@ struct World<'c> {
     c: &'c Container,
     config: Config,
     clients: Vec<Ipv4Addr>,
-    /// Worker index of each client for the configured worker count.
-    expected: Vec<u32>,
+    /// The configured worker count, which says where each client should go.
+    workers: u32,
 }
 
 impl<'c> World<'c> {
@@ -135,33 +134,48 @@ impl<'c> World<'c> {
         let clients: Vec<Ipv4Addr> = (0..CLIENTS)
             .map(|i| Ipv4Addr::new(127, 16, (i / 100) as u8, (i % 100) as u8 + 2))
             .collect();
-        let expected = route(&clients, WORKERS);
         World {
             c,
             config,
             clients,
-            expected,
+            workers: WORKERS,
         }
     }
 
-    fn clients_of(&self, worker: u32) -> Vec<usize> {
-        (0..CLIENTS)
-            .filter(|&i| self.expected[i] == worker)
+    /// The worker a client should reach with the shipped routing settings (ipv4_prefix
+    /// 32, hash_seed 0).
+    fn expected(&self, client: Ipv4Addr) -> u32 {
+        expected_worker(client, self.workers)
+    }
+
+    fn clients_of(&self, worker: u32) -> Vec<Ipv4Addr> {
+        self.clients
+            .iter()
+            .copied()
+            .filter(|&ip| self.expected(ip) == worker)
             .collect()
     }
 
-    /// Connections from `clients` (indices) until stopped.
-    fn load(&self, clients: Vec<usize>) -> Load {
-        Load::spawn(self.c, &self.clients, clients, false)
+    /// Requests to the unit's IPv4 socket from inside the container's network namespace.
+    fn plan(&self, clients: Vec<Ipv4Addr>) -> LoadPlan {
+        let netns = self.c.netns();
+        LoadPlan::new(SocketAddr::from((Ipv4Addr::LOCALHOST, PORT)), &clients)
+            .reply_timeout(REPLY_TIMEOUT)
+            .max_time(LOAD_MAX_TIME)
+            .setup(move || enter_netns(&netns))
+    }
+
+    /// Connections from `clients` until stopped.
+    fn load(&self, clients: Vec<Ipv4Addr>) -> Load {
+        self.plan(clients)
+            .threads(LOAD_THREADS)
+            .max_each(LOAD_MAX_CONNECTIONS / LOAD_THREADS)
+            .start()
     }
 
     /// One connection from each of `clients`, all at once.
-    fn load_once(&self, clients: Vec<usize>) -> Load {
-        Load::spawn(self.c, &self.clients, clients, true)
-    }
-
-    fn all_clients(&self) -> Vec<usize> {
-        (0..CLIENTS).collect()
+    fn load_once(&self, clients: Vec<Ipv4Addr>) -> Load {
+        self.plan(clients).once().start()
     }
 
     /// Main pids of app@0 .. app@<n-1>.
@@ -169,13 +183,45 @@ impl<'c> World<'c> {
         (0..n).map(|i| self.c.main_pid(&worker(i))).collect()
     }
 
+    fn tally(&self, outcomes: &[Outcome]) -> Tally {
+        Tally::of(outcomes, |ip| self.expected(ip))
+    }
+
     /// One request from every client, in parallel; the figures and every reply.
     fn round(&self, label: &str) -> Vec<Outcome> {
-        let outcomes = self.load_once(self.all_clients()).join();
-        let figures = Figures::of(&outcomes, &self.expected);
-        figure!("{label}: {figures}");
+        let outcomes = self.load_once(self.clients.clone()).join();
+        figure!("{label}: {}", self.tally(&outcomes));
         outcomes
     }
+}
+
+/// Waits until `count` connections in all have been answered.
+fn wait_answered(load: &Load, what: &str, count: usize) {
+    load.wait_until(&format!("{what}: {count} connections answered"), |l| {
+        l.answered() >= count
+    });
+}
+
+/// Waits until worker `index` with `pid` has answered `count` connections.
+fn wait_served_by(load: &Load, index: u32, pid: u32, count: usize) {
+    load.wait_until(
+        &format!("{count} connections answered by worker {index} pid {pid}"),
+        |l| l.count(|o| served_by(o, index, pid)) >= count,
+    );
+}
+
+fn served_by(outcome: &Outcome, worker: u32, pid: u32) -> bool {
+    outcome
+        .answer
+        .as_ref()
+        .is_ok_and(|a| a.worker == worker && a.pid as u32 == pid)
+}
+
+fn count_pid(outcomes: &[Outcome], worker: u32, pid: u32) -> usize {
+    outcomes
+        .iter()
+        .filter(|o| served_by(o, worker, pid))
+        .count()
 }
 
 fn worker(index: u32) -> String {
@@ -244,9 +290,9 @@ fn a_socket_activation(w: &mut World) {
     assert_eq!(c.active_state("sticky-dispatch.service"), "inactive");
     assert_eq!(c.active_state(&worker(0)), "inactive");
 
-    let first = w.load_once(vec![0]).join();
+    let first = w.load_once(vec![w.clients[0]]).join();
     let reply = first[0]
-        .reply
+        .answer
         .as_ref()
         .unwrap_or_else(|err| panic!("the first connection failed: {err}"));
     figure!("first connection: {reply:?}");
@@ -262,24 +308,25 @@ fn a_socket_activation(w: &mut World) {
     let pids = w.worker_pids(WORKERS);
     figure!("workers' MainPIDs: {pids:?}");
 
-    let mut seen: HashMap<usize, (u32, u32)> = HashMap::new();
+    let mut seen: HashMap<Ipv4Addr, (u32, i32)> = HashMap::new();
     for round in 1..=3 {
         let outcomes = w.round(&format!("round {round} over {CLIENTS} clients"));
         for outcome in &outcomes {
             let reply = outcome
-                .reply
+                .answer
                 .as_ref()
-                .unwrap_or_else(|err| panic!("client {}: {err}", w.clients[outcome.client]));
-            let client = w.clients[outcome.client];
+                .unwrap_or_else(|err| panic!("client {}: {err}", outcome.client));
+            let client = outcome.client;
             assert_eq!(reply.client, client.to_string());
             assert_eq!(reply.listener, "http", "FileDescriptorName= of the socket");
             assert_eq!(reply.local, format!("127.0.0.1:{PORT}"));
             assert_eq!(
-                reply.worker, w.expected[outcome.client],
+                reply.worker,
+                w.expected(outcome.client),
                 "client {client} is not on the worker its hash gives"
             );
             assert_eq!(
-                reply.pid, pids[reply.worker as usize],
+                reply.pid as u32, pids[reply.worker as usize],
                 "client {client}: pid {} is not MainPID of app@{}",
                 reply.pid, reply.worker
             );
@@ -329,14 +376,14 @@ fn b_restart_worker(w: &mut World) {
     let c = w.c;
     let old = c.main_pid(&worker(3));
     let cursor = c.journal_cursor();
-    let load = w.load(w.all_clients());
-    load.wait_ok("load running", 300);
+    let load = w.load(w.clients.clone());
+    wait_answered(&load, "load running", 300);
     c.ok(&["systemctl", "restart", &worker(3)]);
     let new = c.main_pid(&worker(3));
     assert_ne!(old, new, "app@3 was not restarted");
-    load.wait_served_by(3, new, 20);
+    wait_served_by(&load, 3, new, 20);
     let outcomes = load.stop();
-    let figures = Figures::of(&outcomes, &w.expected);
+    let figures = w.tally(&outcomes);
     figure!(
         "restart app@3 (pid {old} -> {new}): {figures}; worker 3 served by old pid {}, new pid {}",
         count_pid(&outcomes, 3, old),
@@ -395,16 +442,16 @@ fn c_kill_worker(w: &mut World) {
     let old = c.main_pid(&worker(2));
     let restarts_before: u32 = c.prop(&worker(2), "NRestarts").parse().unwrap();
     let cursor = c.journal_cursor();
-    let load = w.load(w.all_clients());
-    load.wait_ok("load running", 300);
+    let load = w.load(w.clients.clone());
+    wait_answered(&load, "load running", 300);
     c.ok(&["systemctl", "kill", "-s", "KILL", &worker(2)]);
     let new = poll("app@2 restarted by systemd", || {
         let pid = c.main_pid(&worker(2));
         (pid != 0 && pid != old && c.active_state(&worker(2)) == "active").then_some(pid)
     });
-    load.wait_served_by(2, new, 20);
+    wait_served_by(&load, 2, new, 20);
     let outcomes = load.stop();
-    let figures = Figures::of(&outcomes, &w.expected);
+    let figures = w.tally(&outcomes);
     let restarts: u32 = c.prop(&worker(2), "NRestarts").parse().unwrap();
     let resent: u64 = c
         .journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor])
@@ -421,7 +468,7 @@ fn c_kill_worker(w: &mut World) {
     assert_eq!(figures.misrouted, 0, "clients misrouted: {figures}");
     let others_failed = outcomes
         .iter()
-        .filter(|o| o.reply.is_err() && w.expected[o.client] != 2)
+        .filter(|o| o.answer.is_err() && w.expected(o.client) != 2)
         .count();
     assert_eq!(
         others_failed, 0,
@@ -437,14 +484,14 @@ fn d_restart_dispatcher(w: &mut World) {
     // d1: every worker up.
     let workers = w.worker_pids(WORKERS);
     let old = c.main_pid("sticky-dispatch.service");
-    let load = w.load(w.all_clients());
-    load.wait_ok("load running", 300);
-    let before = load.ok_count();
+    let load = w.load(w.clients.clone());
+    wait_answered(&load, "load running", 300);
+    let before = load.answered();
     c.ok(&["systemctl", "restart", "sticky-dispatch.service"]);
     let new = c.main_pid("sticky-dispatch.service");
-    load.wait_ok("load after the restart", before + 300);
+    wait_answered(&load, "load after the restart", before + 300);
     let outcomes = load.stop();
-    let figures = Figures::of(&outcomes, &w.expected);
+    let figures = w.tally(&outcomes);
     figure!("restart sticky-dispatch (pid {old} -> {new}), all workers up: {figures}");
     assert_ne!(old, new, "the dispatcher was not restarted");
     assert_eq!(w.worker_pids(WORKERS), workers, "a worker was restarted");
@@ -457,17 +504,22 @@ fn d_restart_dispatcher(w: &mut World) {
     c.ok(&["systemctl", "mask", "--runtime", &worker(1)]);
     c.ok(&["systemctl", "stop", &worker(1)]);
     let cursor = c.journal_cursor();
-    let others: Vec<usize> = (0..CLIENTS).filter(|&i| w.expected[i] != 1).collect();
+    let others: Vec<Ipv4Addr> = w
+        .clients
+        .iter()
+        .copied()
+        .filter(|&ip| w.expected(ip) != 1)
+        .collect();
     let load = w.load(others);
-    let waiting: Vec<usize> = w.clients_of(1).into_iter().take(WAITING).collect();
+    let waiting: Vec<Ipv4Addr> = w.clients_of(1).into_iter().take(WAITING).collect();
     assert_eq!(waiting.len(), WAITING, "not enough clients of worker 1");
     let waiters = w.load_once(waiting);
     let old = c.main_pid("sticky-dispatch.service");
     poll_status(c, "clients waiting for app@1", |status| {
         waiting_count(status) >= WAITING as u64
     });
-    load.wait_ok("load running", 300);
-    let before = load.ok_count();
+    wait_answered(&load, "load running", 300);
+    let before = load.answered();
     c.ok(&["systemctl", "restart", "sticky-dispatch.service"]);
     let new = c.main_pid("sticky-dispatch.service");
     let status = poll_status(
@@ -476,14 +528,14 @@ fn d_restart_dispatcher(w: &mut World) {
         |status| waiting_count(status) >= WAITING as u64,
     );
     figure!("after the restart (pid {old} -> {new}): STATUS {status:?}");
-    load.wait_ok("load after the restart", before + 300);
+    wait_answered(&load, "load after the restart", before + 300);
     c.ok(&["systemctl", "unmask", "--runtime", &worker(1)]);
     c.ok(&["systemctl", "start", &worker(1)]);
     let served = waiters.join();
     let app1 = c.main_pid(&worker(1));
-    let waiting_figures = Figures::of(&served, &w.expected);
+    let waiting_figures = w.tally(&served);
     let outcomes = load.stop();
-    let figures = Figures::of(&outcomes, &w.expected);
+    let figures = w.tally(&outcomes);
     let stored: Vec<String> = c
         .journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor])
         .iter()
@@ -501,7 +553,9 @@ fn d_restart_dispatcher(w: &mut World) {
     );
     assert_eq!(waiting_figures.misrouted, 0, "{waiting_figures}");
     assert!(
-        served.iter().all(|o| o.reply.as_ref().unwrap().pid == app1),
+        served
+            .iter()
+            .all(|o| o.answer.as_ref().unwrap().pid as u32 == app1),
         "the waiting clients were not served by the restarted app@1"
     );
     assert_eq!(figures.failed, 0, "connections lost: {figures}");
@@ -514,18 +568,18 @@ fn e_reload(w: &mut World) {
     let c = w.c;
     let pid = c.main_pid("sticky-dispatch.service");
     let cursor = c.journal_cursor();
-    let load = w.load(w.all_clients());
-    load.wait_ok("load running", 300);
-    let before = load.ok_count();
+    let load = w.load(w.clients.clone());
+    wait_answered(&load, "load running", 300);
+    let before = load.answered();
     w.config.set("pending_timeout", "\"7s\"");
     c.write_file(CONFIG_PATH, &w.config.text);
     c.ok(&["systemctl", "reload", "sticky-dispatch.service"]);
     poll("the dispatcher active again after the reload", || {
         (c.prop("sticky-dispatch.service", "SubState") == "running").then_some(())
     });
-    load.wait_ok("load after the reload", before + 300);
+    wait_answered(&load, "load after the reload", before + 300);
     let outcomes = load.stop();
-    let figures = Figures::of(&outcomes, &w.expected);
+    let figures = w.tally(&outcomes);
     let after = c.main_pid("sticky-dispatch.service");
     figure!("reload (pid {pid} -> {after}): {figures}");
     assert_eq!(pid, after, "the dispatcher restarted instead of reloading");
@@ -551,9 +605,12 @@ fn e_reload(w: &mut World) {
     c.ok(&["systemctl", "start", &worker(0)]);
     figure!(
         "client of stopped app@0 after the reload: {:?} after {waited:.1?}",
-        probe[0].reply
+        probe[0].answer
     );
-    assert!(probe[0].reply.is_err(), "served although app@0 was stopped");
+    assert!(
+        probe[0].answer.is_err(),
+        "served although app@0 was stopped"
+    );
     assert!(
         waited >= Duration::from_secs(5) && waited < Duration::from_secs(20),
         "pending_timeout 7s did not apply: the client waited {waited:?}"
@@ -619,7 +676,7 @@ fn f_broken_config(w: &mut World) {
     c.ok(&["systemctl", "daemon-reload"]);
     c.ok(&["systemctl", "start", "sticky-dispatch.service"]);
     let outcomes = w.round("after fixing the config");
-    let figures = Figures::of(&outcomes, &w.expected);
+    let figures = w.tally(&outcomes);
     assert_eq!((figures.failed, figures.misrouted), (0, 0), "{figures}");
 }
 
@@ -627,10 +684,10 @@ fn f_broken_config(w: &mut World) {
 /// 1/5 of the clients move, all of them to worker 4, the rest stay.
 fn g_more_workers(w: &mut World) {
     let c = w.c;
-    let before: HashMap<usize, u32> = w
+    let before: HashMap<Ipv4Addr, u32> = w
         .round("before: 4 workers")
         .into_iter()
-        .filter_map(|o| Some((o.client, o.reply.ok()?.worker)))
+        .filter_map(|o| Some((o.client, o.answer.ok()?.worker)))
         .collect();
     w.config.set("workers", "5");
     c.write_file(CONFIG_PATH, &w.config.text);
@@ -643,14 +700,14 @@ fn g_more_workers(w: &mut World) {
         "active",
         "app@4 was not started"
     );
-    w.expected = route(&w.clients, 5);
+    w.workers = 5;
     let pids = w.worker_pids(5);
     let after = w.round("after: 5 workers");
     let mut moved = 0;
     let mut moved_elsewhere = 0;
     for o in &after {
-        let reply = o.reply.as_ref().expect("served");
-        assert_eq!(reply.pid, pids[reply.worker as usize]);
+        let reply = o.answer.as_ref().expect("served");
+        assert_eq!(reply.pid as u32, pids[reply.worker as usize]);
         if before.get(&o.client) != Some(&reply.worker) {
             moved += 1;
             if reply.worker != 4 {
@@ -663,7 +720,7 @@ fn g_more_workers(w: &mut World) {
         "workers 4 -> 5: {moved} of {CLIENTS} clients moved ({:.1}%, bound {bound:.0}), {moved_elsewhere} to a worker other than 4",
         100.0 * moved as f64 / CLIENTS as f64
     );
-    let figures = Figures::of(&after, &w.expected);
+    let figures = w.tally(&after);
     assert_eq!((figures.failed, figures.misrouted), (0, 0), "{figures}");
     assert!(moved > 0, "no client moved to app@4");
     assert!(moved as f64 <= bound, "{moved} clients moved");
@@ -673,7 +730,7 @@ fn g_more_workers(w: &mut World) {
 /// h. Stopping the socket takes the whole service down: dispatcher and workers.
 fn h_stop(w: &mut World) {
     let c = w.c;
-    let workers = w.expected.iter().max().map_or(WORKERS, |m| m + 1);
+    let workers = w.workers;
     c.ok(&["systemctl", "stop", "sticky-dispatch.socket"]);
     let mut states = vec![(
         "sticky-dispatch.service".to_owned(),
@@ -689,262 +746,21 @@ fn h_stop(w: &mut World) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Routing, replies, figures
-
-/// Where each client should go with `workers` workers and the shipped routing settings
-/// (ipv4_prefix 32, ipv6_prefix 64, hash_seed 0).
-fn route(clients: &[Ipv4Addr], workers: u32) -> Vec<u32> {
-    let router = Router::new(NonZeroU32::new(workers).unwrap(), 32, 64, 0);
-    clients
-        .iter()
-        .map(|ip| router.worker_for(&router.key(Some(IpAddr::V4(*ip)))))
-        .collect()
-}
-
-/// What the demo worker answers: `worker=<i> pid=<p> client=<ip>` and
-/// `listener=<name> local=<addr>`.
-#[derive(Clone, Debug, PartialEq)]
-struct Reply {
-    worker: u32,
-    pid: u32,
-    client: String,
-    listener: String,
-    local: String,
-}
-
-fn parse_reply(text: &str) -> Result<Reply, String> {
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no HTTP reply: {text:?}"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("HTTP status: {head:?}"));
-    }
-    let words: HashMap<&str, &str> = body
-        .split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .collect();
-    let get = |key: &str| {
-        words
-            .get(key)
-            .map(|v| v.to_string())
-            .ok_or_else(|| format!("no {key}= in {body:?}"))
-    };
-    Ok(Reply {
-        worker: get("worker")?.parse().map_err(|_| "bad worker=")?,
-        pid: get("pid")?.parse().map_err(|_| "bad pid=")?,
-        client: get("client")?,
-        listener: get("listener")?,
-        local: get("local")?,
-    })
-}
-
-/// One HTTP request on a new connection from `source` to `dest`.
-fn request(source: IpAddr, dest: SocketAddr) -> Result<Reply, String> {
-    use socket2::{Domain, Socket, Type};
-    let socket =
-        Socket::new(Domain::for_address(dest), Type::STREAM, None).map_err(|e| e.to_string())?;
-    socket
-        .bind(&SocketAddr::new(source, 0).into())
-        .map_err(|e| format!("bind {source}: {e}"))?;
-    socket
-        .connect_timeout(&dest.into(), PATIENCE)
-        .map_err(|e| format!("connect: {e}"))?;
-    let text = http_get(socket.into(), REPLY_TIMEOUT)?;
-    if text.is_empty() {
-        return Err("closed without a reply".into());
-    }
-    parse_reply(&text)
-}
+// Requests
 
 /// A request from ::1 to the unit's IPv6 socket, from inside the container.
-fn request_v6(c: &Container) -> Result<Reply, String> {
+fn request_v6(c: &Container) -> Result<Answer, String> {
     let netns = c.netns();
     std::thread::spawn(move || {
         enter_netns(&netns);
-        request(
+        request_within(
             IpAddr::V6(Ipv6Addr::LOCALHOST),
             SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), PORT),
+            REPLY_TIMEOUT,
         )
     })
     .join()
     .unwrap()
-}
-
-/// One connection of a load run.
-#[derive(Clone, Debug)]
-struct Outcome {
-    /// Index into the client list.
-    client: usize,
-    reply: Result<Reply, String>,
-}
-
-/// The figures of a run: connections ok and failed, clients misrouted.
-struct Figures {
-    total: usize,
-    ok: usize,
-    failed: usize,
-    /// Clients served at least once by another worker than their own.
-    misrouted: usize,
-    clients: usize,
-    errors: BTreeMap<String, usize>,
-}
-
-impl Figures {
-    fn of(outcomes: &[Outcome], expected: &[u32]) -> Figures {
-        let mut errors = BTreeMap::new();
-        let mut misrouted = BTreeSet::new();
-        let mut clients = BTreeSet::new();
-        let mut ok = 0;
-        for o in outcomes {
-            clients.insert(o.client);
-            match &o.reply {
-                Ok(reply) => {
-                    ok += 1;
-                    if reply.worker != expected[o.client] {
-                        misrouted.insert(o.client);
-                    }
-                }
-                Err(err) => *errors.entry(err.clone()).or_insert(0) += 1,
-            }
-        }
-        Figures {
-            total: outcomes.len(),
-            ok,
-            failed: outcomes.len() - ok,
-            misrouted: misrouted.len(),
-            clients: clients.len(),
-            errors,
-        }
-    }
-}
-
-impl std::fmt::Display for Figures {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} connections from {} clients: {} ok, {} failed, {} clients misrouted",
-            self.total, self.clients, self.ok, self.failed, self.misrouted
-        )?;
-        if !self.errors.is_empty() {
-            write!(f, " (errors: {:?})", self.errors)?;
-        }
-        Ok(())
-    }
-}
-
-fn count_pid(outcomes: &[Outcome], worker: u32, pid: u32) -> usize {
-    outcomes
-        .iter()
-        .filter(|o| {
-            o.reply
-                .as_ref()
-                .is_ok_and(|r| r.worker == worker && r.pid == pid)
-        })
-        .count()
-}
-
-// ---------------------------------------------------------------------------------------
-// Load generator
-
-/// Threads inside the container's network namespace, each opening connections one after
-/// another from its share of the clients, one HTTP request each; bounded in count and
-/// time, stopped (and joined) when dropped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Load {
-    /// Connections from `clients` (indices into `addresses`): one from each if `once`,
-    /// else round and round until stopped.
-    fn spawn(c: &Container, addresses: &[Ipv4Addr], clients: Vec<usize>, once: bool) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let started = Arc::new(AtomicUsize::new(0));
-        let clients = Arc::new(clients);
-        let addresses = Arc::new(addresses.to_vec());
-        // Once: one thread per client, all at the same time. Else LOAD_THREADS threads,
-        // thread t taking clients t, t + LOAD_THREADS, ... round and round.
-        let count = if once {
-            clients.len()
-        } else {
-            LOAD_THREADS.min(clients.len())
-        };
-        let begun = Instant::now();
-        let threads = (0..count)
-            .map(|t| {
-                let (stop, outcomes, started) = (stop.clone(), outcomes.clone(), started.clone());
-                let (clients, addresses) = (clients.clone(), addresses.clone());
-                let netns = c.netns();
-                std::thread::spawn(move || {
-                    enter_netns(&netns);
-                    let dest = SocketAddr::from((Ipv4Addr::LOCALHOST, PORT));
-                    let mut next = t;
-                    while !stop.load(Ordering::Relaxed)
-                        && started.fetch_add(1, Ordering::Relaxed) < LOAD_MAX_CONNECTIONS
-                        && begun.elapsed() < LOAD_MAX_TIME
-                    {
-                        let client = clients[next % clients.len()];
-                        let reply = request(IpAddr::V4(addresses[client]), dest);
-                        outcomes.lock().unwrap().push(Outcome { client, reply });
-                        if once {
-                            break;
-                        }
-                        next += count;
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            outcomes,
-            threads,
-        }
-    }
-
-    fn ok_count(&self) -> usize {
-        let outcomes = self.outcomes.lock().unwrap();
-        outcomes.iter().filter(|o| o.reply.is_ok()).count()
-    }
-
-    /// Waits until `count` connections in all have been served.
-    fn wait_ok(&self, what: &str, count: usize) {
-        poll(&format!("{what}: {count} connections served"), || {
-            (self.ok_count() >= count).then_some(())
-        });
-    }
-
-    /// Waits until worker `index` with `pid` has served `count` connections.
-    fn wait_served_by(&self, index: u32, pid: u32, count: usize) {
-        poll(
-            &format!("{count} connections served by worker {index} pid {pid}"),
-            || (count_pid(&self.outcomes.lock().unwrap(), index, pid) >= count).then_some(()),
-        );
-    }
-
-    /// Stops the load and returns every outcome.
-    fn stop(self) -> Vec<Outcome> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.join()
-    }
-
-    /// Waits for the threads (of a `once` load) and returns every outcome.
-    fn join(mut self) -> Vec<Outcome> {
-        for thread in self.threads.drain(..) {
-            thread.join().expect("load thread");
-        }
-        std::mem::take(&mut *self.outcomes.lock().unwrap())
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for thread in self.threads.drain(..) {
-            let _ = thread.join();
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1073,12 +889,7 @@ fn poll_status(c: &Container, what: &str, check: impl Fn(&str) -> bool) -> Strin
 
 /// "N waiting" in the dispatcher's STATUS=.
 fn waiting_count(status: &str) -> u64 {
-    let words: Vec<&str> = status.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[1].trim_end_matches([',', ';']) == "waiting")
-        .and_then(|w| w[0].parse().ok())
-        .unwrap_or(0)
+    status_figure(status, "waiting").unwrap_or(0)
 }
 
 #[test]
@@ -1092,23 +903,4 @@ fn export_format_parses() {
     assert_eq!(field(&entries[0], "INDEX"), Some("3"));
     assert_eq!(message(&entries[1]), "a\nb c");
     assert_eq!(field(&entries[1], "PRIORITY"), Some("6"));
-}
-
-#[test]
-fn replies_parse() {
-    let text = "HTTP/1.1 200 OK\r\ncontent-length: 60\r\n\r\nworker=3 pid=42 client=127.16.0.2\nlistener=http local=127.0.0.1:8080\n";
-    assert_eq!(
-        parse_reply(text).unwrap(),
-        Reply {
-            worker: 3,
-            pid: 42,
-            client: "127.16.0.2".into(),
-            listener: "http".into(),
-            local: "127.0.0.1:8080".into(),
-        }
-    );
-    assert_eq!(
-        waiting_count("4/4 workers live; 7 handed off; 16 waiting, 0 in flight"),
-        16
-    );
 }

@@ -14,12 +14,32 @@ use sticky_dispatch::{logging, supervisor};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+/// The `FileDescriptorName=` of the socket that serves `/metrics` and `/health`
+/// (systemd/sticky-dispatch-metrics.socket).
+const METRICS_SOCKET: &str = "metrics";
+
 /// EX_CONFIG from sysexits.h: systemd's unit uses `RestartPreventExitStatus=78`, so a bad
 /// configuration fails once instead of restart-looping.
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Action::NodeWorker {
+        command,
+        ack_timeout,
+        stop_timeout,
+    }) = &cli.action
+    {
+        let timeouts = sticky_dispatch::node_bridge::Timeouts {
+            ack: *ack_timeout,
+            stop: *stop_timeout,
+        };
+        return sticky_dispatch::node_bridge::main(
+            command.clone(),
+            timeouts,
+            cli.log_level.clone(),
+        );
+    }
     // Before any thread exists: reading the systemd variables also unsets them.
     let systemd_sockets = take_systemd_sockets();
 
@@ -36,6 +56,9 @@ fn main() -> ExitCode {
         };
     }
     let overrides = cli.overrides();
+    if let Some(Action::Status { metrics }) = cli.action {
+        return status(metrics, &overrides);
+    }
     let settings = match Settings::load(&overrides, std::env::vars()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -66,7 +89,7 @@ fn main() -> ExitCode {
 
     // One thread: the dispatcher's work per connection is a few system calls, and tokio's
     // second thread only added futex wake-ups between the two (docs/performance.md:
-    // 12.2 -> 9.5 us of CPU per connection at concurrency 32). Workers are other processes.
+    // 12.2 -> 9.9 us of CPU per connection at concurrency 32). Workers are other processes.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -90,6 +113,36 @@ fn main() -> ExitCode {
         Err(err) => {
             error!("{err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sticky-dispatch status`: the table, and whether every worker is up.
+fn status(metrics: Option<std::net::SocketAddr>, overrides: &Overrides) -> ExitCode {
+    let address = metrics.unwrap_or_else(|| {
+        let configured = Settings::load(overrides, std::env::vars())
+            .ok()
+            .and_then(|settings| settings.metrics_listen.first().copied());
+        let mut address =
+            configured.unwrap_or_else(|| sticky_dispatch::status::DEFAULT_METRICS.parse().unwrap());
+        // A wildcard bind is asked on loopback.
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        address
+    });
+    match sticky_dispatch::status::fetch(address) {
+        Ok(report) => {
+            print!("{}", sticky_dispatch::status::render(&report));
+            if report.all_up() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(err) => {
+            eprintln!("sticky-dispatch status: {err}");
+            ExitCode::from(2)
         }
     }
 }
@@ -134,6 +187,10 @@ fn take_systemd_sockets() -> anyhow::Result<Sockets> {
             .take_tcp_listener(index)
             .with_context(|| format!("systemd socket {name:?} is not a TCP listener: only TCP (IPv4/IPv6) is supported"))?
             .with_context(|| format!("systemd socket {name:?} was already taken"))?;
+        if name == METRICS_SOCKET {
+            sockets.metrics.push(socket);
+            continue;
+        }
         sockets.listeners.push(Listener {
             name: name.into(),
             socket,
@@ -142,18 +199,22 @@ fn take_systemd_sockets() -> anyhow::Result<Sockets> {
     Ok(sockets)
 }
 
-/// A client connection from the fd store, IPv4 or IPv6.
+/// A client connection from the fd store. listenfd accepts an AF_INET6 socket when asked
+/// for AF_INET, so one call takes IPv4 and IPv6 connections alike.
 fn take_connection(fds: &mut ListenFd, index: usize) -> Option<std::net::TcpStream> {
-    use nix::libc::{AF_INET, AF_INET6, SOCK_STREAM};
-    [AF_INET, AF_INET6].into_iter().find_map(|family| {
-        fds.take_custom(index, family, SOCK_STREAM, "TCP connection")
-            .ok()
-            .flatten()
-    })
+    use nix::libc::{AF_INET, SOCK_STREAM};
+    fds.take_custom(index, AF_INET, SOCK_STREAM, "TCP connection")
+        .ok()
+        .flatten()
 }
 
 /// systemd's sockets if there are any, else the configured `listen` addresses.
 fn with_listeners(mut sockets: Sockets, settings: &Settings) -> anyhow::Result<Sockets> {
+    for addr in &settings.metrics_listen {
+        let socket = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("could not listen on {addr} for metrics"))?;
+        sockets.metrics.push(socket);
+    }
     if !sockets.listeners.is_empty() {
         if !settings.listen.is_empty() {
             warn!("sockets came from systemd: ignoring the `listen` addresses");

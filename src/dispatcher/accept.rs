@@ -9,10 +9,11 @@ use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{watch, Semaphore};
-use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{keyed, Held, Listener, Phase, Shared, Throttle};
+use super::metrics::ListenerMetrics;
+use super::state::{Held, Phase, Shared, Throttle};
+use super::{keyed, Listener};
 use crate::config::KeySource;
 
 /// Pause after accept fails for lack of fds or memory: long enough not to spin, short
@@ -31,6 +32,7 @@ pub(super) struct Acceptor {
     permits: Arc<Semaphore>,
     /// The routing key comes from what the client sends: read it in a task of its own.
     keyed: bool,
+    metrics: ListenerMetrics,
 }
 
 impl Acceptor {
@@ -43,10 +45,11 @@ impl Acceptor {
         listener.socket.set_nonblocking(true)?;
         info!(listener = %listener.name, %address, "listening");
         Ok(Acceptor {
-            name: listener.name,
+            name: listener.name.clone(),
             socket: crate::link::register(listener.socket, Interest::READABLE)?,
             fixed_local: (!address.ip().is_unspecified()).then_some(address),
             keyed: shared.settings().routing_key != KeySource::PeerIp,
+            metrics: shared.metrics.listener(&listener.name),
             shared,
             permits,
         })
@@ -57,9 +60,12 @@ impl Acceptor {
         let mut shortage_warning = Throttle::new(WARN_EVERY);
         let stopping = |phase: &Phase| *phase >= Phase::Stopping;
         loop {
-            if self.permits.available_permits() == 0 && full_warning.allow() {
-                warn!(listener = %self.name, max_connections = self.shared.settings().max_connections.get(),
-                    "connection limit reached: accepting paused until workers take connections");
+            if self.permits.available_permits() == 0 {
+                self.metrics.paused_max_connections.inc();
+                if full_warning.allow() {
+                    warn!(listener = %self.name, max_connections = self.shared.settings().max_connections.get(),
+                        "connection limit reached: accepting paused until workers take connections");
+                }
             }
             let permit = tokio::select! {
                 permit = self.permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
@@ -71,6 +77,7 @@ impl Acceptor {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    self.metrics.accepted.inc();
                     let local = self.fixed_local.or_else(|| stream.local_addr().ok());
                     if self.keyed {
                         let conn = keyed::Unkeyed {
@@ -83,24 +90,13 @@ impl Acceptor {
                         tokio::spawn(keyed::route(self.shared.clone(), conn));
                         continue;
                     }
-                    let key = self.shared.router.key(Some(peer.ip()));
-                    let index = self.shared.router.worker_for(&key);
+                    let key = self.shared.peer_key(Some(peer));
+                    let held = Held::new(stream, Some(peer), local, self.name.clone(), key, permit);
+                    let index = self.shared.route(held);
                     debug!(%peer, index, "accepted");
-                    self.shared.send_to(
-                        index,
-                        Held {
-                            stream,
-                            peer: Some(peer),
-                            local,
-                            listener: self.name.clone(),
-                            key,
-                            since: Instant::now(),
-                            failed_over: false,
-                            _permit: permit,
-                        },
-                    );
                 }
                 Err(err) if is_resource_shortage(&err) => {
+                    self.metrics.paused_fd_limit.inc();
                     if shortage_warning.allow() {
                         warn!(listener = %self.name, %err, "accept failed for lack of resources: pausing; the backlog holds new clients");
                     }

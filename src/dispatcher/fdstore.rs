@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use super::Held;
+use super::state::Held;
 
 /// `FDNAME` prefix that marks a stored client connection (listener names follow it).
-pub const CONNECTION_PREFIX: &str = "conn/";
+const CONNECTION_PREFIX: &str = "conn/";
 /// Below the kernel's limit of 253 fds per SCM_RIGHTS message.
 const FDS_PER_MESSAGE: usize = 200;
 

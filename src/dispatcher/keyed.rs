@@ -11,10 +11,10 @@ use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Held, Shared};
+use super::metrics::KeyFailure;
+use super::state::{Held, Shared};
 use crate::config::{KeySource, Settings};
 use crate::keysource::{self, HttpKey, HttpKeySource, Parsed};
 use crate::routing::RoutingKey;
@@ -66,31 +66,29 @@ pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
     };
     let (stream, found) = match tokio::time::timeout(settings.key_timeout, found).await {
         Ok(Ok(result)) => result,
-        Ok(Err(err)) => return closed(&shared, peer, err),
-        Err(_) => return closed(&shared, peer, KeyError::Timeout),
+        Ok(Err(err)) => return closed(&shared, &listener, peer, err),
+        Err(_) => return closed(&shared, &listener, peer, KeyError::Timeout),
     };
-    let index = shared.router.worker_for(&found.key);
-    debug!(%peer, index, "routed by {}", settings.routing_key);
-    shared.send_to(
-        index,
-        Held {
-            stream,
-            peer: found.peer.or(Some(peer)),
-            local: found.local.or(local),
-            listener,
-            key: found.key,
-            since: Instant::now(),
-            failed_over: false,
-            _permit: permit,
-        },
+    let held = Held::new(
+        stream,
+        found.peer.or(Some(peer)),
+        found.local.or(local),
+        listener,
+        found.key,
+        permit,
     );
+    let index = shared.route(held);
+    debug!(%peer, index, "routed by {}", settings.routing_key);
 }
 
-fn closed(shared: &Shared, peer: SocketAddr, err: KeyError) {
-    shared
-        .counters
-        .turned_away
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn closed(shared: &Shared, listener: &Arc<str>, peer: SocketAddr, err: KeyError) {
+    let reason = match err {
+        KeyError::Timeout => KeyFailure::Timeout,
+        KeyError::Closed => KeyFailure::Closed,
+        KeyError::BadProxyHeader => KeyFailure::BadProxyHeader,
+        KeyError::Io(_) => KeyFailure::Io,
+    };
+    shared.metrics.listener(listener).key_failure(reason);
     debug!(%peer, %err, "closing a client connection");
 }
 
@@ -101,7 +99,7 @@ async fn find_key(
     peer: SocketAddr,
 ) -> Result<Found, KeyError> {
     let by_peer = || Found {
-        key: shared.router.key(Some(peer.ip())),
+        key: shared.peer_key(Some(peer)),
         peer: None,
         local: None,
     };

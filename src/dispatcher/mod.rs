@@ -1,9 +1,11 @@
 //! The dispatcher: accepts client connections and hands each to its worker.
 //!
-//! [`run`] wires the roles together, one module each: `accept` (a task per listener),
-//! `keyed` (a task per connection whose key comes from what it sends), `slot` (a task per
-//! worker index: the waiting queue, the link, acknowledgements), `fdstore` (connections
-//! kept across a restart), and the status reporter here. Every accepted connection holds a
+//! [`run`] starts the roles, one module each: `accept` (a task per listener), `keyed` (a
+//! task per connection whose key comes from what it sends), `slot` (a task per worker
+//! index: the waiting queue, the link, acknowledgements), `fdstore` (connections kept
+//! across a restart); `state` holds what they share (the held connection, the routing
+//! decision, counters and the queues that keep them). Here: the status reporter, reload,
+//! and the shutdown sequence. Every accepted connection holds a
 //! permit of a semaphore sized `max_connections` until its worker acknowledges it, so
 //! memory and fds stay bounded: when the permits run out the acceptors pause and the
 //! kernel backlog holds.
@@ -11,22 +13,23 @@
 mod accept;
 mod fdstore;
 mod keyed;
+mod metrics;
+mod observe;
 mod slot;
+mod state;
 
 pub use fdstore::{stored_connection_listener, HeldOver};
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
-use tracing::{info, warn};
+use tokio::time::{Instant, Interval};
+use tracing::{error, info, warn};
 
 use crate::config::Settings;
-use crate::routing::{Router, RoutingKey};
+use state::{Held, Phase, Shared};
 
 /// How often `STATUS=` is refreshed (only sent when it changed).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -47,6 +50,8 @@ pub struct Listener {
 pub struct Sockets {
     /// Listening sockets.
     pub listeners: Vec<Listener>,
+    /// Sockets to serve `/metrics` and `/health` on.
+    pub metrics: Vec<std::net::TcpListener>,
     /// Connections taken back from the fd store.
     pub held_over: Vec<HeldOver>,
 }
@@ -71,88 +76,6 @@ pub struct Summary {
     pub abandoned: u64,
 }
 
-/// Where the dispatcher is in its life. Acceptors stop at `Stopping`. At `Finishing`
-/// (every acceptor gone, so nothing new arrives) slots deliver what they can and return
-/// what waits for a worker that is down, if the fd store can keep it. At `Abandon` (the
-/// shutdown timeout) they return at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Phase {
-    Running,
-    Stopping,
-    Finishing,
-    Abandon,
-}
-
-/// A client connection the dispatcher holds until its worker acknowledges it.
-struct Held {
-    stream: std::net::TcpStream,
-    peer: Option<SocketAddr>,
-    local: Option<SocketAddr>,
-    listener: Arc<str>,
-    key: RoutingKey,
-    /// When it started waiting in its current slot.
-    since: Instant,
-    /// Already sent to a failover worker once: it is not bounced again.
-    failed_over: bool,
-    _permit: OwnedSemaphorePermit,
-}
-
-/// Counters shown in `STATUS=` and the exit log.
-#[derive(Default)]
-struct Counters {
-    handed_off: AtomicU64,
-    waiting: AtomicU64,
-    in_flight: AtomicU64,
-    turned_away: AtomicU64,
-    failed_over: AtomicU64,
-}
-
-/// State every task reads.
-struct Shared {
-    /// The settings in force; `Control::Reload` replaces the ones that can change live.
-    settings: watch::Receiver<Arc<Settings>>,
-    /// Connections waiting for a down worker at exit go to systemd's fd store.
-    fd_store: bool,
-    router: Router,
-    live: Box<[AtomicBool]>,
-    slots: Box<[mpsc::UnboundedSender<Held>]>,
-    counters: Counters,
-}
-
-impl Shared {
-    fn settings(&self) -> Arc<Settings> {
-        self.settings.borrow().clone()
-    }
-
-    /// Sends a connection to the slot of `index`.
-    fn send_to(&self, index: u32, held: Held) {
-        // A slot's inbox lives as long as `Shared`; a send fails only while shutting down,
-        // and then the connection is closed by the drop, as the exit log reports.
-        let _ = self.slots[index as usize].send(held);
-    }
-
-    fn live_workers(&self) -> usize {
-        self.live
-            .iter()
-            .filter(|live| live.load(Ordering::Relaxed))
-            .count()
-    }
-
-    fn status_line(&self) -> String {
-        let c = &self.counters;
-        format!(
-            "{}/{} workers live; {} connections handed off; {} waiting, {} in flight; {} turned away, {} failed over",
-            self.live_workers(),
-            self.live.len(),
-            c.handed_off.load(Ordering::Relaxed),
-            c.waiting.load(Ordering::Relaxed),
-            c.in_flight.load(Ordering::Relaxed),
-            c.turned_away.load(Ordering::Relaxed),
-            c.failed_over.load(Ordering::Relaxed),
-        )
-    }
-}
-
 /// Runs the dispatcher on `sockets` until `Control::Shutdown` (or the control channel
 /// closes), then stops accepting, finishes the hand-offs in progress and returns within
 /// `shutdown_timeout`.
@@ -161,117 +84,167 @@ pub async fn run(
     settings: Settings,
     mut control: mpsc::Receiver<Control>,
 ) -> anyhow::Result<Summary> {
-    let workers = settings.workers;
-    let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..workers.get())
-        .map(|_| mpsc::unbounded_channel())
-        .unzip();
-    let (settings_tx, settings_rx) = watch::channel(Arc::new(settings));
-    let settings = settings_rx.borrow().clone();
-    let shared = Arc::new(Shared {
-        router: Router::new(
-            workers,
-            settings.ipv4_prefix,
-            settings.ipv6_prefix,
-            settings.hash_seed,
-        ),
-        live: (0..workers.get()).map(|_| AtomicBool::new(false)).collect(),
-        slots: inboxes.into(),
-        counters: Counters::default(),
-        settings: settings_rx,
-        fd_store: fdstore::available(),
-    });
-    let (phase, phase_rx) = watch::channel(Phase::Running);
-    let permits = Arc::new(Semaphore::new(connection_budget(&settings)));
-
-    let mut slots = JoinSet::new();
-    for (index, inbox) in receivers.into_iter().enumerate() {
-        let slot = slot::Slot::new(index as u32, shared.clone(), inbox, phase_rx.clone());
-        slots.spawn(slot.run());
-    }
-    let mut acceptors = JoinSet::new();
-    for listener in sockets.listeners {
-        let acceptor = accept::Acceptor::new(listener, shared.clone(), permits.clone())?;
-        acceptors.spawn(acceptor.run(phase_rx.clone()));
-    }
-    take_back(&shared, &permits, sockets.held_over);
-
-    let mut status = shared.status_line();
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status),
-    ]);
-    info!(
-        workers = workers.get(),
-        fd_store = shared.fd_store,
-        "dispatcher ready"
-    );
-
-    let mut tick = tokio::time::interval(STATUS_INTERVAL);
+    let dispatcher = Dispatcher::start(sockets, settings)?;
+    // Accepting and hand-offs run in their own tasks; this one applies reloads and keeps
+    // `STATUS=` current until told to stop.
+    let mut status = Status::ready(&dispatcher.shared);
     loop {
         tokio::select! {
             command = control.recv() => match command {
-                Some(Control::Reload(new)) => reload(&settings_tx, *new),
+                Some(Control::Reload(new)) => reload(&dispatcher.settings, *new),
                 Some(Control::Shutdown) | None => break,
             },
-            _ = tick.tick() => {
-                let line = shared.status_line();
-                if line != status {
-                    status = line;
-                    notify(&[sd_notify::NotifyState::Status(&status)]);
-                }
+            _ = status.tick() => status.refresh(&dispatcher.shared),
+        }
+    }
+    Ok(dispatcher.shut_down().await)
+}
+
+/// The running tasks, and the senders that steer them.
+struct Dispatcher {
+    shared: Arc<Shared>,
+    settings: watch::Sender<Arc<Settings>>,
+    phase: watch::Sender<Phase>,
+    acceptors: JoinSet<()>,
+    /// Each returns the connections it could not deliver, for the fd store.
+    slots: JoinSet<Vec<Held>>,
+    /// The metrics and health listeners: they run to the end (aborted with this).
+    _observers: JoinSet<()>,
+}
+
+impl Dispatcher {
+    /// Starts a slot per worker and an acceptor per listener, and routes what a previous
+    /// instance left in the fd store.
+    fn start(sockets: Sockets, settings: Settings) -> anyhow::Result<Dispatcher> {
+        let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..settings.workers.get())
+            .map(|_| mpsc::unbounded_channel())
+            .unzip();
+        let permits = Arc::new(Semaphore::new(connection_budget(&settings)));
+        let (settings, settings_rx) = watch::channel(Arc::new(settings));
+        let names: Vec<Arc<str>> = sockets.listeners.iter().map(|l| l.name.clone()).collect();
+        let shared = Arc::new(Shared::new(
+            settings_rx,
+            fdstore::available(),
+            inboxes,
+            &names,
+        ));
+        let (phase, phase_rx) = watch::channel(Phase::Running);
+
+        let mut slots = JoinSet::new();
+        for (index, inbox) in receivers.into_iter().enumerate() {
+            let slot = slot::Slot::new(index as u32, shared.clone(), inbox, phase_rx.clone());
+            slots.spawn(slot.run());
+        }
+        let mut acceptors = JoinSet::new();
+        for listener in sockets.listeners {
+            let acceptor = accept::Acceptor::new(listener, shared.clone(), permits.clone())?;
+            acceptors.spawn(acceptor.run(phase_rx.clone()));
+        }
+        let mut observers = JoinSet::new();
+        for socket in sockets.metrics {
+            observers.spawn(observe::serve(socket, shared.clone(), phase_rx.clone()));
+        }
+        take_back(&shared, &permits, sockets.held_over);
+        Ok(Dispatcher {
+            shared,
+            settings,
+            phase,
+            acceptors,
+            slots,
+            _observers: observers,
+        })
+    }
+
+    /// Stops accepting, lets the slots finish within `shutdown_timeout`, and keeps what
+    /// still waits in the fd store if it can.
+    async fn shut_down(mut self) -> Summary {
+        let shutdown_timeout = self.shared.settings().shutdown_timeout;
+        let deadline = Instant::now() + shutdown_timeout;
+        info!(timeout = ?shutdown_timeout, "stopping: no new connections; finishing hand-offs");
+        notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("stopping: finishing hand-offs"),
+        ]);
+        self.phase.send_replace(Phase::Stopping);
+        while self.acceptors.join_next().await.is_some() {}
+        self.phase.send_replace(Phase::Finishing);
+        let mut left = Vec::new();
+        let finished = tokio::time::timeout_at(deadline, async {
+            while let Some(Ok(held)) = self.slots.join_next().await {
+                left.extend(held);
             }
+        })
+        .await;
+        if finished.is_err() {
+            warn!("shutdown timeout reached: giving up on the connections still held");
+            self.phase.send_replace(Phase::Abandon);
+            while let Some(Ok(held)) = self.slots.join_next().await {
+                left.extend(held);
+            }
+        }
+        let waiting = left.len() as u64;
+        let stored = if self.shared.fd_store && waiting > 0 {
+            fdstore::store(left)
+        } else {
+            drop(left);
+            0
+        };
+        let summary = Summary {
+            handed_off: self.shared.metrics.totals().handed_off,
+            stored,
+            abandoned: waiting - stored,
+        };
+        if summary.abandoned > 0 {
+            warn!(
+                abandoned = summary.abandoned,
+                "closed connections that were still waiting for a worker"
+            );
+        }
+        info!(
+            handed_off = summary.handed_off,
+            stored,
+            abandoned = summary.abandoned,
+            "dispatcher stopped"
+        );
+        summary
+    }
+}
+
+/// `READY=1`, then `STATUS=` whenever the counts change.
+struct Status {
+    line: String,
+    tick: Interval,
+}
+
+impl Status {
+    fn ready(shared: &Shared) -> Status {
+        let line = shared.status_line();
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&line),
+        ]);
+        info!(
+            workers = shared.router.workers().get(),
+            fd_store = shared.fd_store,
+            "dispatcher ready"
+        );
+        Status {
+            line,
+            tick: tokio::time::interval(STATUS_INTERVAL),
         }
     }
 
-    let shutdown_timeout = shared.settings().shutdown_timeout;
-    let deadline = Instant::now() + shutdown_timeout;
-    info!(timeout = ?shutdown_timeout, "stopping: no new connections; finishing hand-offs");
-    notify(&[
-        sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::Status("stopping: finishing hand-offs"),
-    ]);
-    phase.send_replace(Phase::Stopping);
-    while acceptors.join_next().await.is_some() {}
-    phase.send_replace(Phase::Finishing);
-    let mut left = Vec::new();
-    let finished = tokio::time::timeout_at(deadline, async {
-        while let Some(Ok(held)) = slots.join_next().await {
-            left.extend(held);
-        }
-    })
-    .await;
-    if finished.is_err() {
-        warn!("shutdown timeout reached: giving up on the connections still held");
-        phase.send_replace(Phase::Abandon);
-        while let Some(Ok(held)) = slots.join_next().await {
-            left.extend(held);
+    async fn tick(&mut self) {
+        self.tick.tick().await;
+    }
+
+    fn refresh(&mut self, shared: &Shared) {
+        let line = shared.status_line();
+        if line != self.line {
+            self.line = line;
+            notify(&[sd_notify::NotifyState::Status(&self.line)]);
         }
     }
-    let waiting = left.len() as u64;
-    let stored = if shared.fd_store && waiting > 0 {
-        fdstore::store(left)
-    } else {
-        drop(left);
-        0
-    };
-    let summary = Summary {
-        handed_off: shared.counters.handed_off.load(Ordering::Relaxed),
-        stored,
-        abandoned: waiting - stored,
-    };
-    if summary.abandoned > 0 {
-        warn!(
-            abandoned = summary.abandoned,
-            "closed connections that were still waiting for a worker"
-        );
-    }
-    info!(
-        handed_off = summary.handed_off,
-        stored,
-        abandoned = summary.abandoned,
-        "dispatcher stopped"
-    );
-    Ok(summary)
 }
 
 /// fds the dispatcher needs besides held connections: stdio, journald, listeners, the
@@ -317,96 +290,40 @@ fn take_back(shared: &Shared, permits: &Arc<Semaphore>, held_over: Vec<HeldOver>
             break;
         };
         let peer = stream.peer_addr().ok();
-        let key = shared.router.key(peer.map(|p| p.ip()));
-        let index = shared.router.worker_for(&key);
         let local = stream.local_addr().ok();
-        shared.send_to(
-            index,
-            Held {
-                stream,
-                peer,
-                local,
-                listener,
-                key,
-                since: Instant::now(),
-                failed_over: false,
-                _permit: permit,
-            },
-        );
+        let key = shared.peer_key(peer);
+        shared.route(Held::new(stream, peer, local, listener, key, permit));
     }
     info!(count, "took back connections from the systemd fd store");
 }
 
-/// Applies what can change while running; the rest is reported and kept.
+/// Applies what can change while running (the keys whose reload class is `live`); the
+/// restart-only keys keep their running values, and the log and `STATUS=` say which.
 fn reload(settings: &watch::Sender<Arc<Settings>>, new: Settings) {
     // systemd 253 and later want the clock reading with RELOADING=1.
     let mut reloading = vec![sd_notify::NotifyState::Reloading];
     reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
     notify(&reloading);
-    let old = settings.borrow().clone();
-    let mut applied = old.as_ref().clone();
-    let fixed = [
-        ("workers", old.workers != new.workers),
-        ("socket_prefix", old.socket_prefix != new.socket_prefix),
-        ("listen", old.listen != new.listen),
-        ("ipv4_prefix", old.ipv4_prefix != new.ipv4_prefix),
-        ("ipv6_prefix", old.ipv6_prefix != new.ipv6_prefix),
-        ("hash_seed", old.hash_seed != new.hash_seed),
-        ("routing_key", old.routing_key != new.routing_key),
-        (
-            "max_connections",
-            old.max_connections != new.max_connections,
-        ),
-        (
-            "dispatcher_users",
-            old.dispatcher_users != new.dispatcher_users,
-        ),
-    ];
-    for (key, changed) in fixed {
-        if changed {
-            warn!(key, "changed in the configuration: takes effect at the next restart (`systemctl restart sticky-dispatch` keeps waiting connections)");
+    let running = settings.borrow().clone();
+    match running.reloaded(new) {
+        Ok(reloaded) => {
+            for key in &reloaded.kept {
+                warn!(key, "changed in the configuration: takes effect at the next restart (`systemctl restart sticky-dispatch` keeps waiting connections)");
+            }
+            for key in &reloaded.applied {
+                let value = reloaded.settings.value_of(key);
+                info!(key, value, "applied on reload");
+            }
+            info!(
+                applied = ?reloaded.applied,
+                restart_needed = ?reloaded.settings.restart_needed,
+                "configuration reloaded"
+            );
+            settings.send_replace(Arc::new(reloaded.settings));
         }
+        Err(err) => error!(%err, "reload refused: keeping the running configuration"),
     }
-    applied.log_level = new.log_level;
-    applied.shutdown_timeout = new.shutdown_timeout;
-    applied.pending_timeout = new.pending_timeout;
-    applied.max_pending = new.max_pending;
-    applied.max_in_flight = new.max_in_flight;
-    applied.on_worker_down = new.on_worker_down;
-    applied.worker_users = new.worker_users;
-    applied.worker_unit = new.worker_unit;
-    applied.config_file = new.config_file;
-    info!(
-        pending_timeout = ?applied.pending_timeout,
-        max_pending = applied.max_pending.get(),
-        on_worker_down = %applied.on_worker_down,
-        log_level = %applied.log_level,
-        "configuration reloaded"
-    );
-    settings.send_replace(Arc::new(applied));
     notify(&[sd_notify::NotifyState::Ready]);
-}
-
-/// Lets a repeated warning through at most once per period, so a fault under load logs
-/// a line every few seconds rather than one per connection.
-struct Throttle {
-    every: Duration,
-    last: Option<Instant>,
-}
-
-impl Throttle {
-    fn new(every: Duration) -> Throttle {
-        Throttle { every, last: None }
-    }
-
-    fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if self.last.is_some_and(|last| now - last < self.every) {
-            return false;
-        }
-        self.last = Some(now);
-        true
-    }
 }
 
 /// Tells systemd; without `NOTIFY_SOCKET` (standalone) this does nothing.

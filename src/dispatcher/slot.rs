@@ -6,10 +6,8 @@
 //! (acknowledged, turned away, or failed over to another slot). When the link breaks,
 //! `unacked` goes back to the front of `pending`, in order, and is re-sent on the next link.
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +15,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Held, Phase, Shared, Throttle};
-use crate::config::OnWorkerDown;
+use super::metrics::TurnedAway;
+use super::state::{FailOver, Held, Phase, Queue, Shared, Throttle};
 use crate::link::{self, LinkStream, Received};
+use crate::shared::{exchange_hello, link_socket_name, LinkError};
 use crate::wire::{self, Conn, Message, Role};
 
 /// First retry after a failed connect; doubled up to `RECONNECT_MAX`. Small, because a
@@ -27,8 +26,6 @@ use crate::wire::{self, Conn, Message, Role};
 const RECONNECT_MIN: Duration = Duration::from_millis(2);
 /// Bounds the reconnect backoff: a worker that comes back is found within this long.
 const RECONNECT_MAX: Duration = Duration::from_millis(100);
-/// How long a worker may take to answer our HELLO.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 const WARN_EVERY: Duration = Duration::from_secs(5);
 
 pub(super) struct Slot {
@@ -37,8 +34,10 @@ pub(super) struct Slot {
     shared: Arc<Shared>,
     inbox: mpsc::UnboundedReceiver<Held>,
     phase: watch::Receiver<Phase>,
-    pending: VecDeque<Held>,
-    unacked: VecDeque<(u64, Held)>,
+    /// Waiting for the link or for room in the in-flight window (`waiting` in `STATUS=`).
+    pending: Queue<Held>,
+    /// Sent, by sequence number; the dispatcher still holds the fd (`in flight`).
+    unacked: Queue<(u64, Held)>,
     link: Option<LinkStream>,
     /// The worker asked to drain this link: send nothing more on it.
     draining: bool,
@@ -55,18 +54,6 @@ pub(super) struct Slot {
     out: Vec<u8>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum LinkError {
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    #[error(transparent)]
-    Decode(#[from] wire::DecodeError),
-    #[error("the socket is owned by uid {uid} (pid {pid}), which is not in worker_users")]
-    Impostor { uid: u32, pid: i32 },
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-}
-
 impl Slot {
     pub(super) fn new(
         index: u32,
@@ -77,12 +64,12 @@ impl Slot {
         let now = Instant::now();
         Slot {
             index,
-            name: shared.settings().link_socket_name(index),
+            name: link_socket_name(&shared.settings().socket_prefix, index),
+            pending: Queue::new(shared.metrics.worker(index).waiting.clone()),
+            unacked: Queue::new(shared.metrics.worker(index).in_flight.clone()),
             shared,
             inbox,
             phase,
-            pending: VecDeque::new(),
-            unacked: VecDeque::new(),
             link: None,
             draining: false,
             next_seq: 1,
@@ -146,14 +133,14 @@ impl Slot {
                 count = self.unacked.len(),
                 "closing connections the worker did not acknowledge in time"
             );
-            self.unacked.clear();
+            self.unacked.take_all();
         }
         debug!(
             index = self.index,
             waiting = self.pending.len(),
             "slot finished"
         );
-        self.pending.drain(..).collect()
+        self.pending.take_all()
     }
 
     /// A new connection for this worker.
@@ -162,12 +149,19 @@ impl Slot {
         let down_too_long =
             !self.is_up() && self.down_since.elapsed() >= self.shared.settings().pending_timeout;
         if down_too_long {
-            self.give_up(held, "its worker has been down longer than pending_timeout");
+            self.give_up(
+                held,
+                TurnedAway::WorkerDown,
+                "its worker has been down longer than pending_timeout",
+            );
         } else if self.pending.len() >= self.shared.settings().max_pending.get() {
-            self.give_up(held, "its worker's queue is full (max_pending)");
+            self.give_up(
+                held,
+                TurnedAway::MaxPending,
+                "its worker's queue is full (max_pending)",
+            );
         } else {
             self.pending.push_back(held);
-            self.shared.counters.waiting.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -194,9 +188,6 @@ impl Slot {
                     let held = self.pending.pop_front().expect("front exists");
                     self.unacked.push_back((self.next_seq, held));
                     self.next_seq += 1;
-                    let counters = &self.shared.counters;
-                    counters.waiting.fetch_sub(1, Ordering::Relaxed);
-                    counters.in_flight.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.want_writable = true,
                 Err(err) => return self.link_down(&format!("send failed: {err}")),
@@ -225,19 +216,21 @@ impl Slot {
     fn on_message(&mut self, message: Message) -> Result<(), LinkError> {
         match message {
             Message::Ack { seq } if seq < self.next_seq => {
-                let counters = &self.shared.counters;
-                while self.unacked.front().is_some_and(|(sent, _)| *sent <= seq) {
-                    // Dropping our copy closes the dispatcher's fd: the worker has its own.
-                    self.unacked.pop_front();
-                    counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                    counters.handed_off.fetch_add(1, Ordering::Relaxed);
+                let metrics = &self.shared.metrics;
+                let handed_off = &metrics.worker(self.index).handed_off;
+                let now = Instant::now();
+                // Dropping our copy closes the dispatcher's fd: the worker has its own.
+                while let Some((_, acked)) = self.unacked.pop_front_if(|(sent, _)| *sent <= seq) {
+                    handed_off.inc();
+                    let took = now.saturating_duration_since(acked.accepted);
+                    metrics.handoff_seconds.observe(took.as_secs_f64());
                 }
                 Ok(())
             }
             Message::Drain if !self.draining => {
                 self.draining = true;
                 self.down_since = Instant::now();
-                self.shared.live[self.index as usize].store(false, Ordering::Relaxed);
+                self.shared.set_live(self.index, false);
                 let last_seq = self.next_seq - 1;
                 info!(
                     index = self.index,
@@ -259,7 +252,7 @@ impl Slot {
         self.link = None;
         self.draining = false;
         self.want_writable = false;
-        self.shared.live[self.index as usize].store(false, Ordering::Relaxed);
+        self.shared.set_live(self.index, false);
         if !was_draining {
             self.down_since = Instant::now();
         }
@@ -267,11 +260,9 @@ impl Slot {
         while let Some((_, held)) = self.unacked.pop_back() {
             self.pending.push_front(held);
         }
-        let counters = &self.shared.counters;
-        counters
-            .in_flight
-            .fetch_sub(resend as u64, Ordering::Relaxed);
-        counters.waiting.fetch_add(resend as u64, Ordering::Relaxed);
+        let metrics = self.shared.metrics.worker(self.index);
+        metrics.resent.inc_by(resend as u64);
+        metrics.link_down.inc();
         if resend > 0 {
             warn!(
                 index = self.index,
@@ -306,7 +297,8 @@ impl Slot {
                 self.next_seq = 1;
                 self.backoff = RECONNECT_MIN;
                 self.last_failure = None;
-                self.shared.live[self.index as usize].store(true, Ordering::Relaxed);
+                self.shared.set_live(self.index, true);
+                self.shared.metrics.worker(self.index).link_up.inc();
             }
             Err(err) => {
                 let absent = matches!(&err, LinkError::Io(io) if link::is_absent(io));
@@ -333,70 +325,44 @@ impl Slot {
             return Err(LinkError::Impostor {
                 uid: peer.uid.as_raw(),
                 pid: peer.pid,
+                allowed: "worker_users",
             });
         }
-        Message::Hello {
-            role: Role::Dispatcher,
-            index: self.index,
-            pid: std::process::id(),
-        }
-        .encode(&mut self.out);
-        link.send(&self.out, None).await?;
-        let mut buf = [0u8; wire::MAX_MESSAGE];
-        let received = tokio::time::timeout(HELLO_TIMEOUT, link.recv(&mut buf))
-            .await
-            .map_err(|_| LinkError::Protocol("no HELLO from the worker".into()))??;
-        if received.fd.is_some() || received.len == 0 {
-            return Err(LinkError::Protocol("no HELLO from the worker".into()));
-        }
-        match Message::decode(&buf[..received.len])? {
-            Message::Hello {
-                role: Role::Worker,
-                index,
-                pid,
-            } if index == self.index => Ok((link, pid)),
-            other => Err(LinkError::Protocol(format!(
-                "expected HELLO from worker {}, got {other:?}",
-                self.index
-            ))),
-        }
+        let pid = exchange_hello(&link, Role::Dispatcher, self.index).await?;
+        Ok((link, pid))
     }
 
     /// Connections that waited `pending_timeout` follow `on_worker_down`.
     fn expire(&mut self) {
         let timeout = self.shared.settings().pending_timeout;
         let now = Instant::now();
-        while self
+        while let Some(held) = self
             .pending
-            .front()
-            .is_some_and(|held| held.since + timeout <= now)
+            .pop_front_if(|held| held.since + timeout <= now)
         {
-            let held = self.pending.pop_front().expect("front exists");
-            self.shared.counters.waiting.fetch_sub(1, Ordering::Relaxed);
-            self.give_up(held, "it waited pending_timeout for its worker");
+            self.give_up(
+                held,
+                TurnedAway::PendingTimeout,
+                "it waited pending_timeout for its worker",
+            );
         }
     }
 
     /// This worker cannot take `held`: fail it over, or close it.
-    fn give_up(&mut self, mut held: Held, why: &str) {
-        let shared = &self.shared;
-        let counters = &shared.counters;
-        if shared.settings().on_worker_down == OnWorkerDown::Failover && !held.failed_over {
-            let live = |index: u32| shared.live[index as usize].load(Ordering::Relaxed);
-            if let Some(target) = shared.router.failover_for(&held.key, live) {
-                held.failed_over = true;
-                counters.failed_over.fetch_add(1, Ordering::Relaxed);
+    fn give_up(&mut self, held: Held, reason: TurnedAway, why: &str) {
+        let held = match self.shared.fail_over(held) {
+            FailOver::Sent(target) => {
                 if self.turned_away_warning.allow() {
                     info!(
                         index = self.index,
                         target, why, "failing connections over to another worker"
                     );
                 }
-                shared.send_to(target, held);
                 return;
             }
-        }
-        counters.turned_away.fetch_add(1, Ordering::Relaxed);
+            FailOver::Kept(held) => held,
+        };
+        self.shared.metrics.worker(self.index).turned_away(reason);
         if self.turned_away_warning.allow() {
             warn!(index = self.index, peer = ?held.peer, why, "closing a client connection");
         }

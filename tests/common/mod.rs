@@ -273,36 +273,57 @@ pub fn client_ip(n: u32) -> Ipv4Addr {
     Ipv4Addr::new(127, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8)
 }
 
-/// What the demo worker said: `worker=` and `client=` from its response.
+/// What the demo worker said: `worker=<i> pid=<p> client=<ip>` and
+/// `listener=<name> local=<addr>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     pub worker: u32,
     pub pid: i32,
     pub client: String,
     pub listener: String,
+    pub local: String,
     pub body: String,
 }
 
 /// One HTTP request from source address `from` to `to`. `Err` if the connection failed or
 /// closed without an answer.
 pub fn request(from: Ipv4Addr, to: SocketAddr) -> Result<Answer, String> {
-    send(
+    request_within(from.into(), to, PATIENCE)
+}
+
+/// [`request`] from any source address, waiting up to `reply_timeout` for the answer.
+pub fn request_within(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+    reply_timeout: Duration,
+) -> Result<Answer, String> {
+    send_within(
         from,
         to,
         b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n",
+        reply_timeout,
     )
 }
 
 /// Sends `bytes` (a request, maybe behind a PROXY header) from `from` and reads the answer.
 pub fn send(from: Ipv4Addr, to: SocketAddr, bytes: &[u8]) -> Result<Answer, String> {
-    let source = SocketAddr::new(from.into(), 0);
+    send_within(from.into(), to, bytes, PATIENCE)
+}
+
+fn send_within(
+    from: std::net::IpAddr,
+    to: SocketAddr,
+    bytes: &[u8],
+    reply_timeout: Duration,
+) -> Result<Answer, String> {
+    let source = SocketAddr::new(from, 0);
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(to),
         socket2::Type::STREAM,
         None,
     )
     .map_err(|e| e.to_string())?;
-    if to.is_ipv4() {
+    if to.is_ipv4() == from.is_ipv4() {
         socket
             .bind(&source.into())
             .map_err(|e| format!("bind {source}: {e}"))?;
@@ -311,16 +332,22 @@ pub fn send(from: Ipv4Addr, to: SocketAddr, bytes: &[u8]) -> Result<Answer, Stri
         .connect_timeout(&to.into(), PATIENCE)
         .map_err(|e| format!("connect: {e}"))?;
     let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.set_read_timeout(Some(reply_timeout)).unwrap();
     stream.write_all(bytes).map_err(|e| format!("write: {e}"))?;
     let mut body = String::new();
     stream
         .read_to_string(&mut body)
         .map_err(|e| format!("read: {e}"))?;
+    if body.is_empty() {
+        return Err("closed without an answer".into());
+    }
     parse_answer(&body).ok_or_else(|| format!("no answer (got {body:?})"))
 }
 
 fn parse_answer(body: &str) -> Option<Answer> {
+    if !body.starts_with("HTTP/1.1 200") {
+        return None;
+    }
     let field = |name: &str| {
         body.split_whitespace()
             .find_map(|word| word.strip_prefix(name))
@@ -331,6 +358,7 @@ fn parse_answer(body: &str) -> Option<Answer> {
         pid: field("pid=")?.parse().ok()?,
         client: field("client=")?,
         listener: field("listener=")?,
+        local: field("local=")?,
         body: body.to_owned(),
     })
 }
@@ -378,88 +406,211 @@ pub struct Outcome {
     pub answer: Result<Answer, String>,
 }
 
-/// Continuous load of new connections: `threads` threads, each cycling through its share
-/// of the clients with one request per new connection, until stopped, `max_each`
-/// requests per thread, or 120 s.
-pub struct Load {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    done: Arc<std::sync::atomic::AtomicUsize>,
-    threads: Vec<std::thread::JoinHandle<Vec<Outcome>>>,
+/// A source of client connections, one HTTP request per new connection: `threads` threads
+/// cycling through their share of the clients until stopped, `max_each` requests per
+/// thread, or `max_time`; or, with [`LoadPlan::once`], one request from every client at
+/// once. Every run is bounded in count and time.
+pub struct LoadPlan {
+    to: SocketAddr,
+    clients: Vec<Ipv4Addr>,
+    threads: usize,
+    max_each: usize,
+    max_time: Duration,
+    reply_timeout: Duration,
+    once: bool,
+    /// Runs first in every load thread, e.g. to enter a container's network namespace.
+    setup: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
-impl Load {
-    pub fn start(to: SocketAddr, clients: &[Ipv4Addr], threads: usize, max_each: usize) -> Load {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+impl LoadPlan {
+    pub fn new(to: SocketAddr, clients: &[Ipv4Addr]) -> LoadPlan {
+        LoadPlan {
+            to,
+            clients: clients.to_vec(),
+            threads: 8,
+            max_each: 100_000,
+            max_time: Duration::from_secs(120),
+            reply_timeout: PATIENCE,
+            once: false,
+            setup: None,
+        }
+    }
+
+    pub fn threads(mut self, threads: usize) -> LoadPlan {
+        self.threads = threads;
+        self
+    }
+
+    pub fn max_each(mut self, max_each: usize) -> LoadPlan {
+        self.max_each = max_each;
+        self
+    }
+
+    pub fn max_time(mut self, max_time: Duration) -> LoadPlan {
+        self.max_time = max_time;
+        self
+    }
+
+    /// How long one request may wait for its answer before it counts as failed.
+    pub fn reply_timeout(mut self, reply_timeout: Duration) -> LoadPlan {
+        self.reply_timeout = reply_timeout;
+        self
+    }
+
+    /// One request from every client, all at the same time (a thread each).
+    pub fn once(mut self) -> LoadPlan {
+        self.once = true;
+        self.threads = self.clients.len();
+        self.max_each = 1;
+        self
+    }
+
+    pub fn setup(mut self, setup: impl Fn() + Send + Sync + 'static) -> LoadPlan {
+        self.setup = Some(Arc::new(setup));
+        self
+    }
+
+    pub fn start(self) -> Load {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicUsize::new(0));
-        let chunk = clients.len().div_ceil(threads).max(1);
-        let threads = clients
-            .chunks(chunk)
-            .map(|part| {
-                let part = part.to_vec();
-                let (stop, done) = (stop.clone(), done.clone());
+        let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+        let threads = self.threads.clamp(1, self.clients.len().max(1));
+        let begun = Instant::now();
+        let threads = (0..threads)
+            .map(|t| {
+                // Thread t takes clients t, t + threads, ... round and round.
+                let mine: Vec<Ipv4Addr> = self
+                    .clients
+                    .iter()
+                    .skip(t)
+                    .step_by(threads)
+                    .copied()
+                    .collect();
+                let (stop, outcomes, setup) = (stop.clone(), outcomes.clone(), self.setup.clone());
+                let (to, max_each, max_time, reply_timeout) =
+                    (self.to, self.max_each, self.max_time, self.reply_timeout);
                 std::thread::spawn(move || {
-                    let started = Instant::now();
-                    let mut outcomes = Vec::new();
-                    for client in part.iter().cycle().take(max_each) {
-                        if stop.load(Ordering::Relaxed)
-                            || started.elapsed() > Duration::from_secs(120)
-                        {
+                    if let Some(setup) = setup {
+                        setup();
+                    }
+                    for client in mine.iter().cycle().take(max_each) {
+                        if stop.load(Ordering::Relaxed) || begun.elapsed() > max_time {
                             break;
                         }
-                        outcomes.push(Outcome {
+                        let answer = request_within((*client).into(), to, reply_timeout);
+                        outcomes.lock().unwrap().push(Outcome {
                             client: *client,
-                            answer: request(*client, to),
+                            answer,
                         });
-                        done.fetch_add(1, Ordering::Relaxed);
                     }
-                    outcomes
                 })
             })
             .collect();
         Load {
             stop,
-            done,
+            outcomes,
             threads,
         }
+    }
+}
+
+/// A running [`LoadPlan`]; stopped (and joined) when dropped.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    /// `threads` threads of new connections from `clients` to `to`, at most `max_each`
+    /// requests per thread.
+    pub fn start(to: SocketAddr, clients: &[Ipv4Addr], threads: usize, max_each: usize) -> Load {
+        LoadPlan::new(to, clients)
+            .threads(threads)
+            .max_each(max_each)
+            .start()
     }
 
     /// Requests completed so far.
     pub fn completed(&self) -> usize {
-        self.done.load(std::sync::atomic::Ordering::Relaxed)
+        self.outcomes.lock().unwrap().len()
+    }
+
+    /// Requests answered so far.
+    pub fn answered(&self) -> usize {
+        self.count(|o| o.answer.is_ok())
+    }
+
+    /// Outcomes so far for which `which` holds.
+    pub fn count(&self, which: impl Fn(&Outcome) -> bool) -> usize {
+        self.outcomes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| which(o))
+            .count()
     }
 
     /// Waits until `more` requests beyond those completed now have completed.
     pub fn wait_more(&self, more: usize) {
         let target = self.completed() + more;
+        self.wait_until(&format!("{target} requests completed"), |load| {
+            load.completed() >= target
+        });
+    }
+
+    /// Waits, up to three times [`PATIENCE`], until `done` holds.
+    pub fn wait_until(&self, what: &str, done: impl Fn(&Load) -> bool) {
         let deadline = Instant::now() + PATIENCE * 3;
-        while self.completed() < target {
+        while !done(self) {
             assert!(
                 Instant::now() < deadline,
-                "load stalled at {} of {target}",
+                "load: no {what} within {:?}; {} completed",
+                PATIENCE * 3,
                 self.completed()
             );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
 
+    /// Stops the load and returns every outcome.
     pub fn stop(self) -> Vec<Outcome> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect()
+        self.join()
+    }
+
+    /// Waits for the threads to finish (a [`LoadPlan::once`] load ends by itself) and
+    /// returns every outcome.
+    pub fn join(mut self) -> Vec<Outcome> {
+        for thread in self.threads.drain(..) {
+            thread.join().expect("load thread");
+        }
+        std::mem::take(&mut *self.outcomes.lock().unwrap())
     }
 }
 
-/// Figures of a load run: requests, answered, failed, and answered by the wrong worker.
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Figures of a load run: requests, answered, failed, and clients answered by the wrong
+/// worker.
 #[derive(Debug, Default)]
 pub struct Tally {
     pub total: usize,
     pub ok: usize,
     pub failed: usize,
+    /// Requests answered by another worker than the client's own.
     pub misrouted: usize,
-    pub failures: Vec<String>,
+    /// Distinct clients.
+    pub clients: usize,
+    /// Failures by error text.
+    pub errors: std::collections::BTreeMap<String, usize>,
 }
 
 impl Tally {
@@ -469,7 +620,9 @@ impl Tally {
             total: outcomes.len(),
             ..Tally::default()
         };
+        let mut clients = std::collections::BTreeSet::new();
         for outcome in outcomes {
+            clients.insert(outcome.client);
             match &outcome.answer {
                 Ok(answer) => {
                     tally.ok += 1;
@@ -479,12 +632,11 @@ impl Tally {
                 }
                 Err(err) => {
                     tally.failed += 1;
-                    if tally.failures.len() < 5 {
-                        tally.failures.push(format!("{}: {err}", outcome.client));
-                    }
+                    *tally.errors.entry(err.clone()).or_insert(0) += 1;
                 }
             }
         }
+        tally.clients = clients.len();
         tally
     }
 }
@@ -493,11 +645,11 @@ impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} connections: {} answered, {} failed, {} misrouted",
-            self.total, self.ok, self.failed, self.misrouted
+            "{} connections from {} clients: {} answered, {} failed, {} misrouted",
+            self.total, self.clients, self.ok, self.failed, self.misrouted
         )?;
-        if !self.failures.is_empty() {
-            write!(f, " (first failures: {:?})", self.failures)?;
+        if !self.errors.is_empty() {
+            write!(f, " (errors: {:?})", self.errors)?;
         }
         Ok(())
     }

@@ -11,6 +11,9 @@
 #   CGROUP_DIR   cgroups to move into first, so that systemd-nspawn (which, without a
 #                systemd on the host, nests its cgroups under its own) leaves its
 #                cgroups where the test can remove them
+# environment:
+#   NSPAWN_NETNS a network namespace file (e.g. /run/netns/NAME) for the container to
+#                join instead of getting a private network of its own (tests/multihost.rs)
 set -eu
 scratch=$1
 machine=$2
@@ -30,5 +33,10 @@ done
 
 # basic.target: journald and the manager, without the host's services (databases,
 # getty...) that multi-user.target would start in the copy of its root.
+if [ -n "${NSPAWN_NETNS:-}" ]; then
+    network="--network-namespace-path=$NSPAWN_NETNS"
+else
+    network=--private-network
+fi
 exec systemd-nspawn --quiet --directory="$root/merged" --boot --register=no --keep-unit \
-    --private-network --machine="$machine" systemd.unit=basic.target
+    "$network" --machine="$machine" systemd.unit=basic.target

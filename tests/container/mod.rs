@@ -45,13 +45,50 @@ impl Container {
     /// before boot (see [`stage_file`]).
     pub fn boot(label: &str, stage: impl FnOnce(&Path)) -> Container {
         let name = format!("sticky-dispatch-{label}-{}", std::process::id());
-        let scratch = std::env::temp_dir().join(&name);
+        Container::boot_named(label, name, None, stage)
+    }
+
+    /// Like [`Container::boot`], but the container joins the prepared network namespace
+    /// `netns` (e.g. `/run/netns/NAME` from `ip netns add`) instead of getting a private
+    /// network: its services listen on that namespace's interfaces. `host` tells several
+    /// containers of one suite apart (`sticky-dispatch-<label>-<host>-<pid>`).
+    ///
+    /// Returns once systemd-nspawn is started; [`Booting::wait`] waits for the boot, so
+    /// that several containers boot at once. Call it from a thread that outlives the
+    /// container (the test's own): the container is powered off when the thread that
+    /// started it exits (PR_SET_PDEATHSIG is per thread).
+    pub fn start_in_netns(
+        label: &str,
+        host: &str,
+        netns: &Path,
+        stage: impl FnOnce(&Path),
+    ) -> Booting {
+        let name = format!("sticky-dispatch-{label}-{host}-{}", std::process::id());
+        Container::start_named(label, &name, Some(netns), stage)
+    }
+
+    fn boot_named(
+        label: &str,
+        name: String,
+        netns: Option<&Path>,
+        stage: impl FnOnce(&Path),
+    ) -> Container {
+        Container::start_named(label, &name, netns, stage).wait()
+    }
+
+    fn start_named(
+        label: &str,
+        name: &str,
+        netns: Option<&Path>,
+        stage: impl FnOnce(&Path),
+    ) -> Booting {
+        let scratch = std::env::temp_dir().join(name);
         let _ = std::fs::remove_dir_all(&scratch);
         std::fs::create_dir_all(&scratch).unwrap();
         let staged = scratch.join("stage");
         make_dirs(&staged, &staged);
         stage(&staged);
-        let cgroups = make_cgroups(&name);
+        let cgroups = make_cgroups(name);
 
         let console = File::create(scratch.join("console.log")).unwrap();
         let mut command = Command::new("unshare");
@@ -59,11 +96,15 @@ impl Container {
             .args(["--mount", "--propagation", "private", "/bin/sh"])
             .arg(Path::new(SOURCE).join("tests/container/boot-container.sh"))
             .arg(&scratch)
-            .arg(&name)
+            .arg(name)
             .args(&cgroups)
+            .env_remove("NSPAWN_NETNS")
             .stdin(Stdio::null())
             .stdout(console.try_clone().unwrap())
             .stderr(console);
+        if let Some(netns) = netns {
+            command.env("NSPAWN_NETNS", netns);
+        }
         // SAFETY: prctl is async-signal-safe. If the test process dies without unwinding
         // (killed, Ctrl-C), the container is told to power off rather than left running.
         unsafe {
@@ -76,46 +117,18 @@ impl Container {
             cgroups.iter().for_each(|cgroup| remove_cgroup(cgroup));
             panic!("could not run unshare: {err}")
         });
-        let mut container = Container {
+        let container = Container {
             label: label.to_owned(),
             nspawn,
             init: 0,
             scratch,
             cgroups,
         };
-        let booted = Instant::now();
-        let init = poll("the container's systemd", || {
-            if let Ok(Some(status)) = container.nspawn.try_wait() {
-                panic!(
-                    "systemd-nspawn exited with {status}; console:\n{}",
-                    container.console()
-                );
-            }
-            container.find_init()
-        });
-        container.init = init;
-        let state = poll("systemctl is-system-running", || {
-            let out = container.run(&["systemctl", "is-system-running"]);
-            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            matches!(state.as_str(), "running" | "degraded").then_some(state)
-        });
-        say(
-            label,
-            format_args!(
-                "container {name} booted to basic.target in {:.1?} ({state})",
-                booted.elapsed()
-            ),
-        );
-        if state == "degraded" {
-            say(
-                label,
-                format_args!(
-                    "failed units: {}",
-                    container.ok(&["systemctl", "--failed", "--no-legend", "--plain"])
-                ),
-            );
+        Booting {
+            container,
+            name: name.to_owned(),
+            started: Instant::now(),
         }
-        container
     }
 
     /// The child of systemd-nspawn that runs systemd.
@@ -230,6 +243,58 @@ impl Container {
         all.extend_from_slice(args);
         let out = self.run(&all);
         parse_export(&out.stdout)
+    }
+}
+
+/// A container whose systemd-nspawn is started: [`Booting::wait`] for its boot.
+pub struct Booting {
+    container: Container,
+    name: String,
+    started: Instant,
+}
+
+impl Booting {
+    /// Waits until the container's systemd reports running (or degraded).
+    pub fn wait(self) -> Container {
+        let Booting {
+            mut container,
+            name,
+            started: booted,
+        } = self;
+        let label = container.label.clone();
+        let label = label.as_str();
+        let init = poll("the container's systemd", || {
+            if let Ok(Some(status)) = container.nspawn.try_wait() {
+                panic!(
+                    "systemd-nspawn exited with {status}; console:\n{}",
+                    container.console()
+                );
+            }
+            container.find_init()
+        });
+        container.init = init;
+        let state = poll("systemctl is-system-running", || {
+            let out = container.run(&["systemctl", "is-system-running"]);
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            matches!(state.as_str(), "running" | "degraded").then_some(state)
+        });
+        say(
+            label,
+            format_args!(
+                "container {name} booted to basic.target in {:.1?} ({state})",
+                booted.elapsed()
+            ),
+        );
+        if state == "degraded" {
+            say(
+                label,
+                format_args!(
+                    "failed units: {}",
+                    container.ok(&["systemctl", "--failed", "--no-legend", "--plain"])
+                ),
+            );
+        }
+        container
     }
 }
 

@@ -36,8 +36,6 @@ use sticky_dispatch::worker::{ClientInfo, WorkerListener, WorkerOptions};
 use tokio::net::{TcpListener, TcpSocket};
 use tracing::{error, info};
 
-// A crate root's child modules live beside it (src/bin/): point at the demo's directory.
-#[path = "sticky-dispatch-demo/chat.rs"]
 mod chat;
 
 /// Largest `GET /bulk` answer: one zeroed buffer, shared by every answer.

@@ -16,21 +16,25 @@
 //!
 //! With the `axum` feature, [`WorkerListener`] is an `axum::serve::Listener`; serve with
 //! `with_graceful_shutdown(listener.drained())` so that a SIGTERM drains before stopping.
+//!
+//! [`WorkerListener`] acknowledges each connection as it arrives. A worker that must
+//! acknowledge later, or bind only once something else is ready, uses [`link`] directly:
+//! `WorkerListener` is built on it.
 
-use std::collections::HashSet;
+pub mod link;
+
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::unistd::{Uid, User};
+use nix::unistd::Uid;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::link::{LinkListener, LinkStream, PeerCred};
-use crate::wire::{self, Message, Role};
+use self::link::{AdmittedLink, DispatcherLink, LinkServer};
+use crate::shared::{self, LinkError, UserError};
 
 /// Environment variable that gives a worker its index (standalone mode sets it).
 pub const INDEX_ENV: &str = "STICKY_DISPATCH_INDEX";
@@ -39,12 +43,8 @@ pub const SOCKET_PREFIX_ENV: &str = "STICKY_DISPATCH_SOCKET_PREFIX";
 /// Environment variable listing the users a worker accepts as its dispatcher (names or
 /// uids, separated by commas or spaces); same meaning as the `dispatcher_users` key.
 pub const DISPATCHER_USERS_ENV: &str = "STICKY_DISPATCH_DISPATCHER_USERS";
-/// The default link socket prefix, shared with the dispatcher's configuration.
-pub const DEFAULT_SOCKET_PREFIX: &str = "sticky-dispatch/";
+pub use crate::shared::DEFAULT_SOCKET_PREFIX;
 
-/// A dispatcher that does not answer a DRAIN within this long is not waited for: the
-/// worker is stopping and systemd's stop timeout would kill it anyway.
-const DRAIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections received but not yet taken by `accept()`. Beyond it the link stops reading,
 /// so the dispatcher keeps holding (and can re-send) what the app has not taken.
 const ACCEPT_QUEUE: usize = 256;
@@ -129,8 +129,15 @@ impl WorkerOptions {
         let socket_prefix =
             std::env::var(SOCKET_PREFIX_ENV).unwrap_or_else(|_| DEFAULT_SOCKET_PREFIX.to_owned());
         let dispatcher_users = match std::env::var(DISPATCHER_USERS_ENV) {
-            Ok(list) if !list.trim().is_empty() => parse_users(&list)?,
-            _ => default_users(),
+            Ok(list) if !list.trim().is_empty() => {
+                shared::parse_user_list(&list).map_err(|err| match err {
+                    UserError::Unknown(name) | UserError::Lookup { name, .. } => {
+                        WorkerError::UnknownUser(name)
+                    }
+                    UserError::Empty => WorkerError::UnknownUser(String::new()),
+                })?
+            }
+            _ => shared::default_peer_users(),
         };
         Ok(WorkerOptions {
             index,
@@ -151,27 +158,6 @@ fn instance_from_cgroup(cgroup: &str) -> Option<&str> {
             (!instance.is_empty()).then_some(instance)
         })
     })
-}
-
-/// Our own uid and root: who may be the dispatcher unless configured otherwise.
-fn default_users() -> Vec<Uid> {
-    let mut users = vec![Uid::effective(), Uid::from_raw(0)];
-    users.dedup();
-    users
-}
-
-/// Parses `"app, 0 www-data"` or the TOML-looking `[0, "app"]` into uids.
-fn parse_users(list: &str) -> Result<Vec<Uid>, WorkerError> {
-    list.split(|c: char| c == ',' || c.is_whitespace() || "[]\"'".contains(c))
-        .filter(|word| !word.is_empty())
-        .map(|word| match word.parse::<u32>() {
-            Ok(uid) => Ok(Uid::from_raw(uid)),
-            Err(_) => match User::from_name(word) {
-                Ok(Some(user)) => Ok(user.uid),
-                _ => Err(WorkerError::UnknownUser(word.to_owned())),
-            },
-        })
-        .collect()
 }
 
 type Incoming = (TcpStream, ClientInfo);
@@ -196,33 +182,19 @@ impl WorkerListener {
 
     /// Binds with explicit options, then tells systemd `READY=1`.
     pub async fn bind_with(options: WorkerOptions) -> Result<WorkerListener, WorkerError> {
-        let name = format!("{}{}", options.socket_prefix, options.index);
-        let link_listener = LinkListener::bind(&name).map_err(|source| {
-            if source.kind() == io::ErrorKind::AddrInUse {
-                WorkerError::InUse {
-                    name: name.clone(),
-                    index: options.index,
-                }
-            } else {
-                WorkerError::Bind {
-                    name: name.clone(),
-                    source,
-                }
-            }
-        })?;
+        let server = LinkServer::bind(&options)?;
+        let name = server.socket_name().to_owned();
         let (incoming_tx, incoming) = mpsc::channel(ACCEPT_QUEUE);
         let (drain, drain_rx) = watch::channel(false);
         let (drained, _) = watch::channel(false);
         let (unread, _) = watch::channel(0);
         let links = Links {
-            index: options.index,
-            allowed: options.dispatcher_users.into_iter().collect(),
             incoming: incoming_tx,
             drain: drain_rx,
         };
         tokio::spawn(
             links
-                .run(link_listener)
+                .run(server)
                 .instrument(info_span!("link", index = options.index)),
         );
         if options.drain_on_sigterm {
@@ -429,30 +401,21 @@ async fn drain_on_sigterm(drain: watch::Sender<bool>) {
 
 /// The background side: accepts links from the dispatcher and feeds `incoming`.
 struct Links {
-    index: u32,
-    allowed: HashSet<Uid>,
     incoming: mpsc::Sender<Incoming>,
     drain: watch::Receiver<bool>,
 }
 
 impl Links {
-    async fn run(self, link_listener: LinkListener) {
+    async fn run(self, server: LinkServer) {
         let mut drain = self.drain.clone();
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
-                accepted = link_listener.accept() => match accepted {
-                    Ok(link) => {
-                        if let Some(peer) = self.admit(&link) {
-                            let span = info_span!("dispatcher", pid = peer.pid);
-                            let session = Session {
-                                index: self.index,
-                                link,
-                                incoming: self.incoming.clone(),
-                                drain: self.drain.clone(),
-                            };
-                            tasks.spawn(session.run().instrument(span));
-                        }
+                accepted = server.accept() => match accepted {
+                    Ok(admitted) => {
+                        let span = info_span!("dispatcher", pid = admitted.peer().pid);
+                        let session = Session::run(admitted, self.incoming.clone(), self.drain.clone());
+                        tasks.spawn(session.instrument(span));
                     }
                     Err(err) => {
                         warn!(%err, "accepting a link failed");
@@ -465,167 +428,74 @@ impl Links {
             }
         }
         // Free the name now: a replacement worker may bind it as soon as we exit.
-        drop(link_listener);
+        drop(server);
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         while tasks.join_next().await.is_some() {}
         debug!("all links closed");
         // Dropping `self.incoming` (the last sender) ends `accept()` once it is emptied.
     }
-
-    fn admit(&self, link: &LinkStream) -> Option<PeerCred> {
-        match link.peer_cred() {
-            Ok(peer) if self.allowed.contains(&peer.uid) => Some(peer),
-            Ok(peer) => {
-                warn!(
-                    uid = peer.uid.as_raw(),
-                    pid = peer.pid,
-                    "refused a link from a process of a user not in dispatcher_users"
-                );
-                None
-            }
-            Err(err) => {
-                warn!(%err, "refused a link whose credentials could not be read");
-                None
-            }
-        }
-    }
 }
 
-/// One link with one dispatcher.
+/// One link with one dispatcher, acknowledging each connection on receipt.
 struct Session {
-    index: u32,
-    link: LinkStream,
+    link: DispatcherLink,
     incoming: mpsc::Sender<Incoming>,
     drain: watch::Receiver<bool>,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum SessionError {
-    #[error(transparent)]
-    Io(#[from] io::Error),
-    #[error(transparent)]
-    Decode(#[from] wire::DecodeError),
-    #[error("protocol violation: {0}")]
-    Protocol(String),
-}
-
 impl Session {
-    async fn run(mut self) {
-        match self.serve().await {
+    async fn run(
+        admitted: AdmittedLink,
+        incoming: mpsc::Sender<Incoming>,
+        drain: watch::Receiver<bool>,
+    ) {
+        let served = async {
+            let link = admitted.handshake().await?;
+            info!(dispatcher_pid = link.dispatcher_pid(), "link up");
+            Session {
+                link,
+                incoming,
+                drain,
+            }
+            .serve()
+            .await
+        };
+        match served.await {
             Ok(()) => debug!("link closed"),
             Err(err) => warn!(%err, "link closed"),
         }
     }
 
-    async fn serve(&mut self) -> Result<(), SessionError> {
-        let mut out = Vec::with_capacity(wire::MAX_MESSAGE);
-        let mut buf = [0u8; wire::MAX_MESSAGE];
-        Message::Hello {
-            role: Role::Worker,
-            index: self.index,
-            pid: std::process::id(),
-        }
-        .encode(&mut out);
-        self.link.send(&out, None).await?;
-
-        let mut said_hello = false;
-        let mut last_seq = 0u64;
-        // Some(n) once the dispatcher answered our DRAIN: stop after CONN n.
-        let mut drain_until: Option<u64> = None;
-        let mut drain_sent = false;
+    async fn serve(&mut self) -> Result<(), LinkError> {
         let mut drain = self.drain.clone();
-        let mut drain_deadline = std::pin::pin!(tokio::time::sleep(Duration::MAX));
         loop {
-            if drain_until.is_some_and(|until| last_seq >= until) {
-                return Ok(());
-            }
-            let received = tokio::select! {
-                received = self.link.recv(&mut buf) => received?,
-                _ = crate::wait_until(&mut drain, |set| *set), if !drain_sent && said_hello => {
-                    drain_sent = true;
-                    Message::Drain.encode(&mut out);
-                    self.link.send(&out, None).await?;
-                    drain_deadline.as_mut().reset(tokio::time::Instant::now() + DRAIN_ANSWER_TIMEOUT);
+            let next = tokio::select! {
+                next = self.link.recv() => next?,
+                _ = crate::wait_until(&mut drain, |set| *set), if !self.link.draining() => {
+                    self.link.drain().await?;
                     continue;
                 }
-                _ = &mut drain_deadline => {
-                    return Err(SessionError::Protocol("no answer to DRAIN".into()));
-                }
             };
-            if received.len == 0 {
-                return Ok(()); // the dispatcher closed the link
-            }
-            let message = Message::decode(&buf[..received.len])?;
-            match (message, received.fd) {
-                (
-                    Message::Hello {
-                        role: Role::Dispatcher,
-                        index,
-                        pid,
-                    },
-                    None,
-                ) if !said_hello => {
-                    if index != self.index {
-                        return Err(SessionError::Protocol(format!(
-                            "dispatcher addressed worker {index}, this is worker {}",
-                            self.index
-                        )));
-                    }
-                    info!(dispatcher_pid = pid, "link up");
-                    said_hello = true;
-                }
-                (Message::Conn(conn), Some(fd)) if said_hello => {
-                    if conn.seq != last_seq + 1 {
-                        return Err(SessionError::Protocol(format!(
-                            "CONN {} after {last_seq}",
-                            conn.seq
-                        )));
-                    }
-                    last_seq = conn.seq;
-                    // Acknowledge before the app can read a byte: once acknowledged the
-                    // dispatcher lets go, and what it re-sends after a crash must be
-                    // connections nobody here has touched.
-                    Message::Ack { seq: last_seq }.encode(&mut out);
-                    self.link.send(&out, None).await?;
-                    match tcp_stream(fd) {
-                        Ok(stream) => {
-                            let info = ClientInfo {
-                                seq: conn.seq,
-                                peer: conn.peer,
-                                local: conn.local,
-                                listener: conn.listener.into(),
-                            };
-                            // Waits while the app is behind; meanwhile the link is not
-                            // read, so the dispatcher holds the next connections.
-                            if self.incoming.send((stream, info)).await.is_err() {
-                                return Ok(()); // the listener was dropped
-                            }
-                        }
-                        Err(err) => {
-                            warn!(%err, seq = conn.seq, "a handed-over fd is not a usable TCP socket")
-                        }
+            let Some(handoff) = next else {
+                return Ok(()); // closed by the dispatcher, or drained
+            };
+            // Acknowledge before the app can read a byte: once acknowledged the
+            // dispatcher lets go, and what it re-sends after a crash must be connections
+            // nobody here has touched.
+            self.link.ack(handoff.seq()).await?;
+            let seq = handoff.seq();
+            match handoff.into_tcp_stream() {
+                // Waits while the app is behind; meanwhile the link is not read, so the
+                // dispatcher holds the next connections.
+                Ok(incoming) => {
+                    if self.incoming.send(incoming).await.is_err() {
+                        return Ok(()); // the listener was dropped
                     }
                 }
-                (Message::Drained { last_seq: until }, None) if drain_sent => {
-                    debug!(until, "dispatcher confirmed the drain");
-                    drain_until = Some(until);
-                }
-                (message, fd) => {
-                    return Err(SessionError::Protocol(format!(
-                        "unexpected {message:?} ({} fd) from the dispatcher",
-                        if fd.is_some() { "with" } else { "without" }
-                    )));
-                }
+                Err(err) => warn!(%err, seq, "a handed-over fd is not a usable TCP socket"),
             }
         }
     }
-}
-
-fn tcp_stream(fd: OwnedFd) -> io::Result<TcpStream> {
-    let stream = std::net::TcpStream::from(fd);
-    // The fd shares its file status flags with the dispatcher's copy; tokio needs O_NONBLOCK.
-    stream.set_nonblocking(true)?;
-    TcpStream::from_std(stream)
 }
 
 #[cfg(test)]
@@ -644,21 +514,5 @@ mod tests {
         );
         assert_eq!(instance_from_cgroup("0::/system.slice/app.service\n"), None);
         assert_eq!(instance_from_cgroup(""), None);
-    }
-
-    #[test]
-    fn users_parse_from_names_and_uids() {
-        assert_eq!(
-            parse_users("root, 1000 2").unwrap(),
-            [0, 1000, 2].map(Uid::from_raw)
-        );
-        assert_eq!(
-            parse_users("[0, \"root\"]").unwrap(),
-            [0, 0].map(Uid::from_raw)
-        );
-        assert!(matches!(
-            parse_users("no-such-user-here"),
-            Err(WorkerError::UnknownUser(_))
-        ));
     }
 }

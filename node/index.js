@@ -1,0 +1,499 @@
+'use strict';
+// sticky-dispatch for Node.js: serve the connections that `sticky-dispatch node-worker`
+// hands to this process over Node's own IPC channel.
+//
+//   const sticky = require('sticky-dispatch');
+//   sticky.listen(httpServer);            // instead of httpServer.listen(port)
+//
+// The bridge (`sticky-dispatch node-worker -- node app.js`) is an ordinary worker toward
+// the dispatcher and starts node with NODE_CHANNEL_FD (JSON serialization). Per client
+// connection it sends one line with one fd (SCM_RIGHTS); Node core turns it into
+//   process.on('message', (msg, socket))
+// with msg = {stickyDispatch: 'connection', seq, peer, local, listener} and socket a
+// connected net.Socket. Other messages carry no fd:
+//   bridge -> node  {stickyDispatch: 'drain'}          no more connections will come
+//   node -> bridge  {stickyDispatch: 'ready'}          sent when the app calls listen()
+//   node -> bridge  {stickyDispatch: 'drain-request'}  this process was asked to stop
+// The full protocol is in docs/node.md.
+
+const net = require('node:net');
+const { EventEmitter } = require('node:events');
+
+const DEFAULT_DRAIN_TIMEOUT = 30000;
+
+const HOW_TO_START = [
+  'Start it through the bridge, which hands it the connections:',
+  '  sticky-dispatch node-worker -- node app.js',
+  'under systemd (ExecStart= of the worker unit, see docs/node.md), or in standalone mode:',
+  '  sticky-dispatch --listen 127.0.0.1:8080 --workers 4 -- sticky-dispatch node-worker -- node app.js',
+  'To serve without sticky-dispatch (development), pass listen(server, { fallbackPort: 8080 }).',
+].join('\n');
+
+/** Thrown by listen() when the process was not started by the bridge and has no fallback. */
+class NoBridgeError extends Error {
+  constructor(why) {
+    super(`sticky-dispatch: ${why}.\n${HOW_TO_START}`);
+    this.name = 'NoBridgeError';
+    this.code = 'ERR_STICKY_DISPATCH_NO_BRIDGE';
+  }
+}
+
+function parseIndex(value) {
+  return typeof value === 'string' && /^[0-9]+$/.test(value) ? Number(value) : null;
+}
+
+/** This worker's index (STICKY_DISPATCH_INDEX, set by the bridge), or null. */
+const index = parseIndex(process.env.STICKY_DISPATCH_INDEX);
+
+function workerIndex() {
+  return index;
+}
+
+/** Why this process cannot take connections from the bridge, or null if it can. */
+function bridgeProblem() {
+  if (typeof process.send !== 'function' || !process.connected) {
+    return 'this process has no IPC channel: it was not started by `sticky-dispatch node-worker`';
+  }
+  // A worker of Node's own cluster module has an IPC channel too, to its cluster master.
+  if (process.env.NODE_UNIQUE_ID !== undefined) {
+    return "this process is a worker of Node's cluster module, not of sticky-dispatch";
+  }
+  // The bridge always sets STICKY_DISPATCH_INDEX; another parent (a test runner, a
+  // process manager) that forked us would never send a connection, and we would hang.
+  if (index === null) {
+    return 'this process has an IPC channel, but not from sticky-dispatch (STICKY_DISPATCH_INDEX is not set)';
+  }
+  return null;
+}
+
+// --- Addresses --------------------------------------------------------------------------
+
+/** {address, port, family} from the bridge's message, checked; null if unusable. */
+function checkedAddress(value) {
+  if (!value || typeof value !== 'object') return null;
+  const { address, port } = value;
+  const version = typeof address === 'string' ? net.isIP(address) : 0;
+  if (version === 0 || !Number.isInteger(port) || port < 0 || port > 65535) return null;
+  // Derived from the address, so that family and address can never disagree.
+  return Object.freeze({ address, port, family: version === 6 ? 'IPv6' : 'IPv4' });
+}
+
+/** A getpeername/getsockname replacement reporting `addr`, with the handle's calling convention. */
+function reporting(addr) {
+  return function getname(out) {
+    out.address = addr.address;
+    out.port = addr.port;
+    out.family = addr.family;
+    return 0;
+  };
+}
+
+/**
+ * Makes the socket report the addresses the bridge gave: the real client (under PROXY
+ * protocol routing it is not the socket's own peer) and the local address it reached.
+ *
+ * The override sits on the socket's TCP handle, not on the net.Socket: net.Socket asks
+ * the handle (and caches the answer in _peername), and a TLSSocket that wraps this
+ * socket (tls.Server, https, http2) proxies getpeername/getsockname to the same TCP
+ * handle, so req.socket.remoteAddress is the client in every one of them.
+ */
+function presentAddresses(socket, peer, local) {
+  const handle = socket._handle;
+  if (!handle) return;
+  if (peer) handle.getpeername = reporting(peer);
+  if (local) handle.getsockname = reporting(local);
+}
+
+// Connection details by socket, for connectionInfo().
+const infoBySocket = new WeakMap();
+
+/**
+ * What the bridge said about the connection of `socket` ({seq, peer, local, listener}), or
+ * undefined for a socket that did not come from the bridge. Accepts the TLSSocket that
+ * tls.Server/https made of a connection too.
+ */
+function connectionInfo(socket) {
+  if (!socket || typeof socket !== 'object') return undefined;
+  return infoBySocket.get(socket) ?? (socket._parent ? infoBySocket.get(socket._parent) : undefined);
+}
+
+// --- The per-server handle --------------------------------------------------------------
+
+/**
+ * What listen() returns, one per server. Events: 'connection' (socket, info), 'drain'
+ * (the process stops taking connections; finish or close long-lived ones, e.g.
+ * io.close()), 'close' (every connection of the server is closed, or was cut at the
+ * drain timeout).
+ */
+class StickyServer extends EventEmitter {
+  constructor(server, listener, mode) {
+    super();
+    this.server = server;
+    /** The dispatcher listener whose connections this server takes; null for all. */
+    this.listener = listener;
+    /** 'bridge', or 'fallback' when it listens on its own (not sticky). */
+    this.mode = mode;
+    this.draining = false;
+    this.sockets = new Set(); // connections handed to the server, until they close
+    this.responses = new Set(); // HTTP responses in progress
+    let resolveListening;
+    let resolveClosed;
+    /** Resolves once the server is serving (ready was sent, or it listens in fallback mode). */
+    this.listening = new Promise((resolve) => (resolveListening = resolve));
+    /** Resolves once the drain has finished (just before the process exits). */
+    this.closed = new Promise((resolve) => (resolveClosed = resolve));
+    this._resolveListening = resolveListening;
+    this._resolveClosed = resolveClosed;
+  }
+
+  /**
+   * Stops this process as if it had received SIGTERM: asks the bridge to drain, which
+   * then sends 'drain'. Resolves when the drain has finished. In fallback mode, closes
+   * this server and resolves when its connections are closed.
+   */
+  close() {
+    if (this.mode === 'fallback') {
+      if (!this.draining) {
+        this.draining = true;
+        this.emit('drain');
+        endResponses(this);
+        this.server.close(() => finishServer(this));
+        closeIdle(this.server);
+      }
+    } else {
+      bridge.stop('close');
+    }
+    return this.closed;
+  }
+}
+
+// --- HTTP details of the drain ----------------------------------------------------------
+
+function trackResponses(sticky) {
+  sticky.server.on('request', (req, res) => {
+    if (sticky.draining) {
+      closeAfter(res);
+      return;
+    }
+    sticky.responses.add(res);
+    res.once('close', () => sticky.responses.delete(res));
+  });
+}
+
+/** Makes `res` the last response of its connection. */
+function closeAfter(res) {
+  // Already written: Node detached its connection, which closeIdle() then closes.
+  if (res.writableFinished) return;
+  if (!res.headersSent) {
+    // Node then ends the connection after this response (and says so to the client).
+    res.setHeader('Connection', 'close');
+    return;
+  }
+  // Headers already went out with keep-alive: end the connection once the response has
+  // been written (end, not destroy, so its tail still reaches the client).
+  const socket = res.socket;
+  if (socket) res.once('finish', () => socket.end());
+}
+
+function endResponses(sticky) {
+  for (const res of sticky.responses) closeAfter(res);
+  sticky.responses.clear();
+}
+
+/** Closes the keep-alive connections that wait for a next request (Node >= 18.2). */
+function closeIdle(server) {
+  if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
+}
+
+function finishServer(sticky) {
+  if (sticky.finished) return;
+  sticky.finished = true;
+  sticky.emit('close');
+  sticky._resolveClosed();
+}
+
+// --- The process-wide link to the bridge ------------------------------------------------
+
+/**
+ * The state of this process toward the bridge. Phases: 'serving', 'stopping' (asked to
+ * stop; waiting for the bridge's drain), 'draining' (no more connections; finishing),
+ * 'closed'.
+ */
+const bridge = {
+  phase: 'serving',
+  started: false,
+  readyScheduled: false,
+  servers: [],
+  drainTimeout: null,
+  deadline: null, // when the drain must be over (ms, Date.now()), from the first stop
+  stopTimer: null,
+  forceTimer: null,
+  exit: true,
+
+  add(sticky, options) {
+    if (this.phase !== 'serving') {
+      throw new Error('sticky-dispatch: listen() called after this process began to stop');
+    }
+    if (this.servers.some((s) => s.listener === sticky.listener)) {
+      throw new Error(
+        sticky.listener === null
+          ? 'sticky-dispatch: listen() without `listener` was already called: name the listener of each server'
+          : `sticky-dispatch: a server for listener "${sticky.listener}" was already given`,
+      );
+    }
+    this.servers.push(sticky);
+    // The process-wide settings: the longest drain asked for, and exit unless every
+    // caller said otherwise.
+    if (options.drainTimeout !== undefined || this.drainTimeout === null) {
+      this.drainTimeout = Math.max(this.drainTimeout ?? 0, options.drainTimeout ?? DEFAULT_DRAIN_TIMEOUT);
+    }
+    if (options.exit === false) this.exit = false;
+    trackResponses(sticky);
+    this.start();
+    // Servers given in the same tick (say http and https) are all in place before the
+    // single ready message; one given later only gets 'listening'.
+    process.nextTick(() => {
+      sticky.server.emit('listening');
+      this.sendReady();
+      sticky._resolveListening();
+    });
+  },
+
+  start() {
+    if (this.started) return;
+    this.started = true;
+    this.onMessage = (msg, socket) => this.message(msg, socket);
+    this.onDisconnect = () => this.drain('disconnect');
+    this.onSignal = (signal) => this.stop(signal);
+    // A 'message' listener also keeps the IPC channel referenced, which keeps this
+    // process alive: the servers have no listening socket of their own.
+    process.on('message', this.onMessage);
+    process.on('disconnect', this.onDisconnect);
+    // Under systemd (KillMode=control-group) node gets SIGTERM together with the bridge,
+    // and Ctrl-C in standalone mode sends SIGINT to both: do not exit yet, the bridge
+    // still has connections in flight for us. It answers with 'drain'.
+    process.on('SIGTERM', this.onSignal);
+    process.on('SIGINT', this.onSignal);
+  },
+
+  sendReady() {
+    if (this.readyScheduled) return;
+    this.readyScheduled = true;
+    send({ stickyDispatch: 'ready' });
+  },
+
+  message(msg, socket) {
+    // The app may use the IPC channel too; ours are marked with `stickyDispatch`.
+    if (!msg || typeof msg !== 'object' || typeof msg.stickyDispatch !== 'string') return;
+    if (msg.stickyDispatch === 'connection') {
+      if (socket instanceof net.Socket) this.connection(msg, socket);
+    } else if (msg.stickyDispatch === 'drain') {
+      this.drain('bridge');
+    }
+    // Anything else is from a newer bridge: ignored.
+  },
+
+  connection(msg, socket) {
+    if (this.phase === 'draining' || this.phase === 'closed') {
+      warnOnce('connection-after-drain', 'a connection arrived after the drain began: closed');
+      socket.destroy();
+      return;
+    }
+    const listener = typeof msg.listener === 'string' ? msg.listener : null;
+    const sticky =
+      this.servers.find((s) => s.listener !== null && s.listener === listener) ??
+      this.servers.find((s) => s.listener === null);
+    if (!sticky) {
+      warnOnce(`listener-${listener}`, `no server for listener "${listener}": its connections are closed`);
+      socket.destroy();
+      return;
+    }
+    const peer = checkedAddress(msg.peer);
+    const local = checkedAddress(msg.local);
+    presentAddresses(socket, peer, local);
+    const info = Object.freeze({ seq: msg.seq, peer, local, listener });
+    infoBySocket.set(socket, info);
+    handToServer(sticky, socket, info);
+  },
+
+  /** Asked to stop (signal, close()): tell the bridge, wait for its drain, bounded. */
+  stop(reason) {
+    if (this.phase !== 'serving') return;
+    this.phase = 'stopping';
+    this.deadline = Date.now() + this.drainTimeout;
+    send({ stickyDispatch: 'drain-request' });
+    // Fallback for a bridge that never answers: stop anyway at the deadline.
+    this.stopTimer = setTimeout(() => this.drain('timeout'), this.drainTimeout);
+    this.stopReason = reason;
+  },
+
+  /** No more connections will come: close the servers, finish what they have, exit. */
+  drain(reason) {
+    if (this.phase === 'draining' || this.phase === 'closed') return;
+    this.phase = 'draining';
+    clearTimeout(this.stopTimer);
+    this.deadline ??= Date.now() + this.drainTimeout;
+    this.drainReason = reason;
+    for (const sticky of this.servers) {
+      sticky.draining = true;
+      sticky.emit('drain', reason);
+      endResponses(sticky);
+      // net.Server.close() emits 'close' now if the server has no connection left,
+      // otherwise handToServer() does once the last one has closed. For http, close()
+      // also closes the idle keep-alive connections (Node >= 19; closeIdle for 18).
+      sticky.server.once('close', () => {
+        finishServer(sticky);
+        this.maybeFinish();
+      });
+      sticky.server.close();
+      closeIdle(sticky.server);
+    }
+    const left = Math.max(0, this.deadline - Date.now());
+    this.forceTimer = setTimeout(() => this.cut(), left);
+    this.maybeFinish();
+  },
+
+  /** The drain timeout passed: cut whatever is still open. */
+  cut() {
+    for (const sticky of this.servers) {
+      if (typeof sticky.server.closeAllConnections === 'function') sticky.server.closeAllConnections();
+      for (const socket of sticky.sockets) socket.destroy();
+      finishServer(sticky);
+    }
+    this.maybeFinish();
+  },
+
+  maybeFinish() {
+    if (this.phase !== 'draining' || !this.servers.every((s) => s.finished)) return;
+    this.phase = 'closed';
+    clearTimeout(this.forceTimer);
+    process.removeListener('message', this.onMessage);
+    process.removeListener('disconnect', this.onDisconnect);
+    if (this.exit) {
+      // After the 'close' handlers (and the promise reactions) of this turn have run.
+      setImmediate(() => process.exit());
+    } else if (process.connected) {
+      // The app exits by itself: let go of the channel that kept the process alive.
+      process.disconnect();
+    }
+  },
+};
+
+/** Gives a connection to the server as net.Server's own accept path would. */
+function handToServer(sticky, socket, info) {
+  const server = sticky.server;
+  if (server.maxConnections && server._connections >= server.maxConnections) {
+    server.emit('drop', {
+      localAddress: socket.localAddress,
+      localPort: socket.localPort,
+      localFamily: socket.localFamily,
+      remoteAddress: socket.remoteAddress,
+      remotePort: socket.remotePort,
+      remoteFamily: socket.remoteFamily,
+    });
+    socket.destroy();
+    return;
+  }
+  socket.allowHalfOpen = Boolean(server.allowHalfOpen);
+  if (server.noDelay) socket.setNoDelay(true);
+  if (server.keepAlive) socket.setKeepAlive(true, server.keepAliveInitialDelay * 1000);
+  if (server.pauseOnConnect) socket.pause();
+  // Counted like an accepted connection (server.getConnections(), maxConnections), but
+  // without net's socket._server link: through it, net would emit 'close' on the server
+  // whenever its last connection closes, as the server has no listening socket; engine.io
+  // (socket.io) shuts itself down on that event. 'close' comes once drained, below.
+  server._connections++;
+  socket.server = server;
+  sticky.sockets.add(socket);
+  socket.once('close', () => {
+    server._connections--;
+    sticky.sockets.delete(socket);
+    if (sticky.draining && sticky.sockets.size === 0) server.emit('close');
+  });
+  sticky.emit('connection', socket, info);
+  server.emit('connection', socket);
+}
+
+/** Sends to the bridge; a closed channel is not an error here ('disconnect' handles it). */
+function send(msg) {
+  if (!process.connected) return;
+  process.send(msg, (err) => {
+    if (err && process.connected) warnOnce(`send-${msg.stickyDispatch}`, `could not send to the bridge: ${err.message}`);
+  });
+}
+
+const warned = new Set();
+function warnOnce(key, text) {
+  if (warned.has(key)) return;
+  warned.add(key);
+  process.emitWarning(text, 'StickyDispatchWarning');
+}
+
+// --- listen() ---------------------------------------------------------------------------
+
+function checkOptions(options) {
+  if (options === undefined || options === null) return {};
+  if (typeof options !== 'object') throw new TypeError('sticky-dispatch: options must be an object');
+  const { drainTimeout, listener, fallbackPort, fallbackHost, exit } = options;
+  if (drainTimeout !== undefined && !(Number.isFinite(drainTimeout) && drainTimeout >= 0)) {
+    throw new TypeError('sticky-dispatch: drainTimeout must be a number of milliseconds >= 0');
+  }
+  if (listener !== undefined && listener !== null && typeof listener !== 'string') {
+    throw new TypeError('sticky-dispatch: listener must be a string');
+  }
+  if (fallbackHost !== undefined && typeof fallbackHost !== 'string') {
+    throw new TypeError('sticky-dispatch: fallbackHost must be a string');
+  }
+  if (exit !== undefined && typeof exit !== 'boolean') {
+    throw new TypeError('sticky-dispatch: exit must be a boolean');
+  }
+  if (fallbackPort !== undefined && fallbackPort !== null && fallbackPort !== '') {
+    const port = Number(fallbackPort);
+    if (!Number.isInteger(port) || port < 0 || port > 65535) {
+      throw new TypeError(`sticky-dispatch: fallbackPort must be a port number, not ${fallbackPort}`);
+    }
+    return { ...options, fallbackPort: port };
+  }
+  return { ...options, fallbackPort: null };
+}
+
+/**
+ * Serves `server` with the connections the bridge hands to this process. Replaces
+ * `server.listen(port)`: calling it tells the bridge that the app is ready.
+ *
+ * Options: drainTimeout (ms, default 30000), listener (name of the dispatcher listener
+ * whose connections this server takes; default all), fallbackPort/fallbackHost (listen
+ * there directly when not started by the bridge, instead of throwing), exit (default
+ * true: exit once drained). An optional last argument is called on 'listening'.
+ */
+function listen(server, options, callback) {
+  if (typeof options === 'function') {
+    callback = options;
+    options = undefined;
+  }
+  if (!(server instanceof net.Server)) {
+    throw new TypeError('sticky-dispatch: listen() takes a server (http, https, tls, net or express\'s http.createServer(app))');
+  }
+  const opts = checkOptions(options);
+  if (typeof callback === 'function') server.once('listening', callback);
+
+  const problem = bridgeProblem();
+  if (problem) {
+    if (opts.fallbackPort === null) throw new NoBridgeError(problem);
+    const sticky = new StickyServer(server, opts.listener ?? null, 'fallback');
+    trackResponses(sticky);
+    server.once('listening', () => sticky._resolveListening());
+    server.listen(opts.fallbackPort, opts.fallbackHost);
+    return sticky;
+  }
+  const sticky = new StickyServer(server, opts.listener ?? null, 'bridge');
+  bridge.add(sticky, opts);
+  return sticky;
+}
+
+exports.listen = listen;
+exports.index = index;
+exports.workerIndex = workerIndex;
+exports.connectionInfo = connectionInfo;
+exports.NoBridgeError = NoBridgeError;
+exports.DEFAULT_DRAIN_TIMEOUT = DEFAULT_DRAIN_TIMEOUT;

@@ -1,0 +1,309 @@
+//! The worker's end of the link, one level below [`WorkerListener`]: for a worker that
+//! must decide itself when a connection is acknowledged or when it is ready, such as a
+//! bridge that passes each connection on to another process and acknowledges it only
+//! once that process has it.
+//!
+//! [`LinkServer::bind`] binds the link socket (and says nothing to systemd: send
+//! `READY=1` when the whole worker is ready). [`LinkServer::accept`] admits a dispatcher
+//! by its credentials; [`AdmittedLink::handshake`] exchanges HELLOs; then
+//! [`DispatcherLink::recv`] yields each connection as a [`Handoff`] and
+//! [`DispatcherLink::ack`] acknowledges (cumulatively). What is not acknowledged when the
+//! link closes, the dispatcher sends again to the next worker on this index.
+//!
+//! To stop, [`DispatcherLink::drain`] asks the dispatcher to send nothing new; `recv`
+//! then returns `None` once every connection sent before its answer has been received.
+//! The link stays open until dropped, so what was received can still be acknowledged.
+//!
+//! ```no_run
+//! # async fn bridge() -> Result<(), Box<dyn std::error::Error>> {
+//! use sticky_dispatch::worker::{link::LinkServer, WorkerOptions};
+//! let server = LinkServer::bind(&WorkerOptions::from_env()?)?;
+//! let mut link = server.accept().await?.handshake().await?;
+//! while let Some(handoff) = link.recv().await? {
+//!     let seq = handoff.seq();
+//!     // ... give `handoff.fd` to the app, wait until it has it ...
+//!     link.ack(seq).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! [`WorkerListener`]: super::WorkerListener
+
+use std::collections::HashSet;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use nix::unistd::Uid;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use super::{ClientInfo, WorkerError, WorkerOptions};
+use crate::link::{LinkListener, LinkStream, PeerCred};
+use crate::shared::{exchange_hello, link_socket_name, LinkError};
+use crate::wire::{self, Message, Role};
+
+/// A dispatcher that does not answer a DRAIN within this long (and send what it announced)
+/// is not waited for: the worker is stopping and systemd's stop timeout would kill it
+/// anyway.
+pub const DRAIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A worker's bound link socket, admitting only the allowed dispatcher users.
+#[derive(Debug)]
+pub struct LinkServer {
+    listener: LinkListener,
+    index: u32,
+    name: String,
+    allowed: HashSet<Uid>,
+}
+
+impl LinkServer {
+    /// Binds `@<socket_prefix><index>`. Fails with [`WorkerError::InUse`] if another
+    /// process holds the name (another instance of this worker).
+    pub fn bind(options: &WorkerOptions) -> Result<LinkServer, WorkerError> {
+        let name = link_socket_name(&options.socket_prefix, options.index);
+        let listener = LinkListener::bind(&name).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                WorkerError::InUse {
+                    name: name.clone(),
+                    index: options.index,
+                }
+            } else {
+                WorkerError::Bind {
+                    name: name.clone(),
+                    source,
+                }
+            }
+        })?;
+        Ok(LinkServer {
+            listener,
+            index: options.index,
+            name,
+            allowed: options.dispatcher_users.iter().copied().collect(),
+        })
+    }
+
+    /// The worker index this socket serves.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The abstract socket name, without the leading '@'.
+    pub fn socket_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Waits for the next link from an allowed user; links from other users are refused
+    /// (closed, and logged) before a byte is exchanged. Cancel-safe. An error is one
+    /// failed `accept` (typically EMFILE): back off and call again.
+    pub async fn accept(&self) -> io::Result<AdmittedLink> {
+        loop {
+            let link = self.listener.accept().await?;
+            match link.peer_cred() {
+                Ok(peer) if self.allowed.contains(&peer.uid) => {
+                    return Ok(AdmittedLink {
+                        link,
+                        index: self.index,
+                        peer,
+                    })
+                }
+                Ok(peer) => warn!(
+                    uid = peer.uid.as_raw(),
+                    pid = peer.pid,
+                    "refused a link from a process of a user not in dispatcher_users"
+                ),
+                Err(err) => warn!(%err, "refused a link whose credentials could not be read"),
+            }
+        }
+    }
+}
+
+/// A link from an allowed dispatcher, before the HELLO exchange. The exchange is separate
+/// from [`LinkServer::accept`] so that a slow peer holds up only its own task.
+#[derive(Debug)]
+pub struct AdmittedLink {
+    link: LinkStream,
+    index: u32,
+    peer: PeerCred,
+}
+
+impl AdmittedLink {
+    /// The dispatcher process, as the kernel reports it.
+    pub fn peer(&self) -> PeerCred {
+        self.peer
+    }
+
+    /// Exchanges HELLOs (ours first, theirs within [`crate::shared::HELLO_TIMEOUT`]).
+    pub async fn handshake(self) -> Result<DispatcherLink, LinkError> {
+        let dispatcher_pid = exchange_hello(&self.link, Role::Worker, self.index).await?;
+        Ok(DispatcherLink {
+            link: self.link,
+            dispatcher_pid,
+            last_seq: 0,
+            drain: Drain::Off,
+            out: Vec::with_capacity(wire::MAX_MESSAGE),
+            buf: [0; wire::MAX_MESSAGE],
+        })
+    }
+}
+
+/// A client connection received from the dispatcher, not acknowledged yet.
+#[derive(Debug)]
+pub struct Handoff {
+    /// What the dispatcher said about it (`client.seq` is its sequence number).
+    pub client: ClientInfo,
+    /// The connected TCP socket.
+    pub fd: OwnedFd,
+}
+
+impl Handoff {
+    /// Its sequence number on the link, to acknowledge it with.
+    pub fn seq(&self) -> u64 {
+        self.client.seq
+    }
+
+    /// The socket as a tokio `TcpStream`.
+    pub fn into_tcp_stream(self) -> io::Result<(TcpStream, ClientInfo)> {
+        let stream = std::net::TcpStream::from(self.fd);
+        // The fd shares its file status flags with the dispatcher's copy; tokio needs
+        // O_NONBLOCK.
+        stream.set_nonblocking(true)?;
+        Ok((TcpStream::from_std(stream)?, self.client))
+    }
+}
+
+/// Where a link is in the drain protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drain {
+    Off,
+    /// DRAIN sent; DRAINED must come by `deadline`.
+    Asked {
+        deadline: Instant,
+    },
+    /// DRAINED said `last_seq` is the last CONN; it must be received by the same deadline.
+    Answered {
+        last_seq: u64,
+        deadline: Instant,
+    },
+}
+
+/// An open link with one dispatcher, after the HELLO exchange.
+#[derive(Debug)]
+pub struct DispatcherLink {
+    link: LinkStream,
+    dispatcher_pid: u32,
+    /// The last CONN received; each must be the next.
+    last_seq: u64,
+    drain: Drain,
+    out: Vec<u8>,
+    buf: [u8; wire::MAX_MESSAGE],
+}
+
+impl DispatcherLink {
+    /// The dispatcher's pid, from its HELLO.
+    pub fn dispatcher_pid(&self) -> u32 {
+        self.dispatcher_pid
+    }
+
+    /// The sequence number of the last connection received (0 before the first).
+    pub fn last_received(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// The next connection. `None` when the link is over: the dispatcher closed it, or a
+    /// drain finished (the dispatcher answered the DRAIN and every connection it sent
+    /// before has been received). Cancel-safe, so it can be raced in `select!` with
+    /// whatever decides when to [`ack`](Self::ack) or [`drain`](Self::drain).
+    pub async fn recv(&mut self) -> Result<Option<Handoff>, LinkError> {
+        loop {
+            let deadline = match self.drain {
+                Drain::Off => None,
+                Drain::Asked { deadline } => Some(deadline),
+                Drain::Answered { last_seq, .. } if self.last_seq >= last_seq => return Ok(None),
+                Drain::Answered { deadline, .. } => Some(deadline),
+            };
+            let received = tokio::select! {
+                received = self.link.recv(&mut self.buf) => received?,
+                _ = sleep_until(deadline) => {
+                    return Err(LinkError::Protocol("no answer to DRAIN".into()));
+                }
+            };
+            if received.len == 0 {
+                return Ok(None); // the dispatcher closed the link
+            }
+            match (Message::decode(&self.buf[..received.len])?, received.fd) {
+                (Message::Conn(conn), Some(fd)) => {
+                    if conn.seq != self.last_seq + 1 {
+                        return Err(LinkError::Protocol(format!(
+                            "CONN {} after {}",
+                            conn.seq, self.last_seq
+                        )));
+                    }
+                    self.last_seq = conn.seq;
+                    let client = ClientInfo {
+                        seq: conn.seq,
+                        peer: conn.peer,
+                        local: conn.local,
+                        listener: conn.listener.into(),
+                    };
+                    return Ok(Some(Handoff { client, fd }));
+                }
+                (Message::Drained { last_seq }, None) => match self.drain {
+                    Drain::Asked { deadline } => {
+                        debug!(until = last_seq, "dispatcher confirmed the drain");
+                        self.drain = Drain::Answered { last_seq, deadline };
+                    }
+                    _ => return Err(unexpected(Message::Drained { last_seq }, false)),
+                },
+                (message, fd) => return Err(unexpected(message, fd.is_some())),
+            }
+        }
+    }
+
+    /// Acknowledges every connection up to and including `seq`: the dispatcher closes its
+    /// copies and will not send them again. Acknowledge only what is safely in hand.
+    pub async fn ack(&mut self, seq: u64) -> Result<(), LinkError> {
+        if seq > self.last_seq {
+            return Err(LinkError::Protocol(format!(
+                "ACK {seq} for a CONN not received (the last was {})",
+                self.last_seq
+            )));
+        }
+        Message::Ack { seq }.encode(&mut self.out);
+        Ok(self.link.send(&self.out, None).await?)
+    }
+
+    /// Asks the dispatcher to send nothing new on this link (DRAIN); its answer comes
+    /// through [`recv`](Self::recv). Does nothing if already asked.
+    pub async fn drain(&mut self) -> Result<(), LinkError> {
+        if self.drain != Drain::Off {
+            return Ok(());
+        }
+        Message::Drain.encode(&mut self.out);
+        self.link.send(&self.out, None).await?;
+        self.drain = Drain::Asked {
+            deadline: Instant::now() + DRAIN_ANSWER_TIMEOUT,
+        };
+        Ok(())
+    }
+
+    /// Whether [`drain`](Self::drain) was called.
+    pub fn draining(&self) -> bool {
+        self.drain != Drain::Off
+    }
+}
+
+fn unexpected(message: Message, with_fd: bool) -> LinkError {
+    LinkError::Protocol(format!(
+        "unexpected {message:?} ({} fd) from the dispatcher",
+        if with_fd { "with" } else { "without" }
+    ))
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
