@@ -10,3 +10,5 @@ if [ "$1" -eq 0 ]; then
         systemctl --no-reload disable --now sticky-dispatch.socket sticky-dispatch-metrics.socket sticky-dispatch.service >/dev/null 2>&1 || :
     fi
 fi
+# Byte code python3 wrote beside the Python worker module: not a file of the package.
+rm -rf /usr/share/sticky-dispatch/python/sticky_dispatch/__pycache__

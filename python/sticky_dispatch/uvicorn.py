@@ -1,0 +1,108 @@
+"""ASGI apps on uvicorn behind sticky-dispatch: :func:`run` instead of ``uvicorn.run``.
+
+::
+
+    import sticky_dispatch.uvicorn
+    sticky_dispatch.uvicorn.run(app)        # FastAPI, Starlette, socketio.ASGIApp, ...
+
+uvicorn has no public API for serving an already accepted socket, so this uses its
+``Config``/``Server`` objects the way ``Server.startup`` does: ``Server.startup(sockets=[])``
+(lifespan startup, no listener), ``config.http_protocol_class(config=, server_state=,
+app_state=)`` as the protocol factory, ``Server.main_loop`` for the ``Date`` header ticks
+and ``Server.shutdown`` for the graceful end. Tested with uvicorn 0.54; the package pins
+``uvicorn<0.55`` for that reason.
+
+``scope["client"]`` is the real client (also when the dispatcher consumed a PROXY header);
+SIGTERM drains like the aiohttp adapter, then in-flight requests get
+``timeout_graceful_shutdown`` seconds (default here 30 s, for socket.io's 25 s long-polls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import MutableMapping
+from typing import Any, Callable, Optional, Union
+
+import uvicorn
+
+from ._handoff import Handoffs, connection_server, socket_key
+from .options import WorkerOptions
+from .worker import Worker, default_logging
+
+log = logging.getLogger("sticky_dispatch")
+
+SHUTDOWN_TIMEOUT = 30.0
+"""Default ``timeout_graceful_shutdown``: longer than socket.io's 25 s long-poll."""
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[..., Any]
+
+
+class RealClient:
+    """ASGI middleware: ``scope["client"]`` becomes the client the dispatcher reported."""
+
+    def __init__(self, app: ASGIApp, handoffs: Handoffs) -> None:
+        self.app = app
+        self.handoffs = handoffs
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> Any:
+        if scope.get("type") in ("http", "websocket"):
+            client, server = scope.get("client"), scope.get("server")
+            real = self.handoffs.request_started(socket_key(client, server))
+            if real is not None:
+                scope = dict(scope, client=(real[0], real[1]))
+        return await self.app(scope, receive, send)
+
+
+async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = None) -> None:
+    """Serves the app of ``config`` on the connections the dispatcher hands over."""
+    # First: the index (also set for the app when it comes from the unit's name).
+    options = options if options is not None else WorkerOptions.from_env()
+    server = uvicorn.Server(config)
+    if not config.loaded:
+        config.load()
+    handoffs = Handoffs()
+    # Outermost, so that uvicorn's own middlewares (proxy headers) see the real client too.
+    config.loaded_app = RealClient(config.loaded_app, handoffs)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup(sockets=[])
+    if server.should_exit:
+        return
+    ticks = asyncio.get_running_loop().create_task(server.main_loop())
+    try:
+
+        def protocol() -> asyncio.Protocol:
+            factory: Callable[..., asyncio.Protocol] = config.http_protocol_class
+            return factory(
+                config=config, server_state=server.server_state, app_state=server.lifespan.state
+            )
+
+        deliver, settle = connection_server(handoffs, protocol)
+        worker = Worker(options, notify_ready=False, on_connection=deliver)
+        await worker.start()
+        worker.notify_ready()
+        log.info("serving ASGI app as worker %d", worker.index)
+        await worker.drained()
+        await settle()
+    finally:
+        server.should_exit = True
+        await ticks
+        await server.shutdown(sockets=[])
+
+
+def run(
+    app: Union[ASGIApp, str], *, options: Optional[WorkerOptions] = None, **kwargs: Any
+) -> None:
+    """Like ``uvicorn.run(app, **kwargs)``, on the connections of sticky-dispatch.
+
+    ``host``, ``port``, ``fd``, ``uds``, ``workers`` and ``reload`` make no sense here (the
+    dispatcher owns the address and the processes) and are refused.
+    """
+    for key in ("host", "port", "fd", "uds", "workers", "reload"):
+        if key in kwargs:
+            raise TypeError(f"sticky_dispatch.uvicorn.run: {key}= is the dispatcher's business")
+    kwargs.setdefault("timeout_graceful_shutdown", SHUTDOWN_TIMEOUT)
+    config = uvicorn.Config(app, **kwargs)  # configures uvicorn's loggers, then ours:
+    default_logging()
+    asyncio.run(serve(config, options=options))

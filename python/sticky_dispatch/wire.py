@@ -1,0 +1,194 @@
+"""The hand-off link's message format, version 1: pure encoding and decoding.
+
+Written from the sticky-dispatch README ("The hand-off link"), not from the Rust code,
+so that the shared test vectors (``tests/vectors/wire-v1.json``) check two independent
+readings of the same text. Every message is one ``SOCK_SEQPACKET`` datagram of at most
+:data:`MAX_MESSAGE` bytes, integers big-endian: version byte, type byte, then the body.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Optional, Union
+
+VERSION = 1
+"""The protocol version this package speaks."""
+MAX_MESSAGE = 512
+"""No valid message is longer: a receive buffer of this size never truncates one."""
+
+HELLO, CONN, ACK, DRAIN, DRAINED = 1, 2, 3, 4, 5
+
+Address = tuple[str, int]
+"""``(host, port)`` as Python's sockets spell an IPv4 peer; IPv6 hosts are compressed."""
+
+
+class Role(IntEnum):
+    """Which end of the link sent a HELLO."""
+
+    DISPATCHER = 0
+    WORKER = 1
+
+
+@dataclass(frozen=True)
+class Hello:
+    """First message each way: who is speaking, for which worker index."""
+
+    role: Role
+    index: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class Conn:
+    """A client connection; exactly one fd travels beside it (SCM_RIGHTS)."""
+
+    seq: int
+    peer: Optional[Address]
+    local: Optional[Address]
+    listener: str
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Cumulative: every CONN up to and including ``seq`` was received."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class Drain:
+    """The worker is stopping: send nothing new."""
+
+
+@dataclass(frozen=True)
+class Drained:
+    """Answer to DRAIN: ``last_seq`` is the last CONN sent on this link (0 if none)."""
+
+    last_seq: int
+
+
+Message = Union[Hello, Conn, Ack, Drain, Drained]
+
+_NAMES = {HELLO: "HELLO", CONN: "CONN", ACK: "ACK", DRAIN: "DRAIN", DRAINED: "DRAINED"}
+
+
+class DecodeError(ValueError):
+    """A datagram that is not a valid v1 message; the link carrying it is closed."""
+
+
+def encode(message: Message) -> bytes:
+    """One datagram for ``message``.
+
+    Listener names longer than 255 bytes are cut at a character boundary: they are
+    labels for logs, and the length field is one byte.
+    """
+    if isinstance(message, Hello):
+        return struct.pack(">BBBII", VERSION, HELLO, int(message.role), message.index, message.pid)
+    if isinstance(message, Conn):
+        name = message.listener.encode()[:255].decode(errors="ignore").encode()
+        return b"".join(
+            [
+                struct.pack(">BBQ", VERSION, CONN, message.seq),
+                _encode_addr(message.peer),
+                _encode_addr(message.local),
+                bytes([len(name)]),
+                name,
+            ]
+        )
+    if isinstance(message, Ack):
+        return struct.pack(">BBQ", VERSION, ACK, message.seq)
+    if isinstance(message, Drain):
+        return bytes([VERSION, DRAIN])
+    return struct.pack(">BBQ", VERSION, DRAINED, message.last_seq)
+
+
+def _encode_addr(addr: Optional[Address]) -> bytes:
+    if addr is None:
+        return b"\x00"
+    if ":" in addr[0]:
+        return b"\x06" + socket.inet_pton(socket.AF_INET6, addr[0]) + struct.pack(">H", addr[1])
+    return b"\x04" + socket.inet_pton(socket.AF_INET, addr[0]) + struct.pack(">H", addr[1])
+
+
+_LAYOUTS = {fmt: struct.Struct(fmt) for fmt in (">H", ">I", ">Q")}
+
+
+class _Reader:
+    """A cursor over one datagram; reading past its end raises :class:`DecodeError`."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        self.data = data
+        self.pos = 2
+        self.name = name
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise DecodeError(f"malformed {self.name} message: ends early")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def unpack(self, fmt: str) -> int:
+        layout = _LAYOUTS[fmt]
+        (value,) = layout.unpack(self.take(layout.size))
+        return int(value)
+
+    def addr(self) -> Optional[Address]:
+        family = self.take(1)[0]
+        if family == 0:
+            return None
+        # inet_ntop: the spelling Python's sockets use for peer addresses (and fast).
+        if family == 4:
+            host = socket.inet_ntop(socket.AF_INET, self.take(4))
+        elif family == 6:
+            host = socket.inet_ntop(socket.AF_INET6, self.take(16))
+        else:
+            raise DecodeError(f"malformed {self.name} message: address family {family}")
+        return (host, self.unpack(">H"))
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise DecodeError(
+                f"malformed {self.name} message: {len(self.data) - self.pos} trailing bytes"
+            )
+
+
+def decode(data: bytes) -> Message:
+    """Decodes one datagram, or raises :class:`DecodeError` saying what is wrong."""
+    if not data:
+        raise DecodeError("empty message")
+    if data[0] != VERSION:
+        raise DecodeError(f"unsupported protocol version {data[0]} (this worker speaks {VERSION})")
+    if len(data) < 2:
+        raise DecodeError("malformed message: no type byte")
+    kind = data[1]
+    if kind not in _NAMES:
+        raise DecodeError(f"unknown message type {kind}")
+    r = _Reader(data, _NAMES[kind])
+    message: Message
+    if kind == HELLO:
+        role = r.take(1)[0]
+        if role not in (0, 1):
+            raise DecodeError(f"malformed HELLO message: role {role}")
+        message = Hello(Role(role), r.unpack(">I"), r.unpack(">I"))
+    elif kind == CONN:
+        seq = r.unpack(">Q")
+        peer = r.addr()
+        local = r.addr()
+        raw = r.take(r.take(1)[0])
+        try:
+            listener = raw.decode()
+        except UnicodeDecodeError:
+            raise DecodeError("malformed CONN message: listener name is not UTF-8") from None
+        message = Conn(seq, peer, local, listener)
+    elif kind == ACK:
+        message = Ack(r.unpack(">Q"))
+    elif kind == DRAIN:
+        message = Drain()
+    else:
+        message = Drained(r.unpack(">Q"))
+    r.end()
+    return message

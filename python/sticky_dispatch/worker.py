@@ -1,0 +1,519 @@
+"""The worker side of the link on asyncio: receive client connections as sockets.
+
+::
+
+    async for conn in Worker():          # binds @sticky-dispatch/<index>, then READY=1
+        serve(conn.socket, conn.client)  # conn.client.peer is the real client address
+    # the loop ended: SIGTERM arrived and every connection in flight was received
+
+The dispatcher connects to the worker's abstract ``SOCK_SEQPACKET`` socket; each link
+starts with HELLO both ways, then carries CONN messages with one fd each. The worker
+acknowledges every CONN as soon as it is received, before the application can read from
+the connection: the dispatcher keeps its copy of each fd until acknowledged and re-sends
+unacknowledged ones to a restarted worker, so what it re-sends must be untouched. On
+SIGTERM the worker sends DRAIN, receives everything up to the dispatcher's DRAINED, then
+the iteration ends.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from . import wire
+from .notify import notify
+from .options import WorkerOptions
+
+log = logging.getLogger("sticky_dispatch")
+
+DRAIN_ANSWER_TIMEOUT = 10.0
+"""A dispatcher that does not answer DRAIN within this many seconds is not waited for:
+the worker is stopping, and systemd's stop timeout would kill it anyway."""
+ACCEPT_QUEUE = 256
+"""Connections received but not yet taken by the application. Beyond it the link is not
+read, so the dispatcher keeps holding (and could re-send) what the app has not taken."""
+ACK_BURST = 32
+"""CONNs already waiting on the link are received together and acknowledged with one
+cumulative ACK (at most this many), before any of them reaches the app: one send and
+one wake-up of the dispatcher per burst instead of per connection."""
+_MAX_FDS = 4
+"""Room for more fds than the one a CONN carries, so that extra ones are received and
+closed rather than silently truncated by the kernel."""
+_FDS_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the dispatcher says about a connection it handed over."""
+
+    seq: int
+    """Sequence number of the hand-off on its link."""
+    peer: Optional[wire.Address]
+    """The real client address (under PROXY protocol, not the balancer's)."""
+    local: Optional[wire.Address]
+    """The address the client connected to."""
+    listener: str
+    """The name of the dispatcher's listener that accepted it (``FileDescriptorName=``)."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A client's TCP socket (non-blocking, close-on-exec) and what the dispatcher said."""
+
+    socket: socket.socket
+    client: ClientInfo
+
+
+def default_logging() -> None:
+    """Sends this package's INFO lines to stderr unless the app configured logging.
+
+    The adapters call it: a worker under systemd should say in the journal when it is
+    ready, drains or refuses a link, and uvicorn's own logging setup covers only its
+    loggers. No timestamps: the journal records them.
+    """
+    if logging.getLogger().handlers or log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("sticky_dispatch: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+class LinkError(Exception):
+    """The dispatcher broke the protocol: the link is closed with this reason logged."""
+
+
+class _End:
+    """Put in the queue once every link has ended: iteration stops there."""
+
+
+class Worker:
+    """Receives the connections the dispatcher hands to this worker index.
+
+    Iterate with ``async for``; the first iteration binds the link socket (or call
+    :meth:`start` first). Or pass ``on_connection``: it is called with each connection
+    as soon as it is acknowledged (no queue, no iteration: what servers that attach
+    sockets themselves want), and :meth:`drained` tells when the drain is over.
+
+    With ``notify_ready=False`` the caller sends ``READY=1`` itself through
+    :meth:`notify_ready`, once its application is ready, as the aiohttp and uvicorn
+    adapters do.
+    """
+
+    def __init__(
+        self,
+        options: Optional[WorkerOptions] = None,
+        *,
+        notify_ready: bool = True,
+        drain_on_signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+        on_connection: Optional[Callable[[Connection], None]] = None,
+    ) -> None:
+        self.options = options if options is not None else WorkerOptions.from_env()
+        self._notify_ready = notify_ready
+        self._on_connection = on_connection
+        self._drain_signals = drain_on_signals
+        # Made in start(): on Python 3.9 they bind to the loop current at creation.
+        self._queue: asyncio.Queue[Connection | _End]
+        self._drained: asyncio.Event
+        self._draining = False
+        # Futures of tasks waiting for a socket to become readable: drain() wakes them.
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._listener: Optional[socket.socket] = None
+        self._links: Optional[asyncio.Task[None]] = None
+
+    @property
+    def index(self) -> int:
+        """This worker's index."""
+        return self.options.index
+
+    async def start(self) -> None:
+        """Binds ``@<prefix><index>`` and starts taking links; sends ``READY=1`` unless
+        constructed with ``notify_ready=False``. Raises OSError if the name is taken
+        (another worker with this index is running)."""
+        if self._listener is not None:
+            return
+        loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(ACCEPT_QUEUE)
+        self._drained = asyncio.Event()
+        listener = socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
+        try:
+            listener.bind("\0" + self.options.socket_name)
+            listener.listen(16)
+        except OSError as err:
+            listener.close()
+            hint = (
+                " (is this worker index already running?)" if err.errno == errno.EADDRINUSE else ""
+            )
+            raise OSError(
+                err.errno,
+                f"could not bind the link socket @{self.options.socket_name}: {err}{hint}",
+            ) from err
+        self._listener = listener
+        for sig in self._drain_signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._links = loop.create_task(self._serve_links(listener))
+        log.info("worker ready index=%d socket=@%s", self.index, self.options.socket_name)
+        if self._notify_ready:
+            self.notify_ready()
+
+    def notify_ready(self) -> None:
+        """Tells systemd ``READY=1``: ``systemctl start app@N`` returns from here on."""
+        notify(f"READY=1\nSTATUS=worker {self.index} ready")
+
+    def drain(self) -> None:
+        """Starts a drain, as SIGTERM does: the dispatcher is told to send nothing new,
+        what it already sent is received, then the iteration ends."""
+        if self._draining:
+            return
+        self._draining = True
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain has started."""
+        return self._draining
+
+    async def drained(self) -> None:
+        """Resolves once a drain has finished and every connection was returned."""
+        await self.start()
+        await self._drained.wait()
+
+    def __aiter__(self) -> Worker:
+        return self
+
+    async def __anext__(self) -> Connection:
+        await self.start()
+        if self._drained.is_set():
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, _End):
+            self._drained.set()
+            self._remove_signal_handlers()
+            raise StopAsyncIteration
+        return item
+
+    def _on_signal(self, sig: int) -> None:
+        log.info("%s: draining", signal.Signals(sig).name)
+        self.drain()
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._drain_signals:
+            loop.remove_signal_handler(sig)
+        self._drain_signals = ()
+
+    async def close(self) -> None:
+        """Stops at once, without a drain: links are closed, and what the dispatcher
+        had not seen acknowledged it will re-send to the next worker."""
+        self.drain()
+        if self._links is None:
+            return
+        self._remove_signal_handlers()
+        self._links.cancel()
+        try:
+            await self._links
+        except asyncio.CancelledError:
+            pass
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, Connection):
+                item.socket.close()
+        self._drained.set()
+
+    async def _wait_readable(self, sock: socket.socket, timeout: Optional[float] = None) -> None:
+        """Returns when ``sock`` is readable, a drain starts, or ``timeout`` passes."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+
+        fd = sock.fileno()
+        loop.add_reader(fd, wake)
+        timer = loop.call_later(timeout, wake) if timeout is not None else None
+        self._waiters.add(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
+            loop.remove_reader(fd)
+            if timer is not None:
+                timer.cancel()
+
+    async def _serve_links(self, listener: socket.socket) -> None:
+        """Accepts links until a drain starts, then waits for the links to finish."""
+        sessions: set[asyncio.Task[None]] = set()
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._draining:
+                try:
+                    link, _ = listener.accept()
+                except BlockingIOError:
+                    await self._wait_readable(listener)
+                    continue
+                except OSError as err:
+                    # Typically EMFILE: back off instead of spinning.
+                    log.warning("accepting a link failed: %s", err)
+                    await asyncio.sleep(0.1)
+                    continue
+                link.setblocking(False)
+                if not self._admit(link):
+                    link.close()
+                    continue
+                task = loop.create_task(_Session(self, link).run())
+                sessions.add(task)
+                task.add_done_callback(sessions.discard)
+        except asyncio.CancelledError:
+            for task in sessions:
+                task.cancel()
+            raise
+        finally:
+            # Free the name now: a replacement worker may bind it as soon as we exit.
+            listener.close()
+        notify("STOPPING=1")
+        if sessions:
+            await asyncio.gather(*sessions, return_exceptions=True)
+        log.info("all links closed")
+        if self._on_connection is None:
+            await self._queue.put(_End())
+        else:
+            self._remove_signal_handlers()
+            self._drained.set()
+
+    def _admit(self, link: socket.socket) -> bool:
+        """Checks the connecting process's uid (SO_PEERCRED) before reading anything."""
+        try:
+            raw = link.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", raw)
+        except OSError as err:
+            log.warning("refused a link whose credentials could not be read: %s", err)
+            return False
+        if uid not in self.options.dispatcher_users:
+            log.warning(
+                "refused a link from a process of a user not in dispatcher_users uid=%d pid=%d",
+                uid,
+                pid,
+            )
+            return False
+        return True
+
+
+class _Session:
+    """One link with one dispatcher."""
+
+    def __init__(self, worker: Worker, link: socket.socket) -> None:
+        self.worker = worker
+        self.link = link
+        self.loop = asyncio.get_running_loop()
+        # The link stays registered with the loop between waits (one epoll_ctl per
+        # link, not two per message) while each readiness finds someone waiting.
+        self._watching = False
+        self._wake: Optional[asyncio.Future[None]] = None
+
+    def _on_readable(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        else:
+            # Nobody waits (the app is behind): stop watching, or the level-triggered
+            # readiness would call us in a loop.
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self.loop.remove_reader(self.link.fileno())
+            self._watching = False
+
+    async def _wait_readable(self, timeout: Optional[float]) -> None:
+        """Returns when the link is readable, a drain starts, or ``timeout`` passes."""
+        if not self._watching:
+            self.loop.add_reader(self.link.fileno(), self._on_readable)
+            self._watching = True
+        wake: asyncio.Future[None] = self.loop.create_future()
+        self._wake = wake
+        timer = self.loop.call_later(timeout, _resolve, wake) if timeout is not None else None
+        self.worker._waiters.add(wake)
+        try:
+            await wake
+        finally:
+            self._wake = None
+            self.worker._waiters.discard(wake)
+            if timer is not None:
+                timer.cancel()
+
+    async def run(self) -> None:
+        try:
+            await self._serve()
+            log.debug("link closed")
+        except asyncio.CancelledError:
+            raise
+        except LinkError as err:
+            log.warning("link closed: %s", err)
+        except Exception as err:  # noqa: BLE001 - a bad link must never stop the app
+            log.warning("link closed: %s: %s", type(err).__name__, err)
+        finally:
+            self._unwatch()
+            self.link.close()
+
+    async def _send(self, message: wire.Message) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.link, wire.encode(message))
+
+    def _try_recv(self) -> Optional[tuple[bytes, list[int]]]:
+        """One datagram and its fds, or None if none is waiting. Fds come close-on-exec."""
+        # Not socket.recv_fds: up to at least CPython 3.12 it drops its flags argument, and
+        # without MSG_CMSG_CLOEXEC a client's fd would leak into processes the app spawns.
+        try:
+            data, ancillary, flags, _ = self.link.recvmsg(
+                wire.MAX_MESSAGE, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            return None
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            _close_all(list(fds))
+            raise LinkError("a message or its fds were truncated")
+        return data, list(fds)
+
+    async def _serve(self) -> None:
+        batch: list[Connection] = []
+        try:
+            await self._serve_link(batch)
+        finally:
+            # Received but not acknowledged: the dispatcher still holds them and will
+            # re-send them on its next link, so they must not reach the app from here.
+            for conn in batch:
+                conn.socket.close()
+
+    async def _serve_link(self, batch: list[Connection]) -> None:
+        worker = self.worker
+        loop = asyncio.get_running_loop()
+        await self._send(wire.Hello(wire.Role.WORKER, worker.index, os.getpid()))
+        said_hello = False
+        last_seq = 0
+        acked = 0
+        drain_until: Optional[int] = None  # set by DRAINED: stop after this CONN
+        drain_sent = False
+        deadline: Optional[float] = None  # while draining: give up on the dispatcher then
+
+        async def flush() -> None:
+            """One cumulative ACK for the CONNs received in a burst, then they go to the
+            app: never before their ACK is sent (see the module docstring)."""
+            nonlocal acked
+            if last_seq == acked:
+                return
+            await self._send(wire.Ack(last_seq))
+            acked = last_seq
+            deliver = worker._on_connection
+            if deliver is not None:
+                for conn in batch:
+                    deliver(conn)
+            else:
+                for conn in batch:
+                    # Waits while the app is behind; meanwhile the link is not read.
+                    await worker._queue.put(conn)
+            batch.clear()
+
+        while True:
+            if drain_until is not None and last_seq >= drain_until:
+                await flush()
+                return
+            if worker.draining:
+                if deadline is None:
+                    deadline = loop.time() + DRAIN_ANSWER_TIMEOUT
+                if said_hello and not drain_sent:
+                    drain_sent = True
+                    await flush()
+                    await self._send(wire.Drain())
+            received = self._try_recv() if last_seq - acked < ACK_BURST else None
+            if received is None:
+                if last_seq != acked:
+                    await flush()
+                    continue
+                timeout = None if deadline is None else deadline - loop.time()
+                if timeout is not None and timeout <= 0:
+                    raise LinkError(f"no answer to DRAIN within {DRAIN_ANSWER_TIMEOUT} s")
+                await self._wait_readable(timeout)
+                continue
+            data, fds = received
+            if not data:
+                _close_all(fds)
+                return  # the dispatcher closed the link
+            try:
+                message = wire.decode(data)
+            except wire.DecodeError as err:
+                _close_all(fds)
+                raise LinkError(str(err)) from None
+            if isinstance(message, wire.Conn) and said_hello and len(fds) == 1:
+                if message.seq != last_seq + 1:
+                    _close_all(fds)
+                    raise LinkError(f"CONN {message.seq} after {last_seq}")
+                last_seq = message.seq
+                conn = _connection(fds[0], message)
+                if conn is not None:
+                    batch.append(conn)
+                continue
+            _close_all(fds)
+            await flush()
+            if isinstance(message, wire.Hello) and not said_hello:
+                if message.role != wire.Role.DISPATCHER:
+                    raise LinkError(f"HELLO from a {message.role.name.lower()}, not the dispatcher")
+                if message.index != worker.index:
+                    raise LinkError(
+                        f"dispatcher addressed worker {message.index}, "
+                        f"this is worker {worker.index}"
+                    )
+                log.info("link up dispatcher_pid=%d", message.pid)
+                said_hello = True
+            elif isinstance(message, wire.Drained) and drain_sent:
+                log.debug("dispatcher confirmed the drain until=%d", message.last_seq)
+                drain_until = message.last_seq
+            else:
+                raise LinkError(
+                    f"unexpected {type(message).__name__} with {len(fds)} fd(s) from the dispatcher"
+                )
+
+
+def _connection(fd: int, message: wire.Conn) -> Optional[Connection]:
+    """Wraps a handed-over fd; anything but a TCP stream socket is logged and closed."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        os.close(fd)
+        log.warning("a handed-over fd is not a socket seq=%d: %s", message.seq, err)
+        return None
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        log.warning("a handed-over fd is not a TCP socket seq=%d", message.seq)
+        sock.close()
+        return None
+    # O_NONBLOCK lives on the open file, shared with the dispatcher's copy; asyncio needs it.
+    sock.setblocking(False)
+    info = ClientInfo(message.seq, message.peer, message.local, message.listener)
+    return Connection(sock, info)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

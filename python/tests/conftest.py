@@ -1,0 +1,79 @@
+"""Shared by the package's tests: a fake dispatcher speaking the link from the other end."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sticky_dispatch import wire  # noqa: E402
+
+VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors" / "wire-v1.json"
+TIMEOUT = 10.0
+
+
+class FakeDispatcher:
+    """The dispatcher's end of one link, blocking with a timeout: tests drive it step by
+    step (from a thread when the worker runs on the test's event loop)."""
+
+    def __init__(self, name: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect("\0" + name)
+
+    def send(self, message: wire.Message, fd: Optional[int] = None) -> None:
+        data = wire.encode(message)
+        if fd is None:
+            self.sock.send(data)
+        else:
+            socket.send_fds(self.sock, [data], [fd])
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.send(data)
+
+    def recv(self) -> Optional[wire.Message]:
+        """The next message, or None when the worker closed the link."""
+        data = self.sock.recv(wire.MAX_MESSAGE)
+        return wire.decode(data) if data else None
+
+    def hello(self, index: int) -> wire.Message:
+        """Exchanges HELLOs; returns the worker's."""
+        theirs = self.recv()
+        self.send(wire.Hello(wire.Role.DISPATCHER, index, os.getpid()))
+        assert theirs is not None
+        return theirs
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class TcpPair:
+    """A real loopback TCP connection: the server side is what a dispatcher hands over."""
+
+    def __init__(self, source: str = "127.0.0.1") -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            self.client = socket.create_connection(
+                listener.getsockname(), timeout=TIMEOUT, source_address=(source, 0)
+            )
+            self.server, self.peer = listener.accept()
+        self.local = self.server.getsockname()
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+
+
+@pytest.fixture
+def prefix(request: pytest.FixtureRequest) -> str:
+    # Abstract names are short (107 bytes): a digest of the test's name keeps them unique.
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+    return f"sticky-dispatch-pytest/{os.getpid()}/{digest}/"

@@ -1,0 +1,70 @@
+"""The wire format against the shared vectors (the Rust suite reads the same file)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import pytest
+from conftest import VECTORS
+
+from sticky_dispatch import wire
+
+
+def _addr(text: Optional[str]) -> Optional[wire.Address]:
+    if text is None:
+        return None
+    host, port = text.rsplit(":", 1)
+    return (host.strip("[]"), int(port))
+
+
+def _message(fields: dict[str, Any]) -> wire.Message:
+    kind = fields["type"]
+    if kind == "HELLO":
+        return wire.Hello(wire.Role[fields["role"].upper()], fields["index"], fields["pid"])
+    if kind == "CONN":
+        return wire.Conn(
+            fields["seq"], _addr(fields["peer"]), _addr(fields["local"]), fields["listener"]
+        )
+    if kind == "ACK":
+        return wire.Ack(fields["seq"])
+    if kind == "DRAIN":
+        return wire.Drain()
+    assert kind == "DRAINED", kind
+    return wire.Drained(fields["last_seq"])
+
+
+VECTOR_DATA = json.loads(VECTORS.read_text())
+
+
+@pytest.mark.parametrize("vector", VECTOR_DATA["valid"], ids=lambda v: v["name"])
+def test_valid_vectors_encode_and_decode_exactly(vector: dict[str, Any]) -> None:
+    message = _message(vector["message"])
+    assert wire.encode(message).hex() == vector["hex"]
+    assert wire.decode(bytes.fromhex(vector["hex"])) == message
+
+
+@pytest.mark.parametrize("vector", VECTOR_DATA["invalid"], ids=lambda v: v["name"])
+def test_invalid_vectors_are_refused(vector: dict[str, Any]) -> None:
+    with pytest.raises(wire.DecodeError):
+        wire.decode(bytes.fromhex(vector["hex"]))
+
+
+def test_every_message_type_has_a_vector() -> None:
+    types = {v["message"]["type"] for v in VECTOR_DATA["valid"]}
+    assert types == {"HELLO", "CONN", "ACK", "DRAIN", "DRAINED"}
+
+
+def test_every_prefix_of_a_conn_is_refused_cleanly() -> None:
+    data = wire.encode(wire.Conn(5, ("::1", 1), ("10.0.0.1", 2), "x"))
+    for cut in range(len(data)):
+        with pytest.raises(wire.DecodeError):
+            wire.decode(data[:cut])
+
+
+def test_long_listener_names_are_cut_at_a_character_boundary() -> None:
+    data = wire.encode(wire.Conn(1, None, None, "é" * 200))
+    decoded = wire.decode(data)
+    assert isinstance(decoded, wire.Conn)
+    assert decoded.listener == "é" * 127
+    assert len(data) <= wire.MAX_MESSAGE

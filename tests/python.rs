@@ -1,0 +1,947 @@
+//! Python workers (`python/`, import `sticky_dispatch`) behind the real dispatcher, in
+//! standalone mode: `sticky-dispatch --listen ADDR --workers 4 -- python app.py`.
+//!
+//! - socket.io with real clients (npm's socket.io-client, `tests/node/socketio-clients.js`:
+//!   50 clients, long-polling, each from its own 127.x.y.z, a new TCP connection per
+//!   request) against a python-socketio chat on aiohttp (`tests/python/chat_aiohttp.py`)
+//!   and on FastAPI + uvicorn (`tests/python/chat_asgi.py`): all complete through the
+//!   dispatcher; most fail on the same app as 4 SO_REUSEPORT processes (no stickiness).
+//! - PROXY protocol: the app sees the real client (`request.remote`, `scope["client"]`).
+//! - Faults under load: a Python worker restarted with SIGTERM loses nothing; one killed
+//!   with SIGKILL while holding unacknowledged connections loses none of them.
+//! - SO_PEERCRED: a process of another uid cannot inject a connection (root).
+//!
+//! The venv (`<target>/python-venv`) is created on first use; see `python/support.rs`.
+
+mod common;
+#[path = "python/support.rs"]
+mod python_support;
+#[path = "node/support.rs"]
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+const CLIENTS: u32 = 50;
+const WORKERS: u32 = 4;
+/// Bound on one run of the Node clients (each of its phases is bounded by 20 s).
+const NODE_LIMIT: Duration = Duration::from_secs(120);
+
+const AIOHTTP_APP: &str = "chat_aiohttp.py";
+const ASGI_APP: &str = "chat_asgi.py";
+
+/// Standalone dispatcher with 4 Python workers running `app`, once all have linked.
+fn python_standalone(
+    test: &'static str,
+    app: &str,
+    extra_env: &[(&str, &str)],
+) -> (support::Graceful, SocketAddr) {
+    let command = python_support::app_command(app);
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let pythonpath = python_support::pythonpath();
+    let mut env = vec![("PYTHONPATH", pythonpath.as_str())];
+    env.extend_from_slice(extra_env);
+    let (dispatcher, addr) = standalone_with(test, WORKERS, &env, &command);
+    dispatcher
+        .log
+        .wait_count(&["worker link up"], WORKERS as usize);
+    (support::Graceful(dispatcher), addr)
+}
+
+/// One client's outcome, from a `client ...` line of socketio-clients.js.
+#[derive(Debug)]
+struct Session {
+    ip: Ipv4Addr,
+    ok: bool,
+    received: usize,
+    expected: usize,
+    worker: Option<u32>,
+    client: String,
+    error: String,
+}
+
+fn parse_session(line: &str) -> Session {
+    let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
+    let field = |name: &str| {
+        fields
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+    };
+    Session {
+        ip: field("ip").parse().unwrap(),
+        ok: field("ok") == "true",
+        received: field("received").parse().unwrap(),
+        expected: field("expected").parse().unwrap(),
+        worker: field("worker").parse().ok(),
+        client: field("client").to_owned(),
+        error: error.to_owned(),
+    }
+}
+
+fn run_clients(addr: SocketAddr) -> Vec<Session> {
+    support::npm_ci();
+    let mut args = vec![format!("http://{addr}")];
+    args.extend((0..CLIENTS).map(|n| client_ip(n).to_string()));
+    let out = support::node("socketio-clients.js", &args, NODE_LIMIT);
+    let sessions: Vec<Session> = out
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("client "))
+        .map(parse_session)
+        .collect();
+    assert_eq!(sessions.len(), CLIENTS as usize, "{}", out.stdout);
+    sessions
+}
+
+fn summary(sessions: &[Session]) -> String {
+    let ok = sessions.iter().filter(|s| s.ok).count();
+    let mut text = format!(
+        "{ok}/{} socket.io sessions completed handshake, join and messages; {} failed",
+        sessions.len(),
+        sessions.len() - ok
+    );
+    let errors: Vec<String> = sessions
+        .iter()
+        .filter(|s| !s.ok)
+        .take(3)
+        .map(|s| format!("{}: {}", s.ip, s.error))
+        .collect();
+    if !errors.is_empty() {
+        text.push_str(&format!(" (first failures: {errors:?})"));
+    }
+    text
+}
+
+fn sessions_complete_through_the_dispatcher(test: &'static str, app: &str) {
+    let (_dispatcher, addr) = python_standalone(test, app, &[]);
+    let sessions = run_clients(addr);
+    println!(
+        "{app}, sticky-dispatch, {WORKERS} workers: {}",
+        summary(&sessions)
+    );
+    for session in &sessions {
+        assert!(session.ok, "{session:?}");
+        assert_eq!(
+            session.worker,
+            Some(expected_worker(session.ip, WORKERS)),
+            "{session:?}"
+        );
+        assert_eq!(session.client, session.ip.to_string(), "{session:?}");
+        assert_eq!(session.received, session.expected, "{session:?}");
+    }
+    let shared = sessions.iter().filter(|s| s.expected > 1).count();
+    assert!(
+        shared >= CLIENTS as usize / 2,
+        "most clients exchange messages with others"
+    );
+}
+
+/// `processes` copies of `app` accepting directly on one SO_REUSEPORT port: the kernel
+/// spreads connections over them, with no stickiness.
+fn direct_processes(app: &str, processes: u32) -> (Vec<Running>, SocketAddr) {
+    // The port, reserved with SO_REUSEPORT but never listening, so it takes no
+    // connections while the processes join it.
+    let port = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    port.set_reuse_address(true).unwrap();
+    port.set_reuse_port(true).unwrap();
+    port.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = port.local_addr().unwrap().as_socket().unwrap();
+    let command = python_support::app_command(app);
+    let running = (0..processes)
+        .map(|index| {
+            let mut process = Command::new(&command[0]);
+            process
+                .arg(&command[1])
+                .args(["--direct", &addr.to_string()])
+                .env("STICKY_DISPATCH_INDEX", index.to_string());
+            let worker = Running::spawn(process, "direct");
+            worker.log.wait_for(&["listening directly"]);
+            worker
+        })
+        .collect();
+    // `port` closes here; the processes keep the address.
+    (running, addr)
+}
+
+fn sessions_fail_without_stickiness(app: &str) {
+    // Control: one process on its own serves every session, so what breaks below is the
+    // missing stickiness, not the app.
+    let (one, addr) = direct_processes(app, 1);
+    let sessions = run_clients(addr);
+    println!(
+        "{app}, 1 process accepting directly: {}",
+        summary(&sessions)
+    );
+    assert!(sessions.iter().all(|s| s.ok), "{}", summary(&sessions));
+    drop(one);
+
+    let (_processes, addr) = direct_processes(app, WORKERS);
+    let sessions = run_clients(addr);
+    let failed = sessions.iter().filter(|s| !s.ok).count();
+    println!(
+        "{app}, {WORKERS} processes on one SO_REUSEPORT port, no stickiness: {}",
+        summary(&sessions)
+    );
+    assert!(
+        failed >= CLIENTS as usize / 2,
+        "without stickiness most sessions should break: {}",
+        summary(&sessions)
+    );
+}
+
+#[test]
+fn aiohttp_socketio_sessions_complete_through_the_dispatcher() {
+    sessions_complete_through_the_dispatcher("py-aiohttp-sio", AIOHTTP_APP);
+}
+
+#[test]
+fn aiohttp_socketio_sessions_fail_without_stickiness() {
+    sessions_fail_without_stickiness(AIOHTTP_APP);
+}
+
+#[test]
+fn asgi_socketio_sessions_complete_through_the_dispatcher() {
+    sessions_complete_through_the_dispatcher("py-asgi-sio", ASGI_APP);
+}
+
+#[test]
+fn asgi_socketio_sessions_fail_without_stickiness() {
+    sessions_fail_without_stickiness(ASGI_APP);
+}
+
+/// Under `routing_key = "proxy-protocol"` the socket's peer is the balancer; the app must
+/// see the client named in the PROXY header, which the dispatcher consumed.
+fn proxy_protocol_shows_the_real_client(test: &'static str, app: &str) {
+    let (_dispatcher, addr) = python_standalone(
+        test,
+        app,
+        &[("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol")],
+    );
+    for n in 0..20 {
+        let real = Ipv4Addr::new(203, 0, 113, n + 1);
+        let mut bytes = format!("PROXY TCP4 {real} 192.0.2.1 40000 443\r\n").into_bytes();
+        bytes.extend_from_slice(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        // Every request from the same balancer address: only the header tells them apart.
+        let answer = send(client_ip(0), addr, &bytes).unwrap();
+        assert_eq!(answer.client, real.to_string(), "{}", answer.body);
+        assert_eq!(
+            answer.worker,
+            expected_worker(real, WORKERS),
+            "{}",
+            answer.body
+        );
+    }
+    // Without a rewrite the app sees the socket's own peer.
+    let plain = request(client_ip(7), addr);
+    assert!(
+        plain.is_err(),
+        "a request without a PROXY header is refused: {plain:?}"
+    );
+}
+
+#[test]
+fn aiohttp_sees_the_real_client_behind_proxy_protocol() {
+    proxy_protocol_shows_the_real_client("py-aiohttp-proxy", AIOHTTP_APP);
+}
+
+#[test]
+fn asgi_sees_the_real_client_behind_proxy_protocol() {
+    proxy_protocol_shows_the_real_client("py-asgi-proxy", ASGI_APP);
+}
+
+const THREADS: usize = 8;
+
+fn load_clients() -> Vec<Ipv4Addr> {
+    (0..200).map(client_ip).collect()
+}
+
+fn kill(pid: i32, signal: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+}
+
+fn pid_of(worker: u32, addr: SocketAddr) -> i32 {
+    request(clients_of(worker, WORKERS, 1)[0], addr)
+        .unwrap()
+        .pid
+}
+
+/// SIGTERM to a Python worker under load: it sends DRAIN, serves everything the
+/// dispatcher sent up to DRAINED, exits; the restarted one takes the held connections.
+fn graceful_restart_loses_nothing(test: &'static str, app: &str) {
+    let (dispatcher, addr) = python_standalone(test, app, &[]);
+    let load = Load::start(addr, &load_clients(), THREADS, 100_000);
+    load.wait_more(300);
+    let victim = 3;
+    let pid = pid_of(victim, addr);
+    let ups = dispatcher.0.log.count(&["worker link up", "index=3"]);
+    kill(pid, Signal::SIGTERM);
+    dispatcher
+        .0
+        .log
+        .wait_for(&["worker is draining", "index=3"]);
+    dispatcher
+        .0
+        .log
+        .wait_count(&["worker link up", "index=3"], ups + 1);
+    load.wait_more(600);
+    let tally = Tally::of(&load.stop(), |ip| expected_worker(ip, WORKERS));
+    println!("{app}: graceful restart of Python worker 3 under load: {tally}");
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    assert_ne!(pid_of(victim, addr), pid, "a new process serves worker 3");
+}
+
+#[test]
+fn aiohttp_worker_graceful_restart_under_load_loses_nothing() {
+    graceful_restart_loses_nothing("py-aiohttp-graceful", AIOHTTP_APP);
+}
+
+#[test]
+fn asgi_worker_graceful_restart_under_load_loses_nothing() {
+    graceful_restart_loses_nothing("py-asgi-graceful", ASGI_APP);
+}
+
+/// SIGKILL to a Python worker holding unacknowledged connections (stopped first, so they
+/// pile up): the dispatcher re-sends every one of them to the restarted worker.
+#[test]
+fn killed_python_worker_loses_nothing_unacknowledged() {
+    let dir = scratch_dir("py-sigkill");
+    let mut notify = NotifySocket::bind(&dir);
+    let notify_path = notify.path.display().to_string();
+    let (dispatcher, addr) = python_standalone(
+        "py-sigkill",
+        AIOHTTP_APP,
+        &[("NOTIFY_SOCKET", notify_path.as_str())],
+    );
+    let load = Load::start(addr, &load_clients(), THREADS, 100_000);
+    load.wait_more(300);
+    let victim = 2;
+    let pid = pid_of(victim, addr);
+    stop_process(pid);
+    let status = notify.wait_until("load threads stuck", |line| {
+        status_figure(line, "in flight").is_some_and(|n| n >= THREADS as u64 / 2)
+    });
+    println!("Python worker 2 stopped: {status}");
+    kill(pid, Signal::SIGKILL);
+    let down = dispatcher
+        .0
+        .log
+        .wait_for(&["worker link down", "index=2", "resend="]);
+    let resent: u64 = down
+        .split("resend=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    dispatcher
+        .0
+        .log
+        .wait_for(&["worker exited; restarting", "index=2"]);
+    load.wait_more(600);
+    let tally = Tally::of(&load.stop(), |ip| expected_worker(ip, WORKERS));
+    println!("SIGKILL of Python worker 2 holding {resent} unacknowledged connections: {tally}");
+    assert!(
+        resent >= THREADS as u64 / 2,
+        "the stuck connections were re-sent: {down}"
+    );
+    assert_eq!(tally.misrouted, 0, "{tally}");
+    // Only connections the worker had acknowledged (taken) can die with it: at most one
+    // per load thread. Every unacknowledged one was re-sent and answered.
+    assert!(tally.failed <= THREADS, "{tally}");
+    assert_ne!(pid_of(victim, addr), pid);
+}
+
+/// A process of another uid connects to the Python worker's link socket as if it were
+/// the dispatcher and offers a connection: the worker refuses before reading anything.
+#[test]
+#[ignore = "needs root: runs the fake dispatcher as uid 65534 with setpriv"]
+fn python_worker_refuses_a_dispatcher_of_another_uid() {
+    let prefix = unique_prefix("py-impostor");
+    let command = python_support::app_command(AIOHTTP_APP);
+    let mut worker = Command::new(&command[0]);
+    worker
+        .arg(&command[1])
+        .env("PYTHONPATH", python_support::pythonpath())
+        .env("STICKY_DISPATCH_INDEX", "0")
+        .env("STICKY_DISPATCH_SOCKET_PREFIX", &prefix);
+    let worker = Running::spawn(worker, "py-worker");
+    worker.log.wait_for(&["worker ready", "index=0"]);
+
+    let script = r#"
+import array, socket, sys
+link = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+link.settimeout(10)
+link.connect("\0" + sys.argv[1] + "0")
+link.send(bytes([1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]))
+victim = socket.socket()
+conn = bytes([1, 2, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0])
+try:
+    link.sendmsg([conn], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [victim.fileno()]))])
+    print("sent", flush=True)
+    print("reply", link.recv(512), flush=True)
+except OSError as err:
+    print("refused", err, flush=True)
+"#;
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
+        .arg(python_support::system_python())
+        .args(["-c", script, &prefix])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    worker.log.wait_for(&["refused a link", "uid=65534"]);
+    println!("the impostor saw: {}", printed.trim());
+    assert!(
+        !printed.contains("reply b'\\x01"),
+        "the worker answered the impostor: {printed}"
+    );
+    assert_eq!(worker.log.count(&["link up"]), 0, "{}", worker.log.text());
+}
+
+// ---------------------------------------------------------------------------------------
+// Under a booted systemd (tests/container: systemd-nspawn on an overlay of the host root)
+
+#[path = "container/mod.rs"]
+mod container;
+
+/// The shipped units and config (2 workers), with `app@.service` running the aiohttp
+/// chat through a drop-in, as docs/python.md tells an operator to; then `systemctl
+/// restart app@1` under load from 100 client addresses: nothing lost, nobody moved.
+#[test]
+#[ignore = "needs root: mounts an overlay and boots systemd with systemd-nspawn"]
+fn systemctl_restart_of_a_python_worker_under_load_loses_nothing() {
+    use container::{enter_netns, http_get, poll, stage_file, stage_text, Container};
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const WORKERS_HERE: u32 = 2;
+    container::ensure_nspawn();
+    let python = python_support::venv_python();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = std::fs::read_to_string(source.join("config/config.toml"))
+        .unwrap()
+        .replace(
+            "\n# workers = 4\n",
+            &format!("\nworkers = {WORKERS_HERE}\n"),
+        );
+    assert!(config.contains(&format!("\nworkers = {WORKERS_HERE}\n")));
+    // The shipped template's sandboxing stays; only what runs changes. The venv, the
+    // package and the app are copied to /opt/sdt in the container: ProtectHome= hides a
+    // clone under /root or /home from the unit, and nspawn mounts its own /tmp.
+    let drop_in = format!(
+        "[Service]\n\
+         ExecStart=\n\
+         ExecStart=/opt/sdt/venv/bin/python /opt/sdt/app/{AIOHTTP_APP}\n\
+         Environment=PYTHONPATH=/opt/sdt/python\n\
+         # The index from the unit's instance name in /proc/self/cgroup instead.\n\
+         UnsetEnvironment=STICKY_DISPATCH_INDEX\n"
+    );
+    let venv = python.parent().unwrap().parent().unwrap().to_owned();
+    let c = Container::boot("python", |dir| {
+        let bin = Path::new(DISPATCHER).parent().unwrap();
+        stage_file(dir, "usr/bin/sticky-dispatch", Path::new(DISPATCHER), 0o755);
+        stage_file(
+            dir,
+            "usr/lib/systemd/system-generators/sticky-dispatch-generator",
+            &bin.join("sticky-dispatch-generator"),
+            0o755,
+        );
+        for unit in [
+            "sticky-dispatch.socket",
+            "sticky-dispatch.service",
+            "app@.service",
+        ] {
+            stage_file(
+                dir,
+                &format!("usr/lib/systemd/system/{unit}"),
+                &source.join("systemd").join(unit),
+                0o644,
+            );
+        }
+        stage_text(dir, "etc/sticky-dispatch/config.toml", &config);
+        stage_text(
+            dir,
+            "etc/systemd/system/app@.service.d/python.conf",
+            &drop_in,
+        );
+        let opt = dir.join("opt/sdt");
+        std::fs::create_dir_all(opt.join("python")).unwrap();
+        for (from, to) in [
+            (venv.clone(), opt.join("venv")),
+            (source.join("python/sticky_dispatch"), opt.join("python")),
+            (source.join("tests/python"), opt.join("app")),
+        ] {
+            // cp -a keeps the venv's python -> /usr/bin/python3 symlink as it is.
+            let copied = Command::new("cp")
+                .arg("-a")
+                .arg(&from)
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(
+                copied.success(),
+                "cp -a {} {}",
+                from.display(),
+                to.display()
+            );
+        }
+    });
+    c.ok(&["systemctl", "daemon-reload"]);
+    c.ok(&["systemctl", "start", "sticky-dispatch.socket"]);
+    c.ok(&["systemctl", "start", "sticky-dispatch.service"]);
+    for index in 0..WORKERS_HERE {
+        let unit = format!("app@{index}.service");
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while c.active_state(&unit) != "active" {
+            if std::time::Instant::now() > deadline {
+                let status = c.run(&[
+                    "systemctl",
+                    "status",
+                    "--no-pager",
+                    "-l",
+                    "sticky-dispatch.service",
+                    &unit,
+                ]);
+                let journal = c.run(&["journalctl", "-b", "--no-pager", "-n", "60"]);
+                panic!(
+                    "{unit} not active within {PATIENCE:?}:\n{}\n{}",
+                    container::output_text(&status),
+                    container::output_text(&journal)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    let dest: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    let clients: Vec<Ipv4Addr> = (0..100).map(|i| Ipv4Addr::new(127, 16, 0, i + 2)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let netns = c.netns();
+    // (client, Ok(worker, pid) or Err(why)) per request, per thread.
+    type Outcome = (Ipv4Addr, Result<(u32, i32), String>);
+    let threads: Vec<std::thread::JoinHandle<Vec<Outcome>>> = clients
+        .chunks(clients.len() / THREADS)
+        .map(|part| {
+            let (part, stop, ok, netns) = (part.to_vec(), stop.clone(), ok.clone(), netns.clone());
+            std::thread::spawn(move || {
+                enter_netns(&netns);
+                let started = std::time::Instant::now();
+                let mut outcomes = Vec::new();
+                for ip in part.iter().cycle().take(50_000) {
+                    if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(120)
+                    {
+                        break;
+                    }
+                    let socket =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .unwrap();
+                    let answer = socket
+                        .bind(&SocketAddr::new((*ip).into(), 0).into())
+                        .and_then(|()| socket.connect_timeout(&dest.into(), PATIENCE))
+                        .map_err(|e| e.to_string())
+                        .and_then(|()| http_get(socket.into(), Duration::from_secs(40)))
+                        .and_then(|text| {
+                            let field = |name: &str| {
+                                text.split_whitespace()
+                                    .find_map(|w| w.strip_prefix(name))
+                                    .map(str::to_owned)
+                            };
+                            match (field("worker="), field("pid=")) {
+                                (Some(w), Some(p)) => Ok((w.parse().unwrap(), p.parse().unwrap())),
+                                _ => Err(format!("no answer: {text:?}")),
+                            }
+                        });
+                    if answer.is_ok() {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outcomes.push((*ip, answer));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let wait_ok = |n: usize, what: &str| {
+        poll(what, || (ok.load(Ordering::Relaxed) >= n).then_some(()));
+    };
+    wait_ok(200, "load running");
+    let old = c.main_pid("app@1.service");
+    c.ok(&["systemctl", "restart", "app@1"]);
+    let new = c.main_pid("app@1.service");
+    assert_ne!(old, new, "app@1 was not restarted");
+    let after = ok.load(Ordering::Relaxed);
+    wait_ok(after + 400, "load after the restart");
+    stop.store(true, Ordering::Relaxed);
+    let outcomes: Vec<Outcome> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let expected = |ip: Ipv4Addr| expected_worker(ip, WORKERS_HERE);
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+    let misrouted = outcomes
+        .iter()
+        .filter(|(ip, r)| matches!(r, Ok((w, _)) if *w != expected(*ip)))
+        .count();
+    let by_new = outcomes
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok((1, pid)) if *pid == new as i32))
+        .count();
+    let journal = c.ok(&[
+        "journalctl",
+        "-u",
+        "app@1.service",
+        "-o",
+        "cat",
+        "--no-pager",
+    ]);
+    println!(
+        "systemctl restart app@1 (Python, pid {old} -> {new}) under load: {} connections, {} failed, \
+         {misrouted} misrouted, {by_new} served by the new process",
+        outcomes.len(),
+        failed.len()
+    );
+    println!("journalctl -u app@1:\n{}", journal.trim_end());
+    assert!(
+        failed.is_empty(),
+        "lost: {:?}",
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(misrouted, 0);
+    assert!(by_new > 0, "the new process served nobody");
+    assert!(
+        journal.contains("draining"),
+        "app@1 did not drain:\n{journal}"
+    );
+    assert!(
+        journal.contains("worker ready index=1 socket=@sticky-dispatch/1"),
+        "the index did not come from the instance name:\n{journal}"
+    );
+    let env = c.ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "UnsetEnvironment",
+        "app@1.service",
+    ]);
+    assert!(env.contains("STICKY_DISPATCH_INDEX"), "{env}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The packages
+
+/// The `.deb` puts `sticky_dispatch` in /usr/lib/python3/dist-packages, which is on the
+/// system python3's path, so `import sticky_dispatch` works after `apt install`; the
+/// `.rpm` puts it in /usr/share/sticky-dispatch/python (docs/python.md). Checked on the
+/// files of the built packages (packaging/build.sh runs when target/packages has none).
+#[test]
+fn the_packages_ship_the_python_package() {
+    let find = built_package;
+    let deb = find("sticky-dispatch_", ".deb").unwrap();
+    let root = scratch_dir("py-deb");
+    let _ = std::fs::remove_dir_all(&root);
+    let out = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let installed = root.join("usr/lib/python3/dist-packages");
+    let sources = python_support::repo().join("python/sticky_dispatch");
+    for entry in std::fs::read_dir(&sources).unwrap().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".py") || name == "py.typed" {
+            // Present, not compared: a package built before the last edit is still
+            // a package of this layout (CI builds them afresh).
+            let shipped = installed.join("sticky_dispatch").join(&*name);
+            assert!(
+                shipped.is_file(),
+                "the .deb misses {} (rerun packaging/build.sh if {name} is new)",
+                shipped.display()
+            );
+        }
+    }
+    // The system python3 looks there, and the shipped files import.
+    let script = "import sys, sticky_dispatch, sticky_dispatch.wire as w\n\
+        print('/usr/lib/python3/dist-packages' in sys.path, sticky_dispatch.__file__, w.encode(w.Ack(1)).hex())";
+    let out = Command::new(python_support::system_python())
+        .args(["-I", "-c"])
+        .arg(format!(
+            "import sys; sys.path.insert(0, {:?})\n{script}",
+            installed.display().to_string()
+        ))
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    println!("{}: {}", deb.display(), printed.trim());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.starts_with("True "),
+        "python3 does not search /usr/lib/python3/dist-packages: {printed}"
+    );
+    assert!(
+        printed.contains(&installed.display().to_string()),
+        "{printed}"
+    );
+    assert!(
+        printed.trim().ends_with("01030000000000000001"),
+        "{printed}"
+    );
+
+    if let (Some(rpm), Some(_)) = (find("sticky-dispatch-", ".rpm"), which("rpm")) {
+        let listed = Command::new("rpm").arg("-qlp").arg(&rpm).output().unwrap();
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        for file in [
+            "__init__.py",
+            "worker.py",
+            "wire.py",
+            "aiohttp.py",
+            "uvicorn.py",
+            "py.typed",
+        ] {
+            let path = format!("/usr/share/sticky-dispatch/python/sticky_dispatch/{file}");
+            assert!(listed.lines().any(|l| l == path), "rpm -qlp misses {path}");
+        }
+    }
+}
+
+/// `apt install ./sticky-dispatch_*.deb` in a booted container (an overlay of this
+/// machine's root, so python3 is there), then `import sticky_dispatch` with the system
+/// python3 and nothing else on its path.
+#[test]
+#[ignore = "needs root: mounts an overlay and boots systemd with systemd-nspawn"]
+fn after_apt_install_the_system_python_imports_sticky_dispatch() {
+    container::ensure_nspawn();
+    let deb = built_package("sticky-dispatch_", ".deb").unwrap();
+    let inside = "/root/python-deb/sticky-dispatch.deb";
+    let c = container::Container::boot("python-deb", |stage| {
+        container::stage_file(stage, inside, &deb, 0o644);
+    });
+    let install = c.run(&[
+        "sh",
+        "-c",
+        &format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -q {inside}"),
+    ]);
+    assert!(
+        install.status.success(),
+        "{}",
+        container::output_text(&install)
+    );
+    let import = c.ok(&[
+        "/usr/bin/python3",
+        "-I",
+        "-c",
+        "import sticky_dispatch, sticky_dispatch.wire as w; \
+         print(sticky_dispatch.__file__, w.encode(w.Drain()).hex())",
+    ]);
+    println!("in a container after apt install: {}", import.trim());
+    assert_eq!(
+        import.trim(),
+        "/usr/lib/python3/dist-packages/sticky_dispatch/__init__.py 0104"
+    );
+    // That import, as root, wrote byte code beside the module; removing the package
+    // still removes the whole directory (prerm cleans __pycache__ as py3clean would).
+    c.ok(&[
+        "test",
+        "-d",
+        "/usr/lib/python3/dist-packages/sticky_dispatch/__pycache__",
+    ]);
+    let remove = c.run(&[
+        "sh",
+        "-c",
+        "DEBIAN_FRONTEND=noninteractive apt-get remove -y -q sticky-dispatch",
+    ]);
+    let text = container::output_text(&remove);
+    assert!(remove.status.success(), "{text}");
+    assert!(!text.contains("not empty"), "{text}");
+    let left = c.run(&[
+        "test",
+        "-e",
+        "/usr/lib/python3/dist-packages/sticky_dispatch",
+    ]);
+    assert!(
+        !left.status.success(),
+        "the module directory is left after apt remove"
+    );
+}
+
+/// The built package whose file name starts with `prefix` and ends with `ext`, in
+/// `<target>/packages`; packaging/build.sh runs first (once) when there is no .deb.
+fn built_package(prefix: &str, ext: &str) -> Option<std::path::PathBuf> {
+    use std::path::Path;
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let dir = Path::new(DISPATCHER)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("packages");
+    let find = |prefix: &str, ext: &str| {
+        std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                name.starts_with(prefix) && name.ends_with(ext)
+            })
+    };
+    let _one_build = BUILD
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if find("sticky-dispatch_", ".deb").is_none() {
+        eprintln!(
+            "no packages in {}: running packaging/build.sh",
+            dir.display()
+        );
+        let status = Command::new("bash")
+            .arg(python_support::repo().join("packaging/build.sh"))
+            .current_dir(python_support::repo())
+            .status()
+            .unwrap();
+        assert!(status.success(), "packaging/build.sh failed: {status}");
+    }
+    find(prefix, ext)
+}
+
+fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+/// One HTTP/1.1 request on a new connection from `from`; the status code and the body.
+fn http(from: Ipv4Addr, to: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(from.into(), 0).into())
+        .unwrap();
+    socket.connect_timeout(&to.into(), PATIENCE).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\
+         Content-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
+}
+
+/// SIGTERM while a socket.io long-poll is held by the worker: the drain serves it (the
+/// poll is answered with the next ping, here after at most CHAT_PING_INTERVAL = 5 s),
+/// then the worker stops, within the adapters' 30 s bound.
+#[test]
+fn a_held_socketio_long_poll_is_answered_before_the_worker_stops() {
+    const PING: u64 = 5;
+    let dir = scratch_dir("py-longpoll");
+    let mut notify = NotifySocket::bind(&dir);
+    let notify_path = notify.path.display().to_string();
+    let command = python_support::app_command(AIOHTTP_APP);
+    let command: Vec<&str> = command.iter().map(String::as_str).collect();
+    let pythonpath = python_support::pythonpath();
+    let ping = PING.to_string();
+    let (dispatcher, addr) = standalone_with(
+        "py-longpoll",
+        1,
+        &[
+            ("PYTHONPATH", pythonpath.as_str()),
+            ("CHAT_PING_INTERVAL", ping.as_str()),
+            ("NOTIFY_SOCKET", notify_path.as_str()),
+        ],
+        &command,
+    );
+    let dispatcher = support::Graceful(dispatcher);
+    dispatcher.0.log.wait_for(&["worker link up", "index=0"]);
+    let client = client_ip(0);
+    let base = "/socket.io/?EIO=4&transport=polling";
+    let (status, open) = http(client, addr, "GET", base, "");
+    assert_eq!(status, 200, "{open}");
+    let sid = open
+        .split("\"sid\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_owned();
+    let session = format!("{base}&sid={sid}");
+    assert_eq!(
+        http(client, addr, "POST", &session, "40"),
+        (200, "OK".to_owned())
+    );
+    let (status, greeting) = http(client, addr, "GET", &session, "");
+    assert_eq!(status, 200, "{greeting}");
+    let pid: i32 = greeting
+        .split("pid=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let poll = {
+        let session = session.clone();
+        std::thread::spawn(move || http(client, addr, "GET", &session, ""))
+    };
+    // The 4th connection handed over and acknowledged is the long-poll.
+    notify.wait_until("the long-poll handed over", |line| {
+        status_figure(line, "connections handed off").is_some_and(|n| n >= 4)
+    });
+    let terminated = std::time::Instant::now();
+    kill(pid, Signal::SIGTERM);
+    let (status, body) = poll.join().unwrap();
+    let answered = terminated.elapsed();
+    dispatcher
+        .0
+        .log
+        .wait_for(&["worker exited; restarting", "index=0"]);
+    let stopped = terminated.elapsed();
+    println!(
+        "long-poll held at SIGTERM: answered {status} {body:?} after {answered:.1?}; worker stopped after {stopped:.1?}"
+    );
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "2"),
+        "the held poll gets the next ping"
+    );
+    assert!(
+        stopped < Duration::from_secs(PING + 10),
+        "stopped after {stopped:?}"
+    );
+}
