@@ -398,8 +398,11 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
             "{client} moved from {before} to {after}, not to h3"
         );
     }
+    // With `weight 100` (1600 points per server on HAProxy's ring) the new host's arc is
+    // within about 1% of 1/4; what remains is the sample: 300 clients, a standard
+    // deviation of 2.5 points. 15-35% is 4 of those either side.
     assert!(
-        (0.10..=0.45).contains(&share),
+        (0.15..=0.35).contains(&share),
         "{:.0}% of the clients moved to the fourth host, not about a quarter",
         share * 100.0
     );
