@@ -9,7 +9,8 @@
 //!
 //! Three hosts, each a namespace with 2 demo workers (`sticky-dispatch-demo`), and one
 //! balancer namespace with two HAProxies side by side, both `balance source` +
-//! `hash-type consistent`, no health checks (the same for both):
+//! `hash-type consistent`, `weight 100` (an even ring, as tests/multihost/haproxy.cfg),
+//! no health checks (the same for both):
 //!
 //! - **two tiers**: HAProxy (port 80) → `send-proxy-v2` → on each host `sticky-dispatch`
 //!   standalone (`routing_key = "proxy-protocol"`) → fd hand-off → its 2 workers;
@@ -194,12 +195,15 @@ fn haproxy_config(two_tiers: bool) -> String {
     for h in 0..HOSTS {
         let ip = net::host_ip(h);
         if two_tiers {
-            servers += &format!("    server h{h} {ip}:8080 id {} send-proxy-v2\n", h + 1);
+            servers += &format!(
+                "    server h{h} {ip}:8080 id {} weight 100 send-proxy-v2\n",
+                h + 1
+            );
         } else {
             for w in 0..WORKERS {
                 let port = 8081 + w;
                 let id = h * WORKERS + w + 1;
-                servers += &format!("    server h{h}w{w} {ip}:{port} id {id}\n");
+                servers += &format!("    server h{h}w{w} {ip}:{port} id {id} weight 100\n");
             }
         }
     }

@@ -191,3 +191,85 @@ fn a_cookie_key_without_a_name_is_a_config_error() {
     assert_eq!(output.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&output.stderr).contains("key_name"));
 }
+
+/// `sticky_dispatch_accepted_total`, summed over the listeners, from `/metrics`.
+fn accepted_total(metrics: std::net::SocketAddr) -> Option<f64> {
+    let mut stream = TcpStream::connect(metrics).ok()?;
+    stream.set_read_timeout(Some(PATIENCE)).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: t\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(
+        text.lines()
+            .filter(|line| line.starts_with("sticky_dispatch_accepted_total{"))
+            .filter_map(|line| line.split_whitespace().last()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+#[test]
+fn a_connection_still_sending_its_proxy_header_at_stop_is_served() {
+    // Workers of their own (as under systemd): they outlive the dispatcher's stop.
+    let mut alone = Alone::start(
+        "proxy-at-stop",
+        2,
+        &[
+            ("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol"),
+            ("STICKY_DISPATCH_KEY_TIMEOUT", "15s"),
+            ("STICKY_DISPATCH_METRICS_LISTEN", "127.0.0.1:0"),
+            ("STICKY_DISPATCH_LOG_LEVEL", "info"),
+        ],
+    );
+    let _workers: Vec<Running> = (0..2).map(|i| alone.start_worker(i)).collect();
+    let line = alone
+        .dispatcher
+        .log
+        .wait_for(&["serving /metrics", "address="]);
+    let metrics: std::net::SocketAddr = line
+        .split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+
+    // Half a PROXY v2 header, and the dispatcher has accepted the connection.
+    let client = remote_client(7);
+    let bytes = proxy_v2(client);
+    let mut stream = TcpStream::connect(alone.addr).unwrap();
+    stream.write_all(&bytes[..10]).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while accepted_total(metrics) != Some(1.0) {
+        assert!(Instant::now() < deadline, "the connection was not accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // SIGTERM while it is still sending its key: the dispatcher waits for it (or, before
+    // the fix, exited and closed it unread).
+    alone.dispatcher.signal(nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let exited = alone.dispatcher.child.try_wait().unwrap().is_some();
+        let waiting = alone
+            .dispatcher
+            .log
+            .count(&["still sending their routing key", "count=1"])
+            > 0;
+        if exited || waiting {
+            break;
+        }
+        assert!(Instant::now() < deadline, "neither exited nor waiting");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The rest of the header and the request: routed by the real client, answered.
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = stream.write_all(&bytes[10..]);
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains(&format!("client={client}\n")),
+        "the connection in the middle of its PROXY header at stop was not served: {answer:?}\n{}",
+        alone.dispatcher.log.text()
+    );
+    assert!(alone.dispatcher.wait().success());
+}

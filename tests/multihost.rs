@@ -43,6 +43,10 @@ const THREADS: usize = 8;
 /// HAProxy checks every 500 ms and needs 2 checks to change its mind: a host goes down
 /// or comes back within about a second; this leaves room for a loaded machine.
 const HEALTH_CHANGE: Duration = Duration::from_secs(15);
+/// `systemctl restart sticky-dispatch` on one host, under load, this many times: with
+/// the start at install, within systemd's default start limit (5 starts in 10 s), which
+/// counts restarts too.
+const RESTARTS: usize = 3;
 
 macro_rules! say {
     ($($arg:tt)*) => { println!("[multihost] {}", format_args!($($arg)*)) };
@@ -309,25 +313,38 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
     );
     assert!(still_moved.is_empty(), "not back: {still_moved:?}");
 
-    // --- 3. One host's dispatcher restarted under load: its sockets stay with systemd,
+    // --- 3. One host's dispatcher restarted under load (several times): its sockets stay with systemd,
     // so HAProxy sees no outage, nobody moves and nothing is lost.
     let h2 = &hosts[2];
     let checks_before = topology.balancer.run(haproxy::stats).unwrap();
-    let old_pid = h2.container.main_pid("sticky-dispatch.service");
+    let mut pids = vec![h2.container.main_pid("sticky-dispatch.service")];
     let load = topology
         .client
         .run(|| common::Load::start(to, &clients, THREADS, 100_000));
     load.wait_more(300);
-    let before_restart = load.completed();
-    let t = Instant::now();
-    h2.systemctl(&["restart", "sticky-dispatch.service"]);
-    let restart_took = t.elapsed();
-    let new_pid = h2.container.main_pid("sticky-dispatch.service");
-    let during_restart = load.completed() - before_restart;
-    load.wait_more(600);
+    // Several restarts: a loss that hits one connection in a thousand at a restart (as
+    // the one a connection in the middle of its PROXY header once caused) has more
+    // chances to show.
+    let mut restart_took = Vec::new();
+    let mut during_restart = 0;
+    for _ in 0..RESTARTS {
+        let before_restart = load.completed();
+        let t = Instant::now();
+        h2.systemctl(&["restart", "sticky-dispatch.service"]);
+        restart_took.push(t.elapsed());
+        during_restart += load.completed() - before_restart;
+        let new_pid = h2.container.main_pid("sticky-dispatch.service");
+        assert_ne!(
+            *pids.last().unwrap(),
+            new_pid,
+            "the dispatcher was restarted"
+        );
+        pids.push(new_pid);
+        load.wait_more(300);
+    }
+    load.wait_more(300);
     let outcomes = load.stop();
     let checks_after = topology.balancer.run(haproxy::stats).unwrap();
-    assert_ne!(old_pid, new_pid, "the dispatcher was restarted");
     let mut failures = Vec::new();
     let mut to_h2 = 0;
     for outcome in &outcomes {
@@ -343,9 +360,10 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
         }
     }
     say!(
-        "h2: `systemctl restart sticky-dispatch` under load (pid {old_pid} -> {new_pid}, took \
-         {restart_took:.1?}): {} connections ({during_restart} while it restarted, {to_h2} to \
-         h2), {} lost or moved; HAProxy's UP->DOWN transitions for h2: {} before, {} after",
+        "h2: `systemctl restart sticky-dispatch` {RESTARTS} times under load (pids {pids:?}, \
+         each took {restart_took:.1?}): {} connections ({during_restart} while it \
+         restarted, {to_h2} to h2), {} lost or moved; HAProxy's UP->DOWN transitions for \
+         h2: {} before, {} after",
         outcomes.len(),
         failures.len(),
         checks_before["h2"].chkdown,
@@ -398,8 +416,11 @@ fn haproxy_in_front_of_three_hosts_keeps_every_client_on_its_host_and_worker() {
             "{client} moved from {before} to {after}, not to h3"
         );
     }
+    // With `weight 100` (1600 points per server on HAProxy's ring) the new host's arc is
+    // within about 1% of 1/4; what remains is the sample: 300 clients, a standard
+    // deviation of 2.5 points. 15-35% is 4 of those either side.
     assert!(
-        (0.10..=0.45).contains(&share),
+        (0.15..=0.35).contains(&share),
         "{:.0}% of the clients moved to the fourth host, not about a quarter",
         share * 100.0
     );

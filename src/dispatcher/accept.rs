@@ -1,4 +1,10 @@
 //! Acceptor: takes connections off one listening socket and routes each to its slot.
+//!
+//! With a routing key from what the client sends, each connection reads its key in a
+//! task of its own (`keyed`). Those tasks belong to the acceptor: when the dispatcher
+//! stops, the acceptor stops accepting, then waits for them to route their connection
+//! (or give up, within `key_timeout`) before it returns, so that a connection accepted
+//! in the middle of sending its PROXY header is still served or kept, never dropped.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,6 +15,7 @@ use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::metrics::ListenerMetrics;
@@ -55,7 +62,27 @@ impl Acceptor {
         })
     }
 
-    pub(super) async fn run(self, mut phase: watch::Receiver<Phase>) {
+    /// Accepts until the dispatcher stops, then waits for the connections still reading
+    /// their key: they are routed (to slots that run until every acceptor returned) or
+    /// closed by their own `key_timeout`.
+    pub(super) async fn run(self, phase: watch::Receiver<Phase>) {
+        let mut key_readers = JoinSet::new();
+        self.accept_until_stopped(phase, &mut key_readers).await;
+        if !key_readers.is_empty() {
+            info!(
+                listener = %self.name,
+                count = key_readers.len(),
+                "stopping: waiting for connections still sending their routing key"
+            );
+            while key_readers.join_next().await.is_some() {}
+        }
+    }
+
+    async fn accept_until_stopped(
+        &self,
+        mut phase: watch::Receiver<Phase>,
+        key_readers: &mut JoinSet<()>,
+    ) {
         let mut full_warning = Throttle::new(WARN_EVERY);
         let mut shortage_warning = Throttle::new(WARN_EVERY);
         let stopping = |phase: &Phase| *phase >= Phase::Stopping;
@@ -75,6 +102,8 @@ impl Acceptor {
                 accepted = self.accept() => accepted,
                 _ = crate::wait_until(&mut phase, stopping) => return,
             };
+            // Forget the key readers that are done, so the set holds only live ones.
+            while key_readers.try_join_next().is_some() {}
             match accepted {
                 Ok((stream, peer)) => {
                     self.metrics.accepted.inc();
@@ -88,7 +117,7 @@ impl Acceptor {
                             permit,
                             reading: self.shared.reading_key(),
                         };
-                        tokio::spawn(keyed::route(self.shared.clone(), conn));
+                        key_readers.spawn(keyed::route(self.shared.clone(), conn));
                         continue;
                     }
                     let key = self.shared.peer_key(Some(peer));
