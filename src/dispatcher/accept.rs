@@ -115,7 +115,6 @@ impl Acceptor {
                             local,
                             listener: self.name.clone(),
                             permit,
-                            reading: self.shared.reading_key(),
                         };
                         key_readers.spawn(keyed::route(self.shared.clone(), conn));
                         continue;

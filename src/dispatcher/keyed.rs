@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use super::metrics::KeyFailure;
-use super::state::{Held, KeyReader, Shared};
+use super::state::{Held, Shared};
 use crate::config::{KeySource, Settings};
 use crate::keysource::{self, HttpKey, HttpKeySource, Parsed};
 use crate::routing::RoutingKey;
@@ -26,8 +26,6 @@ pub(super) struct Unkeyed {
     pub(super) local: Option<SocketAddr>,
     pub(super) listener: Arc<str>,
     pub(super) permit: OwnedSemaphorePermit,
-    /// Held until it is routed or closed: shutdown waits for it.
-    pub(super) reading: KeyReader,
 }
 
 /// Why a connection was closed before routing.
@@ -60,7 +58,6 @@ pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
         local,
         listener,
         permit,
-        reading: _reading,
     } = conn;
     let found = async {
         let socket = crate::link::register(stream, Interest::READABLE)?;

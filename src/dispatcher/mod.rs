@@ -156,8 +156,8 @@ impl Dispatcher {
         })
     }
 
-    /// Stops accepting, lets the connections whose key is being read be routed, lets the
-    /// slots finish within `shutdown_timeout`, and leaves what still waits in the fd store
+    /// Stops accepting (the acceptors route the connections still sending their key), lets
+    /// the slots finish within `shutdown_timeout`, and leaves what still waits in the fd store
     /// if it can. A second stop signal (`control`) cuts it short: what waits is kept, the
     /// rest is closed.
     async fn shut_down(mut self, control: &mut mpsc::Receiver<Control>) -> Summary {
@@ -171,11 +171,8 @@ impl Dispatcher {
         self.phase.send_replace(Phase::Stopping);
         let mut left = Vec::new();
         let graceful = async {
+            // Acceptors return once the connections still sending their key are routed.
             while self.acceptors.join_next().await.is_some() {}
-            // A connection accepted just before the stop may still be sending its key: it
-            // is routed (or times out) before the slots finish, not dropped.
-            let mut readers = self.shared.key_readers.subscribe();
-            crate::wait_until(&mut readers, |n| *n == 0).await;
             self.phase.send_replace(Phase::Finishing);
             while let Some(Ok(held)) = self.slots.join_next().await {
                 left.extend(held);

@@ -81,9 +81,6 @@ pub(super) struct Shared {
     slots: Box<[mpsc::UnboundedSender<Held>]>,
     /// Counts, gauges (among them which workers are up) and the hand-off time.
     pub(super) metrics: Metrics,
-    /// Connections whose routing key is being read (`routing_key` other than `peer-ip`):
-    /// shutdown waits for them to be routed.
-    pub(super) key_readers: watch::Sender<usize>,
 }
 
 impl Shared {
@@ -104,16 +101,9 @@ impl Shared {
             ),
             slots: slots.into(),
             metrics: Metrics::new(workers.get(), listeners),
-            key_readers: watch::Sender::new(0),
             settings,
             fd_store,
         }
-    }
-
-    /// Counts a connection as reading its key until the guard is dropped.
-    pub(super) fn reading_key(&self) -> KeyReader {
-        self.key_readers.send_modify(|n| *n += 1);
-        KeyReader(self.key_readers.clone())
     }
 
     pub(super) fn settings(&self) -> Arc<Settings> {
@@ -188,15 +178,6 @@ impl Shared {
              {failed_over} failed over{restart_note}",
             self.router.workers(),
         )
-    }
-}
-
-/// A connection reading its routing key; see [`Shared::reading_key`].
-pub(super) struct KeyReader(watch::Sender<usize>);
-
-impl Drop for KeyReader {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
     }
 }
 
