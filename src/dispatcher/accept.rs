@@ -115,6 +115,7 @@ impl Acceptor {
                             local,
                             listener: self.name.clone(),
                             permit,
+                            accepted: tokio::time::Instant::now(),
                         };
                         key_readers.spawn(keyed::route(self.shared.clone(), conn));
                         continue;

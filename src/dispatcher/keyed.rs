@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::metrics::KeyFailure;
@@ -26,6 +27,8 @@ pub(super) struct Unkeyed {
     pub(super) local: Option<SocketAddr>,
     pub(super) listener: Arc<str>,
     pub(super) permit: OwnedSemaphorePermit,
+    /// When it was accepted: its hand-off time counts the key reading too.
+    pub(super) accepted: Instant,
 }
 
 /// Why a connection was closed before routing.
@@ -58,6 +61,7 @@ pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
         local,
         listener,
         permit,
+        accepted,
     } = conn;
     let found = async {
         let socket = crate::link::register(stream, Interest::READABLE)?;
@@ -69,7 +73,7 @@ pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
         Ok(Err(err)) => return closed(&shared, &listener, peer, err),
         Err(_) => return closed(&shared, &listener, peer, KeyError::Timeout),
     };
-    let held = Held::new(
+    let mut held = Held::new(
         stream,
         found.peer.or(Some(peer)),
         found.local.or(local),
@@ -77,6 +81,7 @@ pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
         found.key,
         permit,
     );
+    held.accepted = accepted;
     let index = shared.route(held);
     debug!(%peer, index, "routed by {}", settings.routing_key);
 }

@@ -146,11 +146,6 @@ impl Slot {
 
     /// A new connection for this worker.
     fn arrive(&mut self, mut held: Held) {
-        // A connection restored from the fd store keeps the time it started waiting, so
-        // that its pending_timeout deadline survives the restart.
-        if held.stored.is_none() {
-            held.since = Instant::now();
-        }
         let down_too_long =
             !self.is_up() && self.down_since.elapsed() >= self.shared.settings().pending_timeout;
         if down_too_long {

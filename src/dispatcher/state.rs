@@ -37,7 +37,8 @@ pub(super) struct Held {
     pub(super) key: RoutingKey,
     /// When it was accepted: the hand-off time is measured from here.
     pub(super) accepted: Instant,
-    /// When it started waiting in its current slot.
+    /// When it started waiting in its current slot: at accept, when failed over to another
+    /// slot, or (taken back from the fd store) when a previous instance accepted it.
     pub(super) since: Instant,
     /// Already sent to a failover worker once: it is not bounced again.
     pub(super) failed_over: bool,
@@ -56,14 +57,15 @@ impl Held {
         key: RoutingKey,
         permit: OwnedSemaphorePermit,
     ) -> Held {
+        let now = Instant::now();
         Held {
             stream,
             peer,
             local,
             listener,
             key,
-            accepted: Instant::now(),
-            since: Instant::now(),
+            accepted: now,
+            since: now,
             failed_over: false,
             stored: None,
             _permit: permit,
@@ -136,6 +138,8 @@ impl Shared {
             return FailOver::Kept(held);
         };
         held.failed_over = true;
+        // It waits anew (pending_timeout) in the slot it goes to.
+        held.since = Instant::now();
         self.metrics.worker(target).failed_over.inc();
         self.send_to(target, held);
         FailOver::Sent(target)
