@@ -88,6 +88,18 @@ function cpuTicks(pid) {
   }
 }
 
+/** Voluntary context switches (sleeps, i.e. wake-ups) of all threads of `pid`. */
+function wakeups(pid) {
+  try {
+    return fs.readdirSync(`/proc/${pid}/task`).reduce((sum, tid) => {
+      const status = fs.readFileSync(`/proc/${pid}/task/${tid}/status`, 'latin1');
+      return sum + Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(status)[1]);
+    }, 0);
+  } catch {
+    return 0; // gone
+  }
+}
+
 function childrenOf(pid) {
   try {
     return fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'latin1').split(' ').filter(Boolean).map(Number);
@@ -206,11 +218,13 @@ async function measure(o, variant, server, concurrency, addresses) {
   await load(o, concurrency, o.warmup, addresses);
   const pids = dispatchingPids(variant, server);
   const before = pids.map(cpuTicks);
+  const wakesBefore = pids.map(wakeups);
   const selfBefore = process.cpuUsage();
   const started = process.hrtime.bigint();
   const counts = await load(o, concurrency, o.seconds, addresses);
   const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
   const spent = pids.map((pid, i) => cpuTicks(pid) - before[i]);
+  const wakes = pids.map((pid, i) => wakeups(pid) - wakesBefore[i]).reduce((sum, w) => sum + w, 0);
   const ticks = spent.reduce((sum, t) => sum + t, 0);
   const self = process.cpuUsage(selfBefore);
   const total = counts.ok + counts.failed;
@@ -220,6 +234,7 @@ async function measure(o, variant, server, concurrency, addresses) {
     cpuPerConn: total ? (ticks * TICK_US) / total : NaN,
     // Of which the first process (sticky-dispatch: the dispatcher, without its bridges).
     mainPerConn: total ? (spent[0] * TICK_US) / total : NaN,
+    wakesPerConn: total ? wakes / total : NaN,
     loadgenPerConn: total ? (self.user + self.system) / total : NaN,
     failed: counts.failed,
     total,
@@ -274,14 +289,14 @@ async function main() {
   }
 
   console.log(`\n${o.workers} workers, ${o.addresses} client addresses, ${o.seconds} s per row, one request per connection (Connection: close)\n`);
-  console.log(`${pad('variant', 28)}${pad('concurrency', 13)}${pad('conn/s', 10)}${pad('CPU µs/conn', 14)}${pad('(dispatcher)', 14)}${pad('failed', 8)}load gen µs/conn`);
+  console.log(`${pad('variant', 28)}${pad('concurrency', 13)}${pad('conn/s', 10)}${pad('CPU µs/conn', 14)}${pad('(dispatcher)', 14)}${pad('wakes/conn', 12)}${pad('failed', 8)}load gen µs/conn`);
   for (const r of rows) {
     if (r.error) {
       console.log(`${pad(r.variant, 28)}${r.error}`);
       continue;
     }
     console.log(
-      `${pad(r.variant, 28)}${pad(r.concurrency, 13)}${pad(Math.round(r.rate), 10)}${pad(r.cpuPerConn.toFixed(0), 14)}${pad(r.mainPerConn.toFixed(0), 14)}${pad(`${r.failed}/${r.total}`, 8)}${r.loadgenPerConn.toFixed(0)}`,
+      `${pad(r.variant, 28)}${pad(r.concurrency, 13)}${pad(Math.round(r.rate), 10)}${pad(r.cpuPerConn.toFixed(0), 14)}${pad(r.mainPerConn.toFixed(0), 14)}${pad(r.wakesPerConn.toFixed(2), 12)}${pad(`${r.failed}/${r.total}`, 8)}${r.loadgenPerConn.toFixed(0)}`,
     );
   }
   if (kills.length) {
