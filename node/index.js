@@ -136,6 +136,7 @@ class StickyServer extends EventEmitter {
     this.draining = false;
     this.sockets = new Set(); // connections handed to the server, until they close
     this.responses = new Set(); // HTTP responses in progress
+    this.served = new Set(); // HTTP/1 connections that have had a request, until they close
     let resolveListening;
     let resolveClosed;
     /** Resolves once the server is serving (ready was sent, or it listens in fallback mode). */
@@ -157,8 +158,8 @@ class StickyServer extends EventEmitter {
         this.draining = true;
         this.emit('drain');
         endResponses(this);
-        this.server.close(() => finishServer(this));
-        closeIdle(this.server);
+        closeServer(this.server, () => finishServer(this));
+        closeIdle(this);
       }
     } else {
       bridge.stop('close');
@@ -170,7 +171,15 @@ class StickyServer extends EventEmitter {
 // --- HTTP details of the drain ----------------------------------------------------------
 
 function trackResponses(sticky) {
-  sticky.server.on('request', (req, res) => {
+  // First among the 'request' listeners: the app's handler may answer at once, and a
+  // request that comes during the drain must get `Connection: close` before that.
+  sticky.server.prependListener('request', (req, res) => {
+    const socket = req.socket;
+    // HTTP/1 connections only (an http2 request's socket is its whole session's).
+    if (socket && req.httpVersionMajor < 2 && !sticky.served.has(socket)) {
+      sticky.served.add(socket);
+      socket.once('close', () => sticky.served.delete(socket));
+    }
     if (sticky.draining) {
       closeAfter(res);
       return;
@@ -182,7 +191,7 @@ function trackResponses(sticky) {
 
 /** Makes `res` the last response of its connection. */
 function closeAfter(res) {
-  // Already written: Node detached its connection, which closeIdle() then closes.
+  // Already written: Node detaches its connection once flushed; closeIdle() closes it.
   if (res.writableFinished) return;
   if (!res.headersSent) {
     // Node then ends the connection after this response (and says so to the client).
@@ -200,9 +209,46 @@ function endResponses(sticky) {
   sticky.responses.clear();
 }
 
-/** Closes the keep-alive connections that wait for a next request (Node >= 18.2). */
-function closeIdle(server) {
-  if (typeof server.closeIdleConnections === 'function') server.closeIdleConnections();
+/**
+ * Closes the server without letting Node close any connection: Node's http close()
+ * (>= 19) also calls closeIdleConnections(), which, in the Node releases with
+ * nodejs/node#63470, destroys a connection that has not sent its request yet. Here every
+ * connection was handed over by the bridge, which acknowledged it upstream: its request
+ * is on its way and must be served. closeIdle() closes the idle ones instead.
+ */
+function closeServer(server, callback) {
+  const own = Object.getOwnPropertyDescriptor(server, 'closeIdleConnections');
+  server.closeIdleConnections = () => {};
+  try {
+    server.close(callback);
+  } finally {
+    if (own) Object.defineProperty(server, 'closeIdleConnections', own);
+    else delete server.closeIdleConnections;
+  }
+}
+
+/**
+ * Closes the keep-alive connections that have served at least one request and now wait
+ * for the next: no response in progress or still being written (those end after it, see
+ * closeAfter), and, where Node says so, no next request arriving. A connection that has
+ * not sent its first request yet is left to send it; it is answered with
+ * `Connection: close`, or cut at the drain timeout.
+ */
+function closeIdle(sticky) {
+  const between = socketsBetweenRequests(sticky.server);
+  for (const socket of sticky.served) {
+    if (socket._httpMessage) continue;
+    if (between && !between.has(socket)) continue;
+    socket.destroy();
+  }
+}
+
+/** The sockets whose HTTP parser is between two requests (Node's own idle list), or null. */
+function socketsBetweenRequests(server) {
+  const key = Object.getOwnPropertySymbols(server).find((s) => s.description === 'http.server.connections');
+  const list = key === undefined ? undefined : server[key];
+  if (!list || typeof list.idle !== 'function') return null;
+  return new Set(list.idle().map((parser) => parser.socket));
 }
 
 function finishServer(sticky) {
@@ -339,14 +385,15 @@ const bridge = {
       sticky.emit('drain', reason);
       endResponses(sticky);
       // net.Server.close() emits 'close' now if the server has no connection left,
-      // otherwise handToServer() does once the last one has closed. For http, close()
-      // also closes the idle keep-alive connections (Node >= 19; closeIdle for 18).
+      // otherwise handToServer() does once the last one has closed. Every connection
+      // handed over serves its request(s) first: only the idle keep-alive connections
+      // that have served one are closed now (closeServer, closeIdle).
       sticky.server.once('close', () => {
         finishServer(sticky);
         this.maybeFinish();
       });
-      sticky.server.close();
-      closeIdle(sticky.server);
+      closeServer(sticky.server);
+      closeIdle(sticky);
     }
     const left = Math.max(0, this.deadline - Date.now());
     this.forceTimer = setTimeout(() => this.cut(), left);

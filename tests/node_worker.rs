@@ -151,6 +151,53 @@ fn sigterm_to_a_bridge_or_to_node_drains_without_loss() {
     assert!(log.count(&["drain request from Node"]) >= 1);
 }
 
+/// The npm package's drain (node/index.js) through the real bridge, under load: SIGTERM to
+/// a bridge or to its Node process, six times in a row across the workers. Each drain
+/// meets connections the bridge handed over just before it, whose requests Node has not
+/// read yet: every one is answered, none is lost or misrouted.
+#[test]
+fn sigterm_under_load_with_the_package_loses_nothing() {
+    let (dispatcher, addr) = node_workers(
+        "node-package-sigterm",
+        &[("APP_PACKAGE", "1")],
+        &[],
+        "bridge-http.js",
+    );
+    let log = &dispatcher.0.log;
+    let load = Load::start(addr, &clients(), THREADS, 100_000);
+    load.wait_more(300);
+    let mut drains = 0;
+    for (round, victim) in [0u32, 2, 1, 3, 0, 2].into_iter().enumerate() {
+        let whom = if round % 2 == 0 { "bridge" } else { "node" };
+        let node = node_of(victim, addr);
+        let bridge = parent_of(node);
+        let index_field = format!("index={victim}");
+        let ups = log.count(&["worker link up", &index_field]);
+        let exits = log.count(&["worker exited; restarting", &index_field]);
+        let before = load.completed();
+        kill(
+            if whom == "bridge" { bridge } else { node },
+            Signal::SIGTERM,
+        );
+        log.wait_count(&["worker exited; restarting", &index_field], exits + 1);
+        log.wait_count(&["worker link up", &index_field], ups + 1);
+        load.wait_more(200);
+        drains += 1;
+        println!(
+            "round {round}: SIGTERM to the {whom} of worker {victim}: drained and restarted while {} requests completed",
+            load.completed() - before
+        );
+    }
+    let tally = Tally::of(&load.stop(), expected);
+    println!("{drains} drains under load: {tally}");
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    assert_eq!(
+        log.count(&["worker exited; restarting", "exit status: 0"]),
+        drains,
+        "every pair exits 0 after its drain"
+    );
+}
+
 /// SIGKILL to a Node process holding connections it had not acknowledged (it is stopped
 /// first, so they pile up in its channel): the bridge exits with Node's signal, the
 /// dispatcher survives and re-sends every unacknowledged connection to the new pair.

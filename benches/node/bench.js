@@ -30,6 +30,8 @@ const VARIANTS = {
   c: { name: 'cluster SCHED_NONE', argv: () => [process.execPath, SERVER, 'cluster-none'], children: false },
   // The dispatcher and its direct children (the bridges) dispatch; node is their child.
   d: { name: 'sticky-dispatch', argv: (o) => splitCommand(o.dispatchCmd, o), children: true },
+  // The same with another build (--baseline-cmd), for before/after pairs in one run.
+  e: { name: 'sticky-dispatch (baseline)', argv: (o) => splitCommand(o.baselineCmd, o), children: true },
 };
 
 function splitCommand(cmd, o) {
@@ -47,6 +49,7 @@ function parseArgs(argv) {
     port: 18380,
     kill: true,
     dispatchCmd: process.env.NODE_BENCH_DISPATCH_CMD || DEFAULT_DISPATCH_CMD,
+    baselineCmd: null,
   };
   for (let i = 0; i < argv.length; i++) {
     const value = () => argv[++i];
@@ -59,12 +62,14 @@ function parseArgs(argv) {
       case '--port': o.port = Number(value()); break;
       case '--no-kill': o.kill = false; break;
       case '--dispatch-cmd': o.dispatchCmd = value(); break;
+      case '--baseline-cmd': o.baselineCmd = value(); break;
       default:
         console.error(`unknown argument ${argv[i]}`);
         process.exit(2);
     }
   }
   for (const v of o.variants) if (!VARIANTS[v]) throw new Error(`unknown variant ${v}`);
+  if (o.variants.includes('e') && !o.baselineCmd) throw new Error('variant e needs --baseline-cmd');
   return o;
 }
 
@@ -78,6 +83,18 @@ function cpuTicks(pid) {
     // Fields after the command name (which may hold spaces): utime is field 14, stime 15.
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
     return Number(fields[11]) + Number(fields[12]);
+  } catch {
+    return 0; // gone
+  }
+}
+
+/** Voluntary context switches (sleeps, i.e. wake-ups) of all threads of `pid`. */
+function wakeups(pid) {
+  try {
+    return fs.readdirSync(`/proc/${pid}/task`).reduce((sum, tid) => {
+      const status = fs.readFileSync(`/proc/${pid}/task/${tid}/status`, 'latin1');
+      return sum + Number(/voluntary_ctxt_switches:\s+(\d+)/.exec(status)[1]);
+    }, 0);
   } catch {
     return 0; // gone
   }
@@ -201,17 +218,23 @@ async function measure(o, variant, server, concurrency, addresses) {
   await load(o, concurrency, o.warmup, addresses);
   const pids = dispatchingPids(variant, server);
   const before = pids.map(cpuTicks);
+  const wakesBefore = pids.map(wakeups);
   const selfBefore = process.cpuUsage();
   const started = process.hrtime.bigint();
   const counts = await load(o, concurrency, o.seconds, addresses);
   const elapsed = Number(process.hrtime.bigint() - started) / 1e9;
-  const ticks = pids.map(cpuTicks).reduce((sum, t, i) => sum + t - before[i], 0);
+  const spent = pids.map((pid, i) => cpuTicks(pid) - before[i]);
+  const wakes = pids.map((pid, i) => wakeups(pid) - wakesBefore[i]).reduce((sum, w) => sum + w, 0);
+  const ticks = spent.reduce((sum, t) => sum + t, 0);
   const self = process.cpuUsage(selfBefore);
   const total = counts.ok + counts.failed;
   return {
     concurrency,
     rate: counts.ok / elapsed,
     cpuPerConn: total ? (ticks * TICK_US) / total : NaN,
+    // Of which the first process (sticky-dispatch: the dispatcher, without its bridges).
+    mainPerConn: total ? (spent[0] * TICK_US) / total : NaN,
+    wakesPerConn: total ? wakes / total : NaN,
     loadgenPerConn: total ? (self.user + self.system) / total : NaN,
     failed: counts.failed,
     total,
@@ -266,21 +289,21 @@ async function main() {
   }
 
   console.log(`\n${o.workers} workers, ${o.addresses} client addresses, ${o.seconds} s per row, one request per connection (Connection: close)\n`);
-  console.log(`${pad('variant', 22)}${pad('concurrency', 13)}${pad('conn/s', 10)}${pad('CPU µs/conn', 14)}${pad('failed', 8)}load gen µs/conn`);
+  console.log(`${pad('variant', 28)}${pad('concurrency', 13)}${pad('conn/s', 10)}${pad('CPU µs/conn', 14)}${pad('(dispatcher)', 14)}${pad('wakes/conn', 12)}${pad('failed', 8)}load gen µs/conn`);
   for (const r of rows) {
     if (r.error) {
-      console.log(`${pad(r.variant, 22)}${r.error}`);
+      console.log(`${pad(r.variant, 28)}${r.error}`);
       continue;
     }
     console.log(
-      `${pad(r.variant, 22)}${pad(r.concurrency, 13)}${pad(Math.round(r.rate), 10)}${pad(r.cpuPerConn.toFixed(0), 14)}${pad(`${r.failed}/${r.total}`, 8)}${r.loadgenPerConn.toFixed(0)}`,
+      `${pad(r.variant, 28)}${pad(r.concurrency, 13)}${pad(Math.round(r.rate), 10)}${pad(r.cpuPerConn.toFixed(0), 14)}${pad(r.mainPerConn.toFixed(0), 14)}${pad(r.wakesPerConn.toFixed(2), 12)}${pad(`${r.failed}/${r.total}`, 8)}${r.loadgenPerConn.toFixed(0)}`,
     );
   }
   if (kills.length) {
     console.log(`\nkill -9 of one worker 1 s into a ${o.seconds} s run at concurrency 32\n`);
-    console.log(`${pad('variant', 22)}${pad('connections', 13)}${pad('failed', 8)}${pad('master alive', 14)}serves after`);
+    console.log(`${pad('variant', 28)}${pad('connections', 13)}${pad('failed', 8)}${pad('master alive', 14)}serves after`);
     for (const k of kills) {
-      console.log(`${pad(k.variant, 22)}${pad(k.ok + k.failed, 13)}${pad(k.failed, 8)}${pad(k.masterAlive, 14)}${k.servesAfter}`);
+      console.log(`${pad(k.variant, 28)}${pad(k.ok + k.failed, 13)}${pad(k.failed, 8)}${pad(k.masterAlive, 14)}${k.servesAfter}`);
     }
   }
 }

@@ -65,6 +65,48 @@ test('drain: an idle keep-alive connection is closed at once', LIMIT, async (t) 
   assert.deepEqual(await bridge.exited, { code: 0, signal: null });
 });
 
+test('drain: a connection handed over just before it, whose request comes after it, is answered', LIMIT, async (t) => {
+  // The app's server.closeIdleConnections() destroys connections that have not sent a
+  // request yet, as Node's own does in the releases with nodejs/node#63470 (Node 20
+  // keeps them). Drain and keep-alive timeouts far beyond the test's limit: only serving
+  // the late request and closing its connection ends the drain.
+  const { bridge, port } = await started(t, {
+    APP_DRAIN_TIMEOUT: '600000',
+    APP_KEEP_ALIVE_TIMEOUT: '600000',
+    APP_CLOSE_IDLE_PRE_REQUEST: '1',
+  });
+  // A keep-alive connection that has served a request (idle at the drain: closed then)...
+  const served = net.connect(port, '127.0.0.1');
+  served.setEncoding('utf8');
+  let servedText = '';
+  served.on('data', (d) => (servedText += d));
+  served.write('GET / HTTP/1.1\r\nHost: test\r\n\r\n');
+  while (!servedText.includes('"pid"')) await once(served, 'data');
+  const servedClosed = once(served, 'close');
+  // ... and one handed over without its request yet.
+  const late = net.connect(port, '127.0.0.1');
+  late.setEncoding('utf8');
+  let lateText = '';
+  late.on('data', (d) => (lateText += d));
+  late.on('error', () => {}); // a reset shows as a missing answer below
+  const lateClosed = once(late, 'close');
+  await bridge.message((m) => m.app === 'connection-opened' && m.seq === 2);
+  bridge.drain();
+  // The app sends this from its 'drain' handler, inside the package's drain: the drain
+  // has run before the request's first byte leaves.
+  await bridge.message((m) => m.app === 'drain');
+  await servedClosed;
+  assert.equal(lateText, '', 'nothing sent to it yet');
+  late.write('GET / HTTP/1.1\r\nHost: test\r\n\r\n');
+  // Bounded: a connection answered with keep-alive would stay open for 600 s.
+  const kept = new Promise((resolve) => setTimeout(resolve, 5000, 'still open').unref());
+  assert.notEqual(await Promise.race([lateClosed, kept]), 'still open', `closed after its answer: ${JSON.stringify(lateText)}`);
+  assert.match(lateText, /^HTTP\/1.1 200/, `answered, not cut: ${JSON.stringify(lateText)}`);
+  assert.match(lateText, /connection: close/i, 'its connection ends after the answer');
+  assert.match(lateText, /"remoteAddress":"198.51.100.2"/);
+  assert.deepEqual(await bridge.exited, { code: 0, signal: null });
+});
+
 test('drain: a keep-alive response whose headers went out ends its connection after it', LIMIT, async (t) => {
   const { bridge, port } = await started(t, { APP_DRAIN_TIMEOUT: '600000', APP_KEEP_ALIVE_TIMEOUT: '600000' });
   const client = net.connect(port, '127.0.0.1');

@@ -12,14 +12,22 @@
 //! with exactly its own fd (two lines in one `sendmsg` would give every later connection
 //! the previous connection's fd), and no line may be split across reads (the bridge's
 //! window of unacknowledged lines keeps them whole: see `WINDOW`).
+//!
+//! The socket is not in tokio's reactor: every line Node reads and every ACK it writes
+//! would wake the bridge (tokio registers read and write interest, edge-triggered, and the
+//! kernel signals write space each time Node reads a line). The bridge sends and reads
+//! with `MSG_DONTWAIT` when it is awake anyway (a connection arrived, a timer fired) and
+//! registers the socket for readability ([`NodeChannel::arm`]) only while it has to wait
+//! for Node: at start, when idle, when the window is full, while draining.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 use nix::sys::socket::{self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType};
+use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::net::UnixStream;
 
 use crate::worker::ClientInfo;
 
@@ -46,7 +54,10 @@ pub(super) enum FromNode {
 /// The bridge's end of the channel.
 #[derive(Debug)]
 pub(super) struct NodeChannel {
-    stream: UnixStream,
+    /// Registered for readability while the bridge waits for Node; dropped (out of the
+    /// reactor) otherwise. Declared before `fd`: deregistered before the fd closes.
+    armed: Option<AsyncFd<OwnedFd>>,
+    fd: OwnedFd,
     /// Bytes read, not yet split into lines; lines before `start` are consumed.
     input: Vec<u8>,
     start: usize,
@@ -63,10 +74,10 @@ pub(super) fn pair() -> io::Result<(NodeChannel, OwnedFd)> {
         None,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
     )?;
-    let stream = UnixStream::from_std(std::os::unix::net::UnixStream::from(ours))?;
     Ok((
         NodeChannel {
-            stream,
+            armed: None,
+            fd: ours,
             input: Vec::with_capacity(4096),
             start: 0,
             out: Vec::with_capacity(512),
@@ -76,13 +87,41 @@ pub(super) fn pair() -> io::Result<(NodeChannel, OwnedFd)> {
 }
 
 impl NodeChannel {
-    /// Waits until there is something to read (or the channel closed). Cancel-safe.
-    pub(super) async fn readable(&self) -> io::Result<()> {
-        self.stream.readable().await
+    /// Registers the socket for readability (`true`) or takes it out of the reactor.
+    pub(super) fn arm(&mut self, armed: bool) -> io::Result<()> {
+        match (armed, self.armed.is_some()) {
+            // A duplicate, owned by the registration: tokio deregisters it when dropped,
+            // then it closes (same socket, so the same readiness).
+            (true, false) => {
+                let dup = self.fd.try_clone()?;
+                self.armed = Some(crate::link::register(dup, Interest::READABLE)?);
+            }
+            (false, true) => self.armed = None,
+            _ => {}
+        }
+        Ok(())
     }
 
-    /// Reads everything available now. `Ok(false)`: Node closed the channel (it is exiting,
-    /// or called `process.disconnect()`).
+    /// Whether the socket is registered for readability.
+    pub(super) fn is_armed(&self) -> bool {
+        self.armed.is_some()
+    }
+
+    /// Waits until there is something to read (or the channel closed), if armed; never
+    /// resolves otherwise. Cancel-safe. Read with [`read_available`](Self::read_available)
+    /// next: the readiness is cleared here, and only a read that meets EAGAIN may follow.
+    pub(super) async fn readable(&self) -> io::Result<()> {
+        match &self.armed {
+            Some(armed) => {
+                armed.readable().await?.clear_ready();
+                Ok(())
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Reads everything available now, without waiting. `Ok(false)`: Node closed the
+    /// channel (it is exiting, or called `process.disconnect()`).
     pub(super) fn read_available(&mut self) -> io::Result<bool> {
         loop {
             if self.input.len() - self.start > MAX_LINE {
@@ -90,10 +129,18 @@ impl NodeChannel {
                     "Node sent more than {MAX_LINE} bytes without a newline"
                 )));
             }
-            self.input.reserve(4096);
-            // A plain read: any fd Node might attach (a handle passed to process.send) is
+            let len = self.input.len();
+            self.input.resize(len + 4096, 0);
+            // A plain recv: any fd Node might attach (a handle passed to process.send) is
             // closed by the kernel, never installed here.
-            match self.stream.try_read_buf(&mut self.input) {
+            let read = socket::recv(
+                self.fd.as_raw_fd(),
+                &mut self.input[len..],
+                MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(io::Error::from);
+            self.input.truncate(len + *read.as_ref().unwrap_or(&0));
+            match read {
                 Ok(0) => return Ok(false),
                 Ok(_) => continue,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(true),
@@ -126,31 +173,41 @@ impl NodeChannel {
         fd: BorrowedFd<'_>,
     ) -> io::Result<()> {
         encode_connection(&mut self.out, client);
-        write_all(&self.stream, &self.out, Some(fd)).await
+        write_all(self.fd.as_raw_fd(), &self.out, Some(fd)).await
     }
 
     /// Tells Node that nothing more will come.
     pub(super) async fn send_drain(&mut self) -> io::Result<()> {
-        write_all(&self.stream, DRAIN_LINE, None).await
+        write_all(self.fd.as_raw_fd(), DRAIN_LINE, None).await
     }
 }
 
 const DRAIN_LINE: &[u8] = b"{\"stickyDispatch\":\"drain\"}\n";
 
+/// How often a send to a full socket is tried again. The window keeps what Node has not
+/// read under 32 KiB, far below the socket's buffer: a full socket means a Node that does
+/// not read, which the callers' timeouts bound; polling it saves registering the socket
+/// for write space, which would wake the bridge whenever Node reads a line.
+const FULL_RETRY: Duration = Duration::from_millis(1);
+
 async fn write_all(
-    stream: &UnixStream,
+    sock: RawFd,
     mut bytes: &[u8],
     mut fd: Option<BorrowedFd<'_>>,
 ) -> io::Result<()> {
     while !bytes.is_empty() {
-        let sent = stream
-            .async_io(Interest::WRITABLE, || {
-                send_raw(stream.as_raw_fd(), bytes, fd)
-            })
-            .await?;
-        // The fd went with the first byte.
-        fd = None;
-        bytes = &bytes[sent..];
+        match send_raw(sock, bytes, fd) {
+            Ok(sent) => {
+                // The fd went with the first byte.
+                fd = None;
+                bytes = &bytes[sent..];
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(FULL_RETRY).await
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
     }
     Ok(())
 }
@@ -293,6 +350,7 @@ mod tests {
     #[tokio::test]
     async fn lines_are_split_and_fds_travel_one_per_line() {
         let (mut ours, theirs) = pair().unwrap();
+        ours.arm(true).unwrap();
         let node = std::os::unix::net::UnixStream::from(theirs);
         let (a, _keep) = std::os::unix::net::UnixStream::pair().unwrap();
         let client = ClientInfo {

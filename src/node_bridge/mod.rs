@@ -68,6 +68,18 @@ use crate::worker::WorkerOptions;
 /// while Node still acknowledges a batch per event-loop turn instead of one connection
 /// per round trip.
 const WINDOW: usize = 32;
+/// How long Node's acknowledgements may wait in the channel while the bridge sleeps, and
+/// so how late the dispatcher may hear of them. The bridge reads the channel whenever it
+/// wakes for another reason (the next connection) and forwards the acknowledgements in
+/// one cumulative ACK at most this long after the oldest of them arrived: under load one
+/// wake-up per connection (the dispatcher's CONN) instead of two (and Node's ACK), and one
+/// ACK to the dispatcher per batch. Nothing waits on it but the dispatcher's copies of
+/// the fds (and its `max_in_flight`, 256: see `MAX_UNFORWARDED`).
+const ACK_DELAY: Duration = Duration::from_millis(5);
+/// Acknowledgements forwarded at once when this many have been read, whatever their age:
+/// far below the dispatcher's default `max_in_flight` (256), so that it never stops
+/// sending for want of ACKs while the bridge waits for `ACK_DELAY`.
+const MAX_UNFORWARDED: usize = 64;
 /// Times a connection is sent again after Node answered NACK (it got the line without the
 /// fd, e.g. out of fds), as Node's own `child.send` does; then it is dropped.
 const MAX_RETRANSMISSIONS: u8 = 3;
@@ -170,6 +182,10 @@ struct Bridge {
     channel: NodeChannel,
     /// Whether Node's end is still open (reads not at EOF).
     channel_open: bool,
+    /// Connections Node has that the link tasks have not been told of yet.
+    unforwarded: usize,
+    /// When to read Node's channel and forward its ACKs, while anything is outstanding.
+    flush_at: Option<Instant>,
     /// When Node must have exited (set once it was told to drain, closed its channel, or
     /// was killed); then SIGKILL.
     exit_deadline: Option<Instant>,
@@ -225,6 +241,8 @@ async fn run(options: WorkerOptions, timeouts: Timeouts, command: Vec<OsString>)
         node_pid,
         channel,
         channel_open: true,
+        unforwarded: 0,
+        flush_at: None,
         exit_deadline: None,
         phase: Phase::Starting,
         server: None,
@@ -244,10 +262,11 @@ async fn run(options: WorkerOptions, timeouts: Timeouts, command: Vec<OsString>)
 impl Bridge {
     async fn serve(&mut self, term: &mut Signal, int: &mut Signal) -> End {
         loop {
+            self.arrange();
             let ack_deadline = self.in_flight.front().map(|f| f.sent + self.timeouts.ack);
             let stop_deadline = self.exit_deadline.filter(|_| self.killed.is_none());
             tokio::select! {
-                status = self.node.wait() => return self.node_exited(status),
+                status = self.node.wait() => return self.node_exited(status).await,
                 _ = term.recv() => self.start_drain("SIGTERM").await,
                 _ = int.recv() => self.start_drain("SIGINT").await,
                 readable = self.channel.readable(), if self.channel_open => {
@@ -267,19 +286,35 @@ impl Bridge {
                 },
                 // While the window is full the links wait, and so does the dispatcher.
                 Some((link, handoff)) = self.handoffs.recv(), if self.in_flight.len() < WINDOW => {
+                    // Awake anyway: collect what Node acknowledged meanwhile.
+                    self.read_node().await;
                     self.hand_to_node(link, handoff).await;
+                    // Every connection that came with this wake-up, up to the window.
+                    while self.in_flight.len() < WINDOW {
+                        let Ok((link, handoff)) = self.handoffs.try_recv() else { break };
+                        self.hand_to_node(link, handoff).await;
+                    }
                 }
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     if let Ok(link) = done {
                         self.links.remove(&link);
                     }
                 }
+                _ = sleep_until(self.flush_at) => {
+                    self.flush_at = None;
+                    self.read_node().await;
+                    self.forward();
+                }
                 _ = sleep_until(ack_deadline) => {
-                    let seq = self.in_flight.front().map_or(0, |f| f.handoff.seq());
-                    self.kill_node("unresponsive", &format!(
-                        "Node did not acknowledge connection {seq} within {:?}: killing it (the dispatcher re-sends what it had not acknowledged)",
-                        self.timeouts.ack
-                    ));
+                    // Its ACK may be waiting unread in the channel.
+                    self.read_node().await;
+                    if self.in_flight.front().is_some_and(|f| f.sent + self.timeouts.ack <= Instant::now()) {
+                        let seq = self.in_flight.front().map_or(0, |f| f.handoff.seq());
+                        self.kill_node("unresponsive", &format!(
+                            "Node did not acknowledge connection {seq} within {:?}: killing it (the dispatcher re-sends what it had not acknowledged)",
+                            self.timeouts.ack
+                        ));
+                    }
                 }
                 _ = sleep_until(stop_deadline) => {
                     self.kill_node("did not exit", &format!(
@@ -292,20 +327,67 @@ impl Bridge {
         }
     }
 
-    /// Reads what Node sent and acts on each message; publishes the new ACK levels once
-    /// for the whole batch.
+    /// Before sleeping: forward ACKs if due, set the flush timer, and register Node's
+    /// channel for readability only when nothing else would wake the bridge in time for
+    /// what Node says: idle (nothing in flight), the window full, starting or draining.
+    /// While connections are in flight to Node the bridge reads the channel when the next
+    /// one arrives or the flush timer fires, so Node's ACKs do not wake it.
+    fn arrange(&mut self) {
+        if self.unforwarded >= MAX_UNFORWARDED
+            || (self.unforwarded > 0 && self.phase != Phase::Serving)
+        {
+            self.forward();
+        }
+        let outstanding = !self.in_flight.is_empty() || self.unforwarded > 0;
+        if !outstanding {
+            self.flush_at = None;
+        } else if self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + ACK_DELAY);
+        }
+        let armed = self.channel_open
+            && (self.phase != Phase::Serving || !outstanding || self.in_flight.len() >= WINDOW);
+        if armed != self.channel.is_armed() {
+            if let Err(err) = self.channel.arm(armed) {
+                self.node_broken(&format!("registering Node's channel failed: {err}"));
+            }
+        }
+    }
+
+    /// Tells the link tasks what Node has (their cumulative ACK levels).
+    fn forward(&mut self) {
+        self.unforwarded = 0;
+        for entry in self.links.values_mut() {
+            if entry.level > *entry.acks.borrow() {
+                entry.acks.send_replace(entry.level);
+            }
+        }
+    }
+
+    /// Reads what Node sent, without waiting, and acts on each message. The new ACK levels
+    /// are forwarded later, in a batch ([`arrange`](Self::arrange), the flush timer).
     async fn read_node(&mut self) {
+        if !self.channel_open {
+            return;
+        }
         match self.channel.read_available() {
             Ok(true) => {}
             Ok(false) => {
-                // Node is exiting (its status comes through `wait`), or disconnected.
+                // Node is exiting (its status comes through `wait`), or disconnected. What
+                // it acknowledged before is still forwarded below.
+                self.handle_messages().await;
+                self.forward();
                 self.node_unreachable("Node closed its IPC channel", self.timeouts.stop);
+                return;
             }
             Err(err) => {
                 self.node_broken(&format!("reading Node's channel failed: {err}"));
                 return;
             }
         }
+        self.handle_messages().await;
+    }
+
+    async fn handle_messages(&mut self) {
         while let Some(message) = self.channel.next_message() {
             match message {
                 FromNode::Ack => self.acknowledged(),
@@ -313,11 +395,6 @@ impl Bridge {
                 FromNode::Ready => self.ready(),
                 FromNode::DrainRequest => self.start_drain("drain request from Node").await,
                 FromNode::Other(line) => debug!(message = %line, "message from Node ignored"),
-            }
-        }
-        for entry in self.links.values_mut() {
-            if entry.level > *entry.acks.borrow() {
-                entry.acks.send_replace(entry.level);
             }
         }
     }
@@ -355,6 +432,7 @@ impl Bridge {
             lowest.map_or(entry.last_sent, |lowest| (lowest - 1).min(entry.last_sent))
         };
         entry.level = entry.level.max(level);
+        self.unforwarded += 1;
     }
 
     /// Node got the oldest line in flight without its fd: send it again, as Node's own
@@ -531,7 +609,17 @@ impl Bridge {
         }
     }
 
-    fn node_exited(&mut self, status: std::io::Result<ExitStatus>) -> End {
+    async fn node_exited(&mut self, status: std::io::Result<ExitStatus>) -> End {
+        // What Node acknowledged before it exited may still be unread: the dispatcher must
+        // hear of it rather than send those connections again. Give the link tasks a few
+        // turns to pass it on.
+        if self.channel_open && self.killed.is_none() {
+            self.read_node().await;
+            self.forward();
+            for _ in 0..8 {
+                tokio::task::yield_now().await;
+            }
+        }
         let status = match status {
             Ok(status) => status,
             Err(err) => {
@@ -585,6 +673,7 @@ impl Bridge {
         self.links.clear();
         self.unacknowledged_at_exit += self.in_flight.len();
         self.in_flight.clear();
+        self.unforwarded = 0;
         self.exit_by(within);
     }
 

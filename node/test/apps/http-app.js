@@ -8,7 +8,8 @@
 //           sends {app: 'stream-started'}
 //   /hang   never answers; sends {app: 'hang-started'}
 //   /stop   calls close() on the handle (as SIGTERM would), answers at once
-// Settings: APP_DRAIN_TIMEOUT (ms), APP_FALLBACK_PORT, APP_EXIT=false, APP_KEEP_ALIVE_TIMEOUT.
+// Settings: APP_DRAIN_TIMEOUT (ms), APP_FALLBACK_PORT, APP_EXIT=false, APP_KEEP_ALIVE_TIMEOUT,
+// APP_CLOSE_IDLE_PRE_REQUEST (below).
 const fs = require('node:fs');
 const http = require('node:http');
 const https = require('node:https');
@@ -21,6 +22,24 @@ const server = tlsOptions ? https.createServer(tlsOptions, onRequest) : http.cre
 
 // For the tests that must not be ended by Node's own keep-alive timeout (5 s).
 if (process.env.APP_KEEP_ALIVE_TIMEOUT) server.keepAliveTimeout = Number(process.env.APP_KEEP_ALIVE_TIMEOUT);
+
+// APP_CLOSE_IDLE_PRE_REQUEST=1: closeIdleConnections() (which http's close() calls) also
+// destroys the connections that have not sent a request yet, as Node's own does in the
+// releases with nodejs/node#63470 (Node 20 keeps them).
+if (process.env.APP_CLOSE_IDLE_PRE_REQUEST) {
+  const open = new Set();
+  const requested = new WeakSet();
+  server.on('connection', (socket) => {
+    open.add(socket);
+    socket.once('close', () => open.delete(socket));
+  });
+  server.on('request', (req) => requested.add(req.socket));
+  const nodeOwn = server.closeIdleConnections;
+  server.closeIdleConnections = function closeIdleConnections() {
+    for (const socket of open) if (!requested.has(socket)) socket.destroy();
+    return nodeOwn.call(this);
+  };
+}
 
 function tell(msg) {
   if (process.connected) process.send(msg);
@@ -87,7 +106,10 @@ if (process.env.APP_EXIT === 'false') options.exit = false;
 
 const handle = sticky.listen(server, options);
 server.on('close', () => tell({ app: 'server-close' }));
-handle.on('connection', (socket, info) => socket.on('close', () => tell({ app: 'connection-closed', seq: info.seq })));
+handle.on('connection', (socket, info) => {
+  tell({ app: 'connection-opened', seq: info.seq });
+  socket.on('close', () => tell({ app: 'connection-closed', seq: info.seq }));
+});
 handle.on('drain', (reason) => {
   drainBegun = true;
   tell({ app: 'drain', reason });

@@ -4,11 +4,32 @@
 // demo worker, so tests/common's Answer parses it:
 //   worker=<STICKY_DISPATCH_INDEX> pid=<pid> client=<address>
 //   listener=<name> local=<address:port>
-// Environment: APP_READY_DELAY_MS delays readiness (the app "loads" that long).
+// Environment: APP_READY_DELAY_MS delays readiness (the app "loads" that long);
+// APP_PACKAGE=1 serves through the npm package in node/ (`listen(server)`, its drain)
+// instead of the hand-written channel code below.
 const http = require('http');
+const path = require('path');
 
 const index = process.env.STICKY_DISPATCH_INDEX;
 const readyDelay = Number(process.env.APP_READY_DELAY_MS || 0);
+
+if (process.env.APP_PACKAGE === '1') {
+  const sticky = require(path.join(__dirname, '..', '..', '..', 'node'));
+  const packaged = http.createServer((req, res) => {
+    const info = sticky.connectionInfo(req.socket) || {};
+    res.end(
+      `worker=${sticky.index} pid=${process.pid} client=${req.socket.remoteAddress}\n` +
+        `listener=${info.listener} local=${req.socket.localAddress}:${req.socket.localPort}\n`,
+    );
+  });
+  setTimeout(() => {
+    console.error(`app ${process.pid}: ready worker=${sticky.index} (package)`);
+    sticky.listen(packaged, { drainTimeout: 5000 }).on('drain', (reason) => {
+      console.error(`app ${process.pid}: drained (${reason}), ${packaged._connections} connections open`);
+    });
+  }, readyDelay);
+  return;
+}
 
 const server = http.createServer((req, res) => {
   const info = req.socket.stickyDispatch || {};
