@@ -524,7 +524,7 @@ fn t_second_sigterm(w: &World) {
     let frozen = frozen.join();
     figure!(
         "waiting clients (app@1 down): {}; clients in flight to the frozen app@2 (closed by \
-         the dispatcher, still in app@2's queue): {}",
+         the dispatcher; app@2, resumed, cannot acknowledge them and drops them): {}",
         tally(Mode::Proxy, &served),
         tally(Mode::Proxy, &frozen)
     );
@@ -626,7 +626,9 @@ struct Event {
 enum Loss {
     /// Open when its worker was killed with SIGKILL: acknowledged and being served.
     WorkerKilled,
-    /// Open when the dispatcher was killed, its worker up: between accept and hand-off.
+    /// Open when the dispatcher was killed, its worker up: between accept and the
+    /// worker's acknowledgement (reading its key, queued for its slot, or sent and not
+    /// acknowledged: see `unacknowledged_connections_survive_a_dispatcher_sigkill`).
     DispatcherKilled,
     /// Started while its worker was stopped: it waited (or was unacknowledged), and such
     /// connections must survive everything.
@@ -912,7 +914,7 @@ fn s_soak(w: &World) {
         count("worker SIGKILL")
     );
     figure!(
-        "| lost: open at a dispatcher SIGKILL (accept to hand-off) | {} over {} kills |",
+        "| lost: open at a dispatcher SIGKILL (accepted, not yet acknowledged by the worker) | {} over {} kills |",
         n(Loss::DispatcherKilled),
         count("dispatcher SIGKILL")
     );
