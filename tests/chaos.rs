@@ -1155,15 +1155,15 @@ fn structured<'e>(entry: &'e Entry, name: &str) -> Option<&'e str> {
 }
 
 // ---------------------------------------------------------------------------------------
-// A known loss: unacknowledged connections at a dispatcher SIGKILL
+// Unacknowledged connections at a dispatcher SIGKILL
 
 /// app@2 frozen (SIGSTOP) with 8 of its clients sent to it but not acknowledged; the
-/// dispatcher is killed with SIGKILL; app@2 resumes. The worker reads the 8 CONNs, its
-/// ACK fails (the link's other end is gone) and it drops them (src/worker/mod.rs,
-/// `Session::serve`: `self.link.ack(..).await?`); the dispatcher did not store them (they
-/// leave the fd store when sent, src/dispatcher/slot.rs `send_pending`). So all 8 are lost.
+/// dispatcher is killed with SIGKILL; app@2 resumes. The worker reads the 8 CONNs; its
+/// ACK fails (the link's other end is gone), it sees the dispatcher process gone
+/// (`DispatcherLink::dispatcher_gone`), so nobody will send them again (they left the fd
+/// store when sent): it serves them. Before that rule, all 8 were lost.
 #[test]
-#[ignore = "bug: connections sent but not acknowledged when the dispatcher is SIGKILLed are lost: not in the fd store, and the worker drops what it cannot acknowledge (needs root)"]
+#[ignore = "needs root: boots systemd with systemd-nspawn"]
 fn unacknowledged_connections_survive_a_dispatcher_sigkill() {
     assert!(nix::unistd::Uid::effective().is_root(), "needs root");
     ensure_nspawn();

@@ -122,8 +122,9 @@ impl Slot {
         }
     }
 
-    /// At exit: what was never sent (kept if the fd store can), and closing what was sent
-    /// but not acknowledged (the worker may hold it: sending it again could serve it twice).
+    /// At exit: what was never sent (kept if the fd store can), and letting go of what was
+    /// sent but not acknowledged: the worker has it (sending it again could serve it
+    /// twice), and serves it once it sees this dispatcher gone.
     fn leftovers(&mut self) -> Vec<Held> {
         while let Ok(held) = self.inbox.try_recv() {
             self.pending.push_back(held);
@@ -132,7 +133,7 @@ impl Slot {
             warn!(
                 index = self.index,
                 count = self.unacked.len(),
-                "closing connections the worker did not acknowledge in time"
+                "letting go of connections the worker has not acknowledged: it serves them once we are gone"
             );
             self.unacked.take_all();
         }

@@ -140,6 +140,7 @@ impl AdmittedLink {
         Ok(DispatcherLink {
             link: self.link,
             dispatcher_pid,
+            peer_pid: self.peer.pid,
             last_seq: 0,
             drain: Drain::Off,
             out: Vec::with_capacity(wire::MAX_MESSAGE),
@@ -193,6 +194,8 @@ enum Drain {
 pub struct DispatcherLink {
     link: LinkStream,
     dispatcher_pid: u32,
+    /// The dispatcher's pid in our pid namespace (SO_PEERCRED), to tell whether it died.
+    peer_pid: i32,
     /// The last CONN received; each must be the next.
     last_seq: u64,
     drain: Drain,
@@ -286,6 +289,23 @@ impl DispatcherLink {
             deadline: Instant::now() + DRAIN_ANSWER_TIMEOUT,
         };
         Ok(())
+    }
+
+    /// Whether the dispatcher process is gone (exited or killed; a zombie counts as gone).
+    /// A link that breaks while the dispatcher lives means it will send the unacknowledged
+    /// connections again; a link that breaks because the dispatcher died means nobody
+    /// will, so what was received must be served even though the ACK could not be sent.
+    pub fn dispatcher_gone(&self) -> bool {
+        if self.peer_pid <= 0 {
+            return false; // not known in this pid namespace: assume it lives
+        }
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.peer_pid)) {
+            // The state follows the command name, which is in parentheses.
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+            Err(err) => err.kind() == io::ErrorKind::NotFound,
+        }
     }
 
     /// Whether [`drain`](Self::drain) was called.

@@ -468,10 +468,12 @@ impl Session {
 
     async fn serve(&mut self) -> Result<(), LinkError> {
         let mut drain = self.drain.clone();
+        // Set when the dispatcher died: nobody to acknowledge to, or to drain with.
+        let mut orphaned = false;
         loop {
             let next = tokio::select! {
                 next = self.link.recv() => next?,
-                _ = crate::wait_until(&mut drain, |set| *set), if !self.link.draining() => {
+                _ = crate::wait_until(&mut drain, |set| *set), if !self.link.draining() && !orphaned => {
                     self.link.drain().await?;
                     continue;
                 }
@@ -479,11 +481,22 @@ impl Session {
             let Some(handoff) = next else {
                 return Ok(()); // closed by the dispatcher, or drained
             };
+            let seq = handoff.seq();
             // Acknowledge before the app can read a byte: once acknowledged the
             // dispatcher lets go, and what it re-sends after a crash must be connections
             // nobody here has touched.
-            self.link.ack(handoff.seq()).await?;
-            let seq = handoff.seq();
+            if !orphaned {
+                if let Err(err) = self.link.ack(seq).await {
+                    if !self.link.dispatcher_gone() {
+                        return Err(err); // it lives: it sends this one again
+                    }
+                    // It died with this connection (and maybe more, still queued on the
+                    // link) sent but unacknowledged. It left the fd store when it was
+                    // sent, so nobody else has it: serve them.
+                    warn!(seq, %err, "the dispatcher died before our ACK: serving what it had sent");
+                    orphaned = true;
+                }
+            }
             match handoff.into_tcp_stream() {
                 // Waits while the app is behind; meanwhile the link is not read, so the
                 // dispatcher holds the next connections.
