@@ -317,6 +317,8 @@ class _Session:
     def __init__(self, worker: Worker, link: socket.socket) -> None:
         self.worker = worker
         self.link = link
+        # The dispatcher's pid in our pid namespace (SO_PEERCRED), to tell whether it died.
+        self.peer_pid = _peer_pid(link)
         self.loop = asyncio.get_running_loop()
         # The link stays registered with the loop between waits (one epoll_ctl per
         # link, not two per message) while each readiness finds someone waiting.
@@ -410,13 +412,26 @@ class _Session:
         drain_sent = False
         deadline: Optional[float] = None  # while draining: give up on the dispatcher then
 
+        orphaned = False  # the dispatcher died: nobody to acknowledge to
+
         async def flush() -> None:
             """One cumulative ACK for the CONNs received in a burst, then they go to the
-            app: never before their ACK is sent (see the module docstring)."""
-            nonlocal acked
+            app: never before their ACK is sent (see the module docstring). If the ACK
+            cannot be sent because the dispatcher died, nobody will send these again (they
+            left its fd store when sent): they go to the app all the same."""
+            nonlocal acked, orphaned
             if last_seq == acked:
                 return
-            await self._send(wire.Ack(last_seq))
+            if not orphaned:
+                try:
+                    await self._send(wire.Ack(last_seq))
+                except OSError as err:
+                    if not _process_gone(self.peer_pid):
+                        raise  # it lives: it sends them again on its next link
+                    log.warning(
+                        "the dispatcher died before our ACK: serving what it had sent (%s)", err
+                    )
+                    orphaned = True
             acked = last_seq
             deliver = worker._on_connection
             if deliver is not None:
@@ -432,7 +447,7 @@ class _Session:
             if drain_until is not None and last_seq >= drain_until:
                 await flush()
                 return
-            if worker.draining:
+            if worker.draining and not orphaned:
                 if deadline is None:
                     deadline = loop.time() + DRAIN_ANSWER_TIMEOUT
                 if said_hello and not drain_sent:
@@ -452,6 +467,11 @@ class _Session:
             data, fds = received
             if not data:
                 _close_all(fds)
+                if last_seq != acked and _process_gone(self.peer_pid):
+                    # It died right after sending these: serve them (see flush).
+                    log.warning("the dispatcher died before our ACK: serving what it had sent")
+                    orphaned = True
+                    await flush()
                 return  # the dispatcher closed the link
             try:
                 message = wire.decode(data)
@@ -517,3 +537,27 @@ def _close_all(fds: list[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _peer_pid(link: socket.socket) -> int:
+    """The pid of the process at the other end of ``link`` (0 when unknown)."""
+    try:
+        raw = link.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return 0
+    pid: int = struct.unpack("3i", raw)[0]
+    return pid
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie counts as gone); unknown pids count as alive."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            state = stat.read().rsplit(") ", 1)[-1][:1]
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return state in ("Z", "X")

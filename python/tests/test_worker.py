@@ -255,3 +255,64 @@ def test_options_replace_keeps_users(prefix: str) -> None:
     options = WorkerOptions(index=1, socket_prefix=prefix)
     assert replace(options, index=3).socket_name == prefix + "3"
     assert socket.SOCK_SEQPACKET  # the platform has it (Linux)
+
+
+DYING_DISPATCHER = r"""
+import os, socket, sys
+sys.path.insert(0, sys.argv[3])
+from sticky_dispatch import wire
+name, fd = sys.argv[1], int(sys.argv[2])
+link = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+link.connect("\0" + name)
+link.send(wire.encode(wire.Hello(wire.Role.DISPATCHER, 2, os.getpid())))
+link.recv(wire.MAX_MESSAGE)  # the worker's HELLO: the link is up
+sys.stdout.write("u")
+sys.stdout.flush()
+sys.stdin.read(1)  # the test says when
+socket.send_fds(link, [wire.encode(wire.Conn(1, ("198.51.100.9", 5), None, "web"))], [fd])
+os._exit(0)  # dies without reading the ACK
+"""
+
+
+def test_a_conn_from_a_dispatcher_that_died_before_the_ack_is_served(prefix: str) -> None:
+    """The dispatcher sends a CONN and dies: the ACK cannot be sent, and nobody will send
+    the connection again (it left the fd store when sent), so the worker serves it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    async def main() -> None:
+        worker = await started(prefix)
+        tcp = TcpPair()
+        package = str(Path(__file__).resolve().parent.parent)
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                DYING_DISPATCHER,
+                prefix + "2",
+                str(tcp.server.fileno()),
+                package,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=[tcp.server.fileno()],
+        )
+        tcp.server.close()
+        # The worker accepts the link and exchanges HELLOs meanwhile.
+        assert child.stdout is not None and child.stdin is not None
+        assert await asyncio.to_thread(child.stdout.read, 1) == b"u"
+        # Blocking the event loop: the worker cannot run until the dispatcher is gone.
+        child.stdin.write(b"x")
+        child.stdin.close()
+        assert child.wait(timeout=10) == 0
+        conn = await next_conn(worker)
+        assert conn.client.peer == ("198.51.100.9", 5)
+        tcp.client.sendall(b"ping")
+        loop = asyncio.get_running_loop()
+        assert await loop.sock_recv(conn.socket, 4) == b"ping"
+        conn.socket.close()
+        tcp.close()
+        await worker.close()
+
+    asyncio.run(main())
