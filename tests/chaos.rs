@@ -555,7 +555,7 @@ fn t_second_sigterm(w: &World) {
     let frozen = frozen.join();
     figure!(
         "waiting clients (app@1 down): {}; clients in flight to the frozen app@2 (closed by \
-         the dispatcher; app@2, resumed, cannot acknowledge them and drops them): {}",
+         the dispatcher; app@2, resumed, finds it gone and serves them): {}",
         tally(Mode::Proxy, &served),
         tally(Mode::Proxy, &frozen)
     );
