@@ -560,53 +560,10 @@ fn node_worker_units_under_a_booted_systemd() {
     assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
 }
 
-/// One client's outcome, from a `client ...` line of tests/node/socketio-clients.js.
-#[derive(Debug)]
-struct Session {
-    ip: Ipv4Addr,
-    ok: bool,
-    received: usize,
-    expected: usize,
-    worker: Option<u32>,
-    client: String,
-}
-
-/// Runs the 50 socket.io clients (long-polling, each request a new connection from the
-/// client's own address) against `addr`; `phase_ms` bounds each phase of a client.
-fn socketio_clients(addr: SocketAddr, phase_ms: u32) -> Vec<Session> {
-    support::npm_ci();
-    let mut command = Command::new("node");
-    command
-        .arg(support::node_dir().join("socketio-clients.js"))
-        .arg(format!("http://{addr}"))
-        .args((0..50).map(|n| client_ip(n).to_string()))
-        .env("PHASE_MS", phase_ms.to_string());
-    let out = support::run(command, Duration::from_secs(150)).unwrap();
-    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
-    let sessions: Vec<Session> = out
-        .stdout
-        .lines()
-        .filter(|line| line.starts_with("client "))
-        .map(|line| {
-            let fields = line.split(" error=").next().unwrap();
-            let field = |name: &str| {
-                fields
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
-                    .unwrap_or_else(|| panic!("no {name}= in {line}"))
-            };
-            Session {
-                ip: field("ip").parse().unwrap(),
-                ok: field("ok") == "true",
-                received: field("received").parse().unwrap(),
-                expected: field("expected").parse().unwrap(),
-                worker: field("worker").parse().ok(),
-                client: field("client").to_owned(),
-            }
-        })
-        .collect();
-    assert_eq!(sessions.len(), 50, "{}", out.stdout);
-    sessions
+/// Runs 50 socket.io clients against `addr`; `phase_ms` bounds each phase of a client.
+fn socketio_clients(addr: SocketAddr, phase_ms: u32) -> Vec<support::Session> {
+    let ips: Vec<Ipv4Addr> = (0..50).map(client_ip).collect();
+    support::socketio_clients(addr, &ips, phase_ms)
 }
 
 /// The socket.io chat (tests/node/apps/chat.js, with the npm package from node/) on 4 Node

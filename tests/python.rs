@@ -28,8 +28,6 @@ use nix::sys::signal::Signal;
 
 const CLIENTS: u32 = 50;
 const WORKERS: u32 = 4;
-/// Bound on one run of the Node clients (each of its phases is bounded by 20 s).
-const NODE_LIMIT: Duration = Duration::from_secs(120);
 
 const AIOHTTP_APP: &str = "chat_aiohttp.py";
 const ASGI_APP: &str = "chat_asgi.py";
@@ -52,69 +50,13 @@ fn python_standalone(
     (support::Graceful(dispatcher), addr)
 }
 
-/// One client's outcome, from a `client ...` line of socketio-clients.js.
-#[derive(Debug)]
-struct Session {
-    ip: Ipv4Addr,
-    ok: bool,
-    received: usize,
-    expected: usize,
-    worker: Option<u32>,
-    client: String,
-    error: String,
+fn run_clients(addr: SocketAddr) -> Vec<support::Session> {
+    let ips: Vec<Ipv4Addr> = (0..CLIENTS).map(client_ip).collect();
+    support::socketio_clients(addr, &ips, 20_000)
 }
 
-fn parse_session(line: &str) -> Session {
-    let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
-    let field = |name: &str| {
-        fields
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
-            .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
-    };
-    Session {
-        ip: field("ip").parse().unwrap(),
-        ok: field("ok") == "true",
-        received: field("received").parse().unwrap(),
-        expected: field("expected").parse().unwrap(),
-        worker: field("worker").parse().ok(),
-        client: field("client").to_owned(),
-        error: error.to_owned(),
-    }
-}
-
-fn run_clients(addr: SocketAddr) -> Vec<Session> {
-    support::npm_ci();
-    let mut args = vec![format!("http://{addr}")];
-    args.extend((0..CLIENTS).map(|n| client_ip(n).to_string()));
-    let out = support::node("socketio-clients.js", &args, NODE_LIMIT);
-    let sessions: Vec<Session> = out
-        .stdout
-        .lines()
-        .filter(|line| line.starts_with("client "))
-        .map(parse_session)
-        .collect();
-    assert_eq!(sessions.len(), CLIENTS as usize, "{}", out.stdout);
-    sessions
-}
-
-fn summary(sessions: &[Session]) -> String {
-    let ok = sessions.iter().filter(|s| s.ok).count();
-    let mut text = format!(
-        "{ok}/{} socket.io sessions completed handshake, join and messages; {} failed",
-        sessions.len(),
-        sessions.len() - ok
-    );
-    let errors: Vec<String> = sessions
-        .iter()
-        .filter(|s| !s.ok)
-        .take(3)
-        .map(|s| format!("{}: {}", s.ip, s.error))
-        .collect();
-    if !errors.is_empty() {
-        text.push_str(&format!(" (first failures: {errors:?})"));
-    }
-    text
+fn summary(sessions: &[support::Session]) -> String {
+    support::session_summary(sessions)
 }
 
 fn sessions_complete_through_the_dispatcher(test: &'static str, app: &str) {

@@ -180,3 +180,86 @@ impl Drop for Graceful {
         // Then Running's own drop kills whatever is left.
     }
 }
+
+/// One socket.io client's outcome, from a `client ...` line of socketio-clients.js.
+#[derive(Debug)]
+pub struct Session {
+    pub ip: std::net::Ipv4Addr,
+    pub ok: bool,
+    /// Messages received in its room / expected (everyone in the room on its worker).
+    pub received: usize,
+    pub expected: usize,
+    /// From the server's `hello`: the worker, and the client address it saw.
+    pub worker: Option<u32>,
+    pub client: String,
+    pub error: String,
+}
+
+fn parse_session(line: &str) -> Session {
+    let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
+    let field = |name: &str| {
+        fields
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+    };
+    Session {
+        ip: field("ip").parse().unwrap(),
+        ok: field("ok") == "true",
+        received: field("received").parse().unwrap(),
+        expected: field("expected").parse().unwrap(),
+        worker: field("worker").parse().ok(),
+        client: field("client").to_owned(),
+        error: error.to_owned(),
+    }
+}
+
+/// Runs real socket.io clients (tests/node/socketio-clients.js: long-polling, every
+/// request a new connection from the client's own address) against `addr`, one per
+/// address in `ips`; `phase_ms` bounds each phase of a client. One session per client,
+/// in order.
+pub fn socketio_clients(
+    addr: std::net::SocketAddr,
+    ips: &[std::net::Ipv4Addr],
+    phase_ms: u32,
+) -> Vec<Session> {
+    npm_ci();
+    let mut command = Command::new("node");
+    command
+        .arg(node_dir().join("socketio-clients.js"))
+        .arg(format!("http://{addr}"))
+        .args(ips.iter().map(|ip| ip.to_string()))
+        .env("PHASE_MS", phase_ms.to_string());
+    // Each of the client's four phases is bounded by phase_ms.
+    let limit = Duration::from_millis(u64::from(phase_ms) * 4) + Duration::from_secs(30);
+    let out = run(command, limit).unwrap_or_else(|err| panic!("{err}"));
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    let sessions: Vec<Session> = out
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("client "))
+        .map(parse_session)
+        .collect();
+    assert_eq!(sessions.len(), ips.len(), "{}", out.stdout);
+    sessions
+}
+
+/// "N/M sessions completed ...; K failed (first failures: ...)".
+pub fn session_summary(sessions: &[Session]) -> String {
+    let ok = sessions.iter().filter(|s| s.ok).count();
+    let mut text = format!(
+        "{ok}/{} socket.io sessions completed handshake, join and messages; {} failed",
+        sessions.len(),
+        sessions.len() - ok
+    );
+    let errors: Vec<String> = sessions
+        .iter()
+        .filter(|s| !s.ok)
+        .take(3)
+        .map(|s| format!("{}: {}", s.ip, s.error))
+        .collect();
+    if !errors.is_empty() {
+        text.push_str(&format!(" (first failures: {errors:?})"));
+    }
+    text
+}
