@@ -26,13 +26,11 @@ mod container;
 use client::{Client, Mode, Plan, Record};
 use common::{expected_worker, status_figure};
 use container::{
-    ensure_nspawn, enter_netns, field, message, poll, stage_file, stage_text, Container, Entry,
+    ensure_nspawn, enter_netns, field, message, poll, stage_product, stage_text, Container, Entry,
     PATIENCE,
 };
 
 const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
-const DEMO: &str = env!("CARGO_BIN_EXE_sticky-dispatch-demo");
-const GENERATOR: &str = env!("CARGO_BIN_EXE_sticky-dispatch-generator");
 const SOURCE: &str = env!("CARGO_MANIFEST_DIR");
 
 const PORT: u16 = 8080;
@@ -1098,34 +1096,7 @@ fn shipped_config(replace: &[(&str, String)]) -> String {
 }
 
 fn stage(stage: &Path, config: &str) {
-    let files: &[(&str, PathBuf, u32)] = &[
-        ("usr/bin/sticky-dispatch", dispatcher_binary(), 0o755),
-        ("usr/bin/sticky-dispatch-demo", DEMO.into(), 0o755),
-        (
-            "usr/lib/systemd/system-generators/sticky-dispatch-generator",
-            GENERATOR.into(),
-            0o755,
-        ),
-        (
-            "usr/lib/systemd/system/sticky-dispatch.socket",
-            Path::new(SOURCE).join("systemd/sticky-dispatch.socket"),
-            0o644,
-        ),
-        (
-            "usr/lib/systemd/system/sticky-dispatch.service",
-            Path::new(SOURCE).join("systemd/sticky-dispatch.service"),
-            0o644,
-        ),
-        (
-            "usr/lib/systemd/system/app@.service",
-            Path::new(SOURCE).join("systemd/app@.service"),
-            0o644,
-        ),
-    ];
-    for (path, source, mode) in files {
-        stage_file(stage, path, source, *mode);
-    }
-    stage_text(stage, CONFIG_PATH, config);
+    stage_product(stage, &dispatcher_binary(), config);
     stage_text(stage, "/etc/sticky-dispatch/empty.toml", "");
     stage_text(stage, "/usr/local/bin/chaos-down-worker", DOWN_WORKER);
     use std::os::unix::fs::PermissionsExt;

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -25,13 +25,11 @@ use common::{
     expected_worker, request_within, status_figure, Answer, Load, LoadPlan, Outcome, Tally,
 };
 use container::{
-    ensure_nspawn, enter_netns, field, message, output_text, parse_export, poll, stage_file,
-    stage_text, Container, Entry, PATIENCE,
+    ensure_nspawn, enter_netns, field, message, output_text, parse_export, poll, stage_product,
+    Container, Entry, PATIENCE,
 };
 
 const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
-const DEMO: &str = env!("CARGO_BIN_EXE_sticky-dispatch-demo");
-const GENERATOR: &str = env!("CARGO_BIN_EXE_sticky-dispatch-generator");
 const SOURCE: &str = env!("CARGO_MANIFEST_DIR");
 
 /// The port of systemd/sticky-dispatch.socket.
@@ -65,7 +63,9 @@ fn units_generator_and_dispatcher_under_a_booted_systemd() {
     );
     ensure_nspawn();
     let config = Config::shipped_with_workers(WORKERS);
-    let container = Container::boot("systemd", |dir| stage(dir, &config.text));
+    let container = Container::boot("systemd", |dir| {
+        stage_product(dir, Path::new(DISPATCHER), &config.text)
+    });
     let mut world = World::new(&container, config);
 
     let scenarios: &[(&str, Scenario)] = &[
@@ -818,38 +818,6 @@ impl Config {
             .join("\n")
             + "\n";
     }
-}
-
-/// Lays out what the container gets over its root: binaries, units, generator, config.
-fn stage(stage: &Path, config: &str) {
-    let files: &[(&str, PathBuf, u32)] = &[
-        ("usr/bin/sticky-dispatch", DISPATCHER.into(), 0o755),
-        ("usr/bin/sticky-dispatch-demo", DEMO.into(), 0o755),
-        (
-            "usr/lib/systemd/system-generators/sticky-dispatch-generator",
-            GENERATOR.into(),
-            0o755,
-        ),
-        (
-            "usr/lib/systemd/system/sticky-dispatch.socket",
-            Path::new(SOURCE).join("systemd/sticky-dispatch.socket"),
-            0o644,
-        ),
-        (
-            "usr/lib/systemd/system/sticky-dispatch.service",
-            Path::new(SOURCE).join("systemd/sticky-dispatch.service"),
-            0o644,
-        ),
-        (
-            "usr/lib/systemd/system/app@.service",
-            Path::new(SOURCE).join("systemd/app@.service"),
-            0o644,
-        ),
-    ];
-    for (path, source, mode) in files {
-        stage_file(stage, path, source, *mode);
-    }
-    stage_text(stage, CONFIG_PATH, config);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -339,6 +339,45 @@ impl Drop for Container {
 }
 
 /// Copies `source` to `path` (relative to the root) in the stage directory, with `mode`.
+/// Lays out the product over the container's root as the .deb would, from this build:
+/// the dispatcher (`dispatcher`, so a suite can try another build), the demo worker, the
+/// generator, the units in `systemd/`, and `config` as /etc/sticky-dispatch/config.toml.
+pub fn stage_product(stage: &Path, dispatcher: &Path, config: &str) {
+    let unit = |name: &str| Path::new(SOURCE).join("systemd").join(name);
+    let files: &[(&str, PathBuf, u32)] = &[
+        ("usr/bin/sticky-dispatch", dispatcher.to_owned(), 0o755),
+        (
+            "usr/bin/sticky-dispatch-demo",
+            env!("CARGO_BIN_EXE_sticky-dispatch-demo").into(),
+            0o755,
+        ),
+        (
+            "usr/lib/systemd/system-generators/sticky-dispatch-generator",
+            env!("CARGO_BIN_EXE_sticky-dispatch-generator").into(),
+            0o755,
+        ),
+        (
+            "usr/lib/systemd/system/sticky-dispatch.socket",
+            unit("sticky-dispatch.socket"),
+            0o644,
+        ),
+        (
+            "usr/lib/systemd/system/sticky-dispatch.service",
+            unit("sticky-dispatch.service"),
+            0o644,
+        ),
+        (
+            "usr/lib/systemd/system/app@.service",
+            unit("app@.service"),
+            0o644,
+        ),
+    ];
+    for (path, source, mode) in files {
+        stage_file(stage, path, source, *mode);
+    }
+    stage_text(stage, "/etc/sticky-dispatch/config.toml", config);
+}
+
 pub fn stage_file(stage: &Path, path: &str, source: &Path, mode: u32) {
     let target = stage.join(path.trim_start_matches('/'));
     make_dirs(stage, target.parent().unwrap());
