@@ -13,7 +13,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,8 +25,8 @@ mod container;
 use client::{Client, Mode, Plan, Record};
 use common::{expected_worker, status_figure};
 use container::{
-    ensure_nspawn, enter_netns, field, message, poll, stage_product, stage_text, Container, Entry,
-    PATIENCE,
+    ensure_nspawn, enter_netns, field, message, poll, run_scenario, stage_product, stage_text,
+    Container, Entry, PATIENCE,
 };
 
 const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
@@ -196,16 +195,9 @@ fn chaos_under_a_booted_systemd() {
             continue;
         }
         figure!("--- {name}");
-        let started = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| scenario(&w)));
-        match result {
-            Ok(()) => figure!("ok: {name} ({:.1?})", started.elapsed()),
-            Err(panic) => {
-                let text = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+        match run_scenario(|| scenario(&w)) {
+            Ok(took) => figure!("ok: {name} ({took:.1?})"),
+            Err(text) => {
                 figure!("FAILED: {name}: {text}");
                 failed.push(format!("{name}: {text}"));
             }

@@ -15,7 +15,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -25,8 +24,8 @@ use common::{
     expected_worker, request_within, status_figure, Answer, Load, LoadPlan, Outcome, Tally,
 };
 use container::{
-    ensure_nspawn, enter_netns, field, message, output_text, parse_export, poll, stage_product,
-    Container, Entry, PATIENCE,
+    ensure_nspawn, enter_netns, field, message, output_text, parse_export, poll, run_scenario,
+    stage_product, Container, Entry, PATIENCE,
 };
 
 const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
@@ -88,16 +87,9 @@ fn units_generator_and_dispatcher_under_a_booted_systemd() {
     let mut failed = Vec::new();
     for (name, scenario) in scenarios {
         figure!("--- {name}");
-        let started = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| scenario(&mut world)));
-        match result {
-            Ok(()) => figure!("ok: {name} ({:.1?})", started.elapsed()),
-            Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+        match run_scenario(|| scenario(&mut world)) {
+            Ok(took) => figure!("ok: {name} ({took:.1?})"),
+            Err(message) => {
                 figure!("FAILED: {name}: {message}");
                 failed.push(format!("{name}: {message}"));
             }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::common::Answer;
+use crate::common::{parse_answer, Answer};
 
 /// What the dispatcher routes a client by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,25 +122,6 @@ pub fn exchange(
         connected,
         answer,
     }
-}
-
-fn parse_answer(body: &str) -> Option<Answer> {
-    if !body.starts_with("HTTP/1.1 200") {
-        return None;
-    }
-    let field = |name: &str| {
-        body.split_whitespace()
-            .find_map(|word| word.strip_prefix(name))
-            .map(str::to_owned)
-    };
-    Some(Answer {
-        worker: field("worker=")?.parse().ok()?,
-        pid: field("pid=")?.parse().ok()?,
-        client: field("client=")?,
-        listener: field("listener=")?,
-        local: field("local=")?,
-        body: body.to_owned(),
-    })
 }
 
 /// Runs first in every client thread (e.g. entering the container's network namespace).

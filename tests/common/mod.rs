@@ -268,7 +268,9 @@ fn send_within(
     parse_answer(&body).ok_or_else(|| format!("no answer (got {body:?})"))
 }
 
-fn parse_answer(body: &str) -> Option<Answer> {
+/// The demo worker's answer in a whole HTTP response; `None` unless it is a 200 with
+/// every field.
+pub fn parse_answer(body: &str) -> Option<Answer> {
     if !body.starts_with("HTTP/1.1 200") {
         return None;
     }

@@ -339,6 +339,21 @@ impl Drop for Container {
 }
 
 /// Copies `source` to `path` (relative to the root) in the stage directory, with `mode`.
+/// Runs one scenario of a suite that shares one container, catching its panic so that
+/// the next scenarios still run: the time it took, or its panic message.
+pub fn run_scenario(scenario: impl FnOnce()) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(scenario))
+        .map(|()| started.elapsed())
+        .map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        })
+}
+
 /// Lays out the product over the container's root as the .deb would, from this build:
 /// the dispatcher (`dispatcher`, so a suite can try another build), the demo worker, the
 /// generator, the units in `systemd/`, and `config` as /etc/sticky-dispatch/config.toml.
