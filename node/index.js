@@ -5,15 +5,19 @@
 //   const sticky = require('sticky-dispatch');
 //   sticky.listen(httpServer);            // instead of httpServer.listen(port)
 //
-// The bridge (`sticky-dispatch node-worker -- node app.js`) is an ordinary worker toward
-// the dispatcher and starts node with NODE_CHANNEL_FD (JSON serialization). Per client
+// The bridge (`sticky-dispatch node-worker -- node app.js`) starts node with
+// NODE_CHANNEL_FD (JSON serialization) and, once the app is ready, passes the other end of
+// that channel to the dispatcher, which then writes to this process directly. Per client
 // connection it sends one line with one fd (SCM_RIGHTS); Node core turns it into
 //   process.on('message', (msg, socket))
 // with msg = {stickyDispatch: 'connection', seq, peer, local, listener} and socket a
-// connected net.Socket. Other messages carry no fd:
-//   bridge -> node  {stickyDispatch: 'drain'}          no more connections will come
-//   node -> bridge  {stickyDispatch: 'ready'}          sent when the app calls listen()
-//   node -> bridge  {stickyDispatch: 'drain-request'}  this process was asked to stop
+// connected net.Socket. Other messages carry no fd ("sticky-dispatch" is the bridge until
+// the app is ready, then the dispatcher):
+//   node -> sticky-dispatch  {stickyDispatch: 'ready'}          sent when the app calls listen()
+//   sticky-dispatch -> node  {stickyDispatch: 'sync', id}       a dispatcher takes the channel
+//   node -> sticky-dispatch  {stickyDispatch: 'synced', id, draining}
+//   node -> sticky-dispatch  {stickyDispatch: 'drain-request'}  this process was asked to stop
+//   sticky-dispatch -> node  {stickyDispatch: 'drain'}          no more connections will come
 // The full protocol is in docs/node.md.
 
 const net = require('node:net');
@@ -148,7 +152,7 @@ class StickyServer extends EventEmitter {
   }
 
   /**
-   * Stops this process as if it had received SIGTERM: asks the bridge to drain, which
+   * Stops this process as if it had received SIGTERM: asks the dispatcher to drain, which
    * then sends 'drain'. Resolves when the drain has finished. In fallback mode, closes
    * this server and resolves when its connections are closed.
    */
@@ -258,12 +262,12 @@ function finishServer(sticky) {
   sticky._resolveClosed();
 }
 
-// --- The process-wide link to the bridge ------------------------------------------------
+// --- The process-wide channel to sticky-dispatch ------------------------------------------
 
 /**
- * The state of this process toward the bridge. Phases: 'serving', 'stopping' (asked to
- * stop; waiting for the bridge's drain), 'draining' (no more connections; finishing),
- * 'closed'.
+ * The state of this process toward sticky-dispatch (the bridge, then the dispatcher).
+ * Phases: 'serving', 'stopping' (asked to stop; waiting for the dispatcher's drain),
+ * 'draining' (no more connections; finishing), 'closed'.
  */
 const bridge = {
   phase: 'serving',
@@ -316,8 +320,8 @@ const bridge = {
     process.on('message', this.onMessage);
     process.on('disconnect', this.onDisconnect);
     // Under systemd (KillMode=control-group) node gets SIGTERM together with the bridge,
-    // and Ctrl-C in standalone mode sends SIGINT to both: do not exit yet, the bridge
-    // still has connections in flight for us. It answers with 'drain'.
+    // which passes on its own SIGTERM or SIGINT too: do not exit yet, the dispatcher may
+    // have connections in flight for us. It answers the drain request with 'drain'.
     process.on('SIGTERM', this.onSignal);
     process.on('SIGINT', this.onSignal);
   },
@@ -334,9 +338,14 @@ const bridge = {
     if (msg.stickyDispatch === 'connection') {
       if (socket instanceof net.Socket) this.connection(msg, socket);
     } else if (msg.stickyDispatch === 'drain') {
+      // 'bridge': sticky-dispatch's side, as the declarations name it.
       this.drain('bridge');
+    } else if (msg.stickyDispatch === 'sync') {
+      // A dispatcher took the channel (the first, or the next after a restart): it reads
+      // nothing before this answer. A drain asked of its predecessor is asked again here.
+      send({ stickyDispatch: 'synced', id: msg.id, draining: this.phase !== 'serving' });
     }
-    // Anything else is from a newer bridge: ignored.
+    // Anything else is from a newer sticky-dispatch: ignored.
   },
 
   connection(msg, socket) {
@@ -362,13 +371,13 @@ const bridge = {
     handToServer(sticky, socket, info);
   },
 
-  /** Asked to stop (signal, close()): tell the bridge, wait for its drain, bounded. */
+  /** Asked to stop (signal, close()): tell the dispatcher, wait for its drain, bounded. */
   stop(reason) {
     if (this.phase !== 'serving') return;
     this.phase = 'stopping';
     this.deadline = Date.now() + this.drainTimeout;
     send({ stickyDispatch: 'drain-request' });
-    // Fallback for a bridge that never answers: stop anyway at the deadline.
+    // Fallback for a dispatcher that never answers: stop anyway at the deadline.
     this.stopTimer = setTimeout(() => this.drain('timeout'), this.drainTimeout);
     this.stopReason = reason;
   },
@@ -461,11 +470,11 @@ function handToServer(sticky, socket, info) {
   server.emit('connection', socket);
 }
 
-/** Sends to the bridge; a closed channel is not an error here ('disconnect' handles it). */
+/** Sends to sticky-dispatch; a closed channel is not an error here ('disconnect' handles it). */
 function send(msg) {
   if (!process.connected) return;
   process.send(msg, (err) => {
-    if (err && process.connected) warnOnce(`send-${msg.stickyDispatch}`, `could not send to the bridge: ${err.message}`);
+    if (err && process.connected) warnOnce(`send-${msg.stickyDispatch}`, `could not send to sticky-dispatch: ${err.message}`);
   });
 }
 

@@ -55,6 +55,8 @@ pub mod manual;
 #[cfg(feature = "dispatcher")]
 pub mod node_bridge;
 #[cfg(feature = "dispatcher")]
+pub mod node_ipc;
+#[cfg(feature = "dispatcher")]
 pub mod routing;
 pub mod shared;
 #[cfg(feature = "dispatcher")]

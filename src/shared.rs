@@ -103,13 +103,27 @@ pub enum LinkError {
     Protocol(String),
 }
 
+/// What the peer's HELLO said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerHello {
+    /// The peer's process id, for logs.
+    pub pid: u32,
+    /// The peer's role: a dispatcher's peer is a [`Role::Worker`] or a [`Role::NodeWorker`].
+    pub role: Role,
+}
+
 /// The HELLO exchange, the same from both ends: sends ours (as `role`, for worker
 /// `index`), then waits up to [`HELLO_TIMEOUT`] for the peer's, which must come from the
-/// other role and name the same index. Returns the peer's pid, for logs.
-pub async fn exchange_hello(link: &LinkStream, role: Role, index: u32) -> Result<u32, LinkError> {
-    let (theirs, them) = match role {
-        Role::Dispatcher => (Role::Worker, "worker"),
-        Role::Worker => (Role::Dispatcher, "dispatcher"),
+/// other side (a worker of either kind for a dispatcher, the dispatcher for a worker) and
+/// name the same index.
+pub async fn exchange_hello(
+    link: &LinkStream,
+    role: Role,
+    index: u32,
+) -> Result<PeerHello, LinkError> {
+    let them = match role {
+        Role::Dispatcher => "worker",
+        Role::Worker | Role::NodeWorker => "dispatcher",
     };
     let mut out = Vec::with_capacity(wire::MAX_MESSAGE);
     Message::Hello {
@@ -129,10 +143,17 @@ pub async fn exchange_hello(link: &LinkStream, role: Role, index: u32) -> Result
     }
     match Message::decode(&buf[..received.len])? {
         Message::Hello {
-            role,
+            role: their_role,
             index: their_index,
             pid,
-        } if role == theirs && their_index == index => Ok(pid),
+        } if (their_role == Role::Dispatcher) != (role == Role::Dispatcher)
+            && their_index == index =>
+        {
+            Ok(PeerHello {
+                pid,
+                role: their_role,
+            })
+        }
         other => Err(LinkError::Protocol(format!(
             "expected HELLO from the {them} for worker {index}, got {other:?}"
         ))),
@@ -183,9 +204,19 @@ mod tests {
             exchange_hello(&dispatcher, Role::Dispatcher, 4),
             exchange_hello(&worker, Role::Worker, 4)
         );
+        let pid = std::process::id();
         assert_eq!(
             (d.unwrap(), w.unwrap()),
-            (std::process::id(), std::process::id())
+            (
+                PeerHello {
+                    pid,
+                    role: Role::Worker
+                },
+                PeerHello {
+                    pid,
+                    role: Role::Dispatcher
+                }
+            )
         );
 
         let (dispatcher, worker) = LinkStream::pair().unwrap();
@@ -202,6 +233,20 @@ mod tests {
             exchange_hello(&other, Role::Worker, 1)
         );
         assert!(a.is_err() && b.is_err(), "two workers must not agree");
+
+        let (one, other) = LinkStream::pair().unwrap();
+        let (a, b) = tokio::join!(
+            exchange_hello(&one, Role::Worker, 1),
+            exchange_hello(&other, Role::NodeWorker, 1)
+        );
+        assert!(a.is_err() && b.is_err(), "nor two kinds of worker");
+
+        let (dispatcher, worker) = LinkStream::pair().unwrap();
+        let (d, _) = tokio::join!(
+            exchange_hello(&dispatcher, Role::Dispatcher, 2),
+            exchange_hello(&worker, Role::NodeWorker, 2)
+        );
+        assert_eq!(d.unwrap().role, Role::NodeWorker);
     }
 
     #[tokio::test(start_paused = true)]

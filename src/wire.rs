@@ -6,13 +6,19 @@
 //! ```text
 //! byte 0   version (1)
 //! byte 1   type
-//! HELLO   1  role u8 (0 dispatcher, 1 worker), index u32, pid u32        both ways, first
+//! HELLO   1  role u8 (0 dispatcher, 1 worker, 2 Node.js worker), index u32, pid u32   both ways, first
 //! CONN    2  seq u64, peer ADDR, local ADDR, listener u8 len + UTF-8    D → W, one fd attached
 //! ACK     3  seq u64: every CONN up to and including seq was received    W → D
 //! DRAIN   4  (empty): the worker is stopping, send nothing new           W → D
 //! DRAINED 5  seq u64: the last CONN the dispatcher sent on this link     D → W
+//! CHANNEL 6  (empty): Node.js's IPC channel, one fd attached             W → D, after HELLO role 2
 //! ADDR    family u8: 0 none (then nothing), 4 (then 4 bytes + port u16), 6 (16 bytes + port u16)
 //! ```
+//!
+//! A worker that says role 2 in its HELLO (`sticky-dispatch node-worker`) sends CHANNEL
+//! next, with a `SOCK_SEQPACKET` socket whose peer is a Node.js process's IPC channel: the
+//! dispatcher then hands that link's connections to Node directly, in Node's own dialect
+//! (`crate::node_ipc`), and the link itself only says, by closing, that the worker is gone.
 //!
 //! Sequence numbers count from 1 on each link. The README documents the same format for
 //! workers written in other languages; keep the two in step.
@@ -29,6 +35,7 @@ const CONN: u8 = 2;
 const ACK: u8 = 3;
 const DRAIN: u8 = 4;
 const DRAINED: u8 = 5;
+const CHANNEL: u8 = 6;
 
 /// Which end of the link sent a HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,6 +44,25 @@ pub enum Role {
     Dispatcher,
     /// A worker (listening end).
     Worker,
+    /// A worker that passes a Node.js IPC channel next (CHANNEL) and has its connections
+    /// sent there, in Node's dialect.
+    NodeWorker,
+}
+
+impl Role {
+    fn byte(self) -> u8 {
+        match self {
+            Role::Dispatcher => 0,
+            Role::Worker => 1,
+            Role::NodeWorker => 2,
+        }
+    }
+
+    fn from_byte(byte: u8) -> Option<Role> {
+        [Role::Dispatcher, Role::Worker, Role::NodeWorker]
+            .into_iter()
+            .find(|role| role.byte() == byte)
+    }
 }
 
 /// A connection being handed over; the fd travels beside it as SCM_RIGHTS.
@@ -78,6 +104,8 @@ pub enum Message {
         /// The last sequence number sent on this link (0 if none).
         last_seq: u64,
     },
+    /// Node.js's IPC channel; exactly one fd accompanies it.
+    Channel,
 }
 
 /// Why a datagram is not a valid message.
@@ -102,10 +130,7 @@ impl Message {
         match self {
             Message::Hello { role, index, pid } => {
                 out.push(HELLO);
-                out.push(match role {
-                    Role::Dispatcher => 0,
-                    Role::Worker => 1,
-                });
+                out.push(role.byte());
                 out.extend_from_slice(&index.to_be_bytes());
                 out.extend_from_slice(&pid.to_be_bytes());
             }
@@ -131,6 +156,7 @@ impl Message {
                 out.push(DRAINED);
                 out.extend_from_slice(&last_seq.to_be_bytes());
             }
+            Message::Channel => out.push(CHANNEL),
         }
     }
 
@@ -144,11 +170,7 @@ impl Message {
         let kind = r.u8().ok_or(DecodeError::Malformed("header"))?;
         let (message, name) = match kind {
             HELLO => {
-                let role = match r.u8() {
-                    Some(0) => Some(Role::Dispatcher),
-                    Some(1) => Some(Role::Worker),
-                    _ => None,
-                };
+                let role = r.u8().and_then(Role::from_byte);
                 let fields = role.zip(r.u32()).zip(r.u32());
                 let message =
                     fields.map(|((role, index), pid)| Message::Hello { role, index, pid });
@@ -161,6 +183,7 @@ impl Message {
                 r.u64().map(|last_seq| Message::Drained { last_seq }),
                 "DRAINED",
             ),
+            CHANNEL => (Some(Message::Channel), "CHANNEL"),
             other => return Err(DecodeError::Type(other)),
         };
         match message {
@@ -262,6 +285,15 @@ mod tests {
         round_trip(Message::Ack { seq: u64::MAX });
         round_trip(Message::Drain);
         round_trip(Message::Drained { last_seq: 0 });
+        round_trip(Message::Channel);
+        assert_eq!(
+            round_trip(Message::Hello {
+                role: Role::NodeWorker,
+                index: 1,
+                pid: 2,
+            })[2],
+            2
+        );
         round_trip(Message::Conn(Conn {
             seq: 1,
             peer: Some("[2001:db8::1]:443".parse().unwrap()),

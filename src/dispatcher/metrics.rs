@@ -29,13 +29,16 @@ pub(super) enum TurnedAway {
     WorkerDown,
     /// Its worker's queue was full (`max_pending`).
     MaxPending,
+    /// A Node worker got it without its fd, again and again (out of fds).
+    Refused,
 }
 
 impl TurnedAway {
-    const ALL: [TurnedAway; 3] = [
+    const ALL: [TurnedAway; 4] = [
         TurnedAway::PendingTimeout,
         TurnedAway::WorkerDown,
         TurnedAway::MaxPending,
+        TurnedAway::Refused,
     ];
 
     /// The `reason` label.
@@ -44,6 +47,7 @@ impl TurnedAway {
             TurnedAway::PendingTimeout => "pending_timeout",
             TurnedAway::WorkerDown => "worker_down",
             TurnedAway::MaxPending => "max_pending",
+            TurnedAway::Refused => "refused",
         }
     }
 }
@@ -92,7 +96,7 @@ pub(super) struct WorkerMetrics {
     pub(super) link_up: IntCounter,
     pub(super) link_down: IntCounter,
     /// By [`TurnedAway`], in the order of `TurnedAway::ALL`.
-    turned_away: [IntCounter; 3],
+    turned_away: [IntCounter; 4],
 }
 
 impl WorkerMetrics {

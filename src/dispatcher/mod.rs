@@ -17,6 +17,7 @@ mod metrics;
 mod observe;
 mod slot;
 mod state;
+mod worker_link;
 
 pub use fdstore::{is_stored_connection, HeldOver};
 

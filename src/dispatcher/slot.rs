@@ -7,7 +7,6 @@
 //! `unacked` goes back to the front of `pending`, in order, and is re-sent on the next link.
 
 use std::io;
-use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,9 +17,10 @@ use tracing::{debug, info, warn};
 use super::fdstore::Stored;
 use super::metrics::TurnedAway;
 use super::state::{FailOver, Held, Phase, Queue, Shared, Throttle};
-use crate::link::{self, LinkStream, Received};
-use crate::shared::{exchange_hello, link_socket_name, LinkError};
-use crate::wire::{self, Conn, Message, Role};
+use super::worker_link::{Event, WorkerLink};
+use crate::link;
+use crate::shared::{link_socket_name, LinkError};
+use crate::wire;
 
 /// First retry after a failed connect; doubled up to `RECONNECT_MAX`. Small, because a
 /// restarting worker should get its waiting clients within milliseconds.
@@ -28,6 +28,9 @@ const RECONNECT_MIN: Duration = Duration::from_millis(2);
 /// Bounds the reconnect backoff: a worker that comes back is found within this long.
 const RECONNECT_MAX: Duration = Duration::from_millis(100);
 const WARN_EVERY: Duration = Duration::from_secs(5);
+/// Times a connection is sent again after a Node worker got it without its fd (NACK: out
+/// of fds, typically), as Node's own `child.send` does; then it is closed.
+const MAX_REFUSALS: u8 = 3;
 
 pub(super) struct Slot {
     index: u32,
@@ -39,7 +42,7 @@ pub(super) struct Slot {
     pending: Queue<Held>,
     /// Sent, by sequence number; the dispatcher still holds the fd (`in flight`).
     unacked: Queue<(u64, Held)>,
-    link: Option<LinkStream>,
+    link: Option<WorkerLink>,
     /// The worker asked to drain this link: send nothing more on it.
     draining: bool,
     next_seq: u64,
@@ -53,6 +56,8 @@ pub(super) struct Slot {
     last_failure: Option<String>,
     turned_away_warning: Throttle,
     out: Vec<u8>,
+    /// What the worker said in one wake-up, reused.
+    events: Vec<Event>,
 }
 
 impl Slot {
@@ -81,6 +86,7 @@ impl Slot {
             last_failure: None,
             turned_away_warning: Throttle::new(WARN_EVERY),
             out: Vec::with_capacity(wire::MAX_MESSAGE),
+            events: Vec::with_capacity(8),
         }
     }
 
@@ -103,11 +109,12 @@ impl Slot {
                 .pending
                 .front()
                 .map(|held| held.since + pending_timeout);
-            let link = self.link.as_ref();
             tokio::select! {
                 Some(held) = self.inbox.recv() => self.arrive(held),
-                received = recv(link, &mut buf) => self.on_received(received, &buf),
-                ready = writable(link), if self.want_writable => {
+                received = recv(self.link.as_ref(), &mut buf, &mut self.events) => {
+                    self.on_received(received);
+                }
+                ready = writable(self.link.as_ref()), if self.want_writable => {
                     self.want_writable = false;
                     if let Err(err) = ready {
                         self.link_down(&err.to_string());
@@ -170,7 +177,7 @@ impl Slot {
     }
 
     fn is_up(&self) -> bool {
-        self.link.is_some() && !self.draining
+        self.link.as_ref().is_some_and(WorkerLink::is_ready) && !self.draining
     }
 
     /// Sends waiting connections while the link is up and the in-flight window has room.
@@ -180,14 +187,7 @@ impl Slot {
             let (Some(link), Some(held)) = (&self.link, self.pending.front()) else {
                 return;
             };
-            Message::Conn(Conn {
-                seq: self.next_seq,
-                peer: held.peer,
-                local: held.local,
-                listener: held.listener.to_string(),
-            })
-            .encode(&mut self.out);
-            match link.try_send(&self.out, Some(held.stream.as_fd())) {
+            match link.try_send_conn(&mut self.out, self.next_seq, held) {
                 Ok(()) => {
                     let mut held = self.pending.pop_front().expect("front exists");
                     // Sent: the worker has it (even if we die now, it reads the CONN), so
@@ -202,27 +202,29 @@ impl Slot {
         }
     }
 
-    fn on_received(&mut self, received: io::Result<Received>, buf: &[u8]) {
-        let result = received.map_err(LinkError::from).and_then(|received| {
-            if received.len == 0 {
-                return Ok(Some("the worker closed the link".to_owned()));
-            }
-            if received.fd.is_some() {
-                return Err(LinkError::Protocol("the worker sent an fd".into()));
-            }
-            let message = Message::decode(&buf[..received.len])?;
-            self.on_message(message).map(|()| None)
-        });
-        match result {
+    fn on_received(&mut self, received: Result<Option<&'static str>, LinkError>) {
+        match received {
             Ok(None) => {}
-            Ok(Some(reason)) => self.link_down(&reason),
-            Err(err) => self.link_down(&err.to_string()),
+            Ok(Some(reason)) => return self.link_down(reason),
+            Err(err) => return self.link_down(&err.to_string()),
+        }
+        let mut events = std::mem::take(&mut self.events);
+        let mut result = Ok(());
+        for event in events.drain(..) {
+            result = self.on_event(event);
+            if result.is_err() {
+                break;
+            }
+        }
+        self.events = events;
+        if let Err(err) = result {
+            self.link_down(&err.to_string());
         }
     }
 
-    fn on_message(&mut self, message: Message) -> Result<(), LinkError> {
-        match message {
-            Message::Ack { seq } if seq < self.next_seq => {
+    fn on_event(&mut self, event: Event) -> Result<(), LinkError> {
+        match event {
+            Event::Acked(seq) if seq < self.next_seq => {
                 let metrics = &self.shared.metrics;
                 let handed_off = &metrics.worker(self.index).handed_off;
                 let now = Instant::now();
@@ -234,7 +236,24 @@ impl Slot {
                 }
                 Ok(())
             }
-            Message::Drain if !self.draining => {
+            Event::Refused(seq) => {
+                let Some((_, mut again)) = self.unacked.pop_front_if(|(sent, _)| *sent == seq)
+                else {
+                    return Err(LinkError::Protocol(format!(
+                        "Node refused connection {seq}, which is not the oldest in flight"
+                    )));
+                };
+                again.refused += 1;
+                if again.refused > MAX_REFUSALS {
+                    warn!(index = self.index, peer = ?again.peer, "Node got a connection without its fd {MAX_REFUSALS} times (out of fds?): closing it");
+                    self.shared.metrics.worker(self.index).turned_away(TurnedAway::Refused);
+                } else {
+                    debug!(index = self.index, seq, "Node got a connection without its fd: sending it again");
+                    self.pending.push_front(again);
+                }
+                Ok(())
+            }
+            Event::Drain if !self.draining => {
                 self.draining = true;
                 self.down_since = Instant::now();
                 self.shared.set_live(self.index, false);
@@ -243,11 +262,14 @@ impl Slot {
                     index = self.index,
                     last_seq, "worker is draining: holding its new connections"
                 );
-                Message::Drained { last_seq }.encode(&mut self.out);
-                // A DRAINED that does not fit now is not worth waiting for: the worker
-                // stops on its own after its timeout, and the link break re-sends.
-                let link = self.link.as_ref().expect("a message came from the link");
-                link.try_send(&self.out, None).map_err(LinkError::from)
+                let link = self.link.as_ref().expect("the event came from the link");
+                link.send_drained(&mut self.out, last_seq)
+                    .map_err(LinkError::from)
+            }
+            Event::Synced => {
+                info!(index = self.index, "Node worker in step: taking connections");
+                self.shared.set_live(self.index, true);
+                Ok(())
             }
             other => Err(LinkError::Protocol(format!("unexpected {other:?}"))),
         }
@@ -296,19 +318,21 @@ impl Slot {
 
     async fn connect(&mut self) {
         match self.open_link().await {
-            Ok((link, pid)) => {
+            Ok(link) => {
                 let resend = self.pending.len();
                 info!(
                     index = self.index,
-                    worker_pid = pid,
+                    worker_pid = link.pid,
                     waiting = resend,
+                    node = !link.is_ready(),
                     "worker link up"
                 );
+                // A Node worker is live once in step (`Event::Synced`).
+                self.shared.set_live(self.index, link.is_ready());
                 self.link = Some(link);
                 self.next_seq = 1;
                 self.backoff = RECONNECT_MIN;
                 self.last_failure = None;
-                self.shared.set_live(self.index, true);
                 self.shared.metrics.worker(self.index).link_up.inc();
             }
             Err(err) => {
@@ -327,20 +351,13 @@ impl Slot {
     }
 
     /// Connects, checks who listens, and exchanges HELLOs.
-    async fn open_link(&mut self) -> Result<(LinkStream, u32), LinkError> {
-        let link = LinkStream::connect(&self.name)?;
-        let peer = link.peer_cred()?;
-        if !self.shared.settings().worker_users.contains(&peer.uid) {
-            // Nothing is sent to an impostor, not even our HELLO.
+    async fn open_link(&mut self) -> Result<WorkerLink, LinkError> {
+        let opened =
+            WorkerLink::open(&self.name, self.index, &self.shared.settings().worker_users).await;
+        if let Err(LinkError::Impostor { .. }) = opened {
             self.backoff = RECONNECT_MAX;
-            return Err(LinkError::Impostor {
-                uid: peer.uid.as_raw(),
-                pid: peer.pid,
-                allowed: "worker_users",
-            });
         }
-        let pid = exchange_hello(&link, Role::Dispatcher, self.index).await?;
-        Ok((link, pid))
+        opened
     }
 
     /// Connections that waited `pending_timeout` follow `on_worker_down`.
@@ -389,14 +406,18 @@ fn keep_safe(shared: &Shared, held: &mut Held) {
     }
 }
 
-async fn recv(link: Option<&LinkStream>, buf: &mut [u8]) -> io::Result<Received> {
+async fn recv(
+    link: Option<&WorkerLink>,
+    buf: &mut [u8],
+    events: &mut Vec<Event>,
+) -> Result<Option<&'static str>, LinkError> {
     match link {
-        Some(link) => link.recv(buf).await,
+        Some(link) => link.recv(buf, events).await,
         None => std::future::pending().await,
     }
 }
 
-async fn writable(link: Option<&LinkStream>) -> io::Result<()> {
+async fn writable(link: Option<&WorkerLink>) -> io::Result<()> {
     match link {
         Some(link) => link.writable().await,
         None => std::future::pending().await,

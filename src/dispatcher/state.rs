@@ -42,6 +42,8 @@ pub(super) struct Held {
     pub(super) since: Instant,
     /// Already sent to a failover worker once: it is not bounced again.
     pub(super) failed_over: bool,
+    /// Times a Node worker got it without its fd (NACK).
+    pub(super) refused: u8,
     /// Its entry in systemd's fd store while it waits for a worker that is down.
     pub(super) stored: Option<Stored>,
     /// Its share of `max_connections`, given back when the connection is let go.
@@ -67,6 +69,7 @@ impl Held {
             accepted: now,
             since: now,
             failed_over: false,
+            refused: 0,
             stored: None,
             _permit: permit,
         }

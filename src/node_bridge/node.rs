@@ -55,8 +55,8 @@ pub(super) fn spawn(
         // Also when the index came from the unit's instance name: the app may want it.
         .env(INDEX_ENV, index.to_string())
         // Its own process group: Ctrl-C in a terminal reaches only the bridge, which
-        // drains and then tells Node. Under systemd both get SIGTERM anyway (the cgroup),
-        // and Node's side answers with a drain request.
+        // tells Node with one SIGTERM. Under systemd both get SIGTERM anyway (the cgroup);
+        // Node's package drains once, however many come.
         .process_group(0)
         // If the bridge unwinds without waiting for it, Node must not outlive it holding
         // connections nobody will ever drain.

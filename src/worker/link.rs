@@ -31,7 +31,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use nix::unistd::Uid;
@@ -136,7 +136,9 @@ impl AdmittedLink {
 
     /// Exchanges HELLOs (ours first, theirs within [`crate::shared::HELLO_TIMEOUT`]).
     pub async fn handshake(self) -> Result<DispatcherLink, LinkError> {
-        let dispatcher_pid = exchange_hello(&self.link, Role::Worker, self.index).await?;
+        let dispatcher_pid = exchange_hello(&self.link, Role::Worker, self.index)
+            .await?
+            .pid;
         Ok(DispatcherLink {
             link: self.link,
             dispatcher_pid,
@@ -146,6 +148,50 @@ impl AdmittedLink {
             out: Vec::with_capacity(wire::MAX_MESSAGE),
             buf: [0; wire::MAX_MESSAGE],
         })
+    }
+}
+
+impl AdmittedLink {
+    /// For a bridge whose app reads connections from an IPC channel of its own (Node's):
+    /// exchanges HELLOs as a [`Role::NodeWorker`] and passes `channel`, a `SOCK_SEQPACKET`
+    /// socket whose peer is the app's channel, in CHANNEL. From then on the dispatcher
+    /// hands connections to the app directly, in Node's dialect (`crate::node_ipc`), and
+    /// the link carries nothing more: it closes when the dispatcher goes.
+    pub async fn pass_channel(self, channel: BorrowedFd<'_>) -> Result<ChannelLink, LinkError> {
+        let hello = exchange_hello(&self.link, Role::NodeWorker, self.index).await?;
+        let mut out = Vec::with_capacity(wire::MAX_MESSAGE);
+        Message::Channel.encode(&mut out);
+        self.link.send(&out, Some(channel)).await?;
+        Ok(ChannelLink {
+            link: self.link,
+            dispatcher_pid: hello.pid,
+        })
+    }
+}
+
+/// A link on which the app's channel was passed ([`AdmittedLink::pass_channel`]).
+#[derive(Debug)]
+pub struct ChannelLink {
+    link: LinkStream,
+    dispatcher_pid: u32,
+}
+
+impl ChannelLink {
+    /// The dispatcher's pid, as its HELLO said.
+    pub fn dispatcher_pid(&self) -> u32 {
+        self.dispatcher_pid
+    }
+
+    /// Resolves when the dispatcher closes the link (it stopped, or it gave up on this
+    /// worker); a message on it is a protocol error. Cancel-safe.
+    pub async fn closed(&self) -> Result<(), LinkError> {
+        let mut buf = [0u8; wire::MAX_MESSAGE];
+        match self.link.recv(&mut buf).await? {
+            received if received.len == 0 => Ok(()),
+            _ => Err(LinkError::Protocol(
+                "a message from the dispatcher after CHANNEL".into(),
+            )),
+        }
     }
 }
 

@@ -1,0 +1,282 @@
+//! The dispatcher's end of one worker's link, in either of its two dialects:
+//!
+//! - the link protocol (`crate::wire`): CONN with the fd on the link, ACK, DRAIN, DRAINED;
+//! - Node.js's (`crate::node_ipc`), for a `node-worker` bridge, which says role 2 in its
+//!   HELLO and then passes its Node process's IPC channel (CHANNEL). Connections go to
+//!   Node directly, one NODE_HANDLE line with its fd each; Node's ACK lines acknowledge
+//!   them one by one, in the order sent; the bridge stays out of the per-connection path
+//!   (no extra process woken, no second hand-off) and its link only says, by closing,
+//!   that the worker is gone.
+//!
+//! A Node channel may have had a previous dispatcher (this one restarted while Node lived):
+//! ACKs and other lines it never read may still wait in the channel. So the first thing
+//! sent on a channel is a `sync` with an id of this link's own; everything read before
+//! Node's `synced` with that id is stale and dropped, and nothing is sent until then.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tracing::debug;
+
+use super::state::Held;
+use crate::link::{LinkStream, Received};
+use crate::node_ipc::{self, FromNode};
+use crate::shared::{exchange_hello, LinkError, HELLO_TIMEOUT};
+use crate::wire::{self, Conn, Message, Role};
+
+/// What a worker said, in either dialect.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Event {
+    /// Every connection sent up to this sequence number is the worker's.
+    Acked(u64),
+    /// Node got connection `seq` (the oldest not yet answered) without its fd.
+    Refused(u64),
+    /// The worker is stopping: send nothing more, then answer with [`WorkerLink::send_drained`].
+    Drain,
+    /// A Node worker answered the sync: connections may be sent.
+    Synced,
+}
+
+/// An established link to a worker.
+pub(super) struct WorkerLink {
+    link: LinkStream,
+    node: Option<NodeChannel>,
+    /// The worker's process id (its HELLO), for logs.
+    pub(super) pid: u32,
+}
+
+/// A Node process's IPC channel, passed by its bridge.
+struct NodeChannel {
+    channel: LinkStream,
+    /// Lines Node has answered (ACK or NACK) on this link: each answer is for the next
+    /// line sent, and sequence numbers count the lines sent, from 1. (Atomics only to be
+    /// written from the slot's receive future, which shares the link with its send side;
+    /// one task uses them.)
+    answered: AtomicU64,
+    /// The number of the `sync` sent (see [`sync_id`]) until Node answers it, then 0.
+    syncing: AtomicU64,
+}
+
+/// A sync's id: unique to this dispatcher process, and to the link within it.
+fn sync_id(number: u64) -> String {
+    format!("{}-{number}", std::process::id())
+}
+
+/// Distinguishes the syncs of one dispatcher's links (the pid, those of its predecessors);
+/// from 1, as 0 means "in step".
+static SYNCS: AtomicU64 = AtomicU64::new(1);
+
+impl WorkerLink {
+    /// Connects to `@name`, checks who listens (`allowed` uids), exchanges HELLOs and, with
+    /// a Node worker, takes its channel and starts the sync.
+    pub(super) async fn open(
+        name: &str,
+        index: u32,
+        allowed: &[nix::unistd::Uid],
+    ) -> Result<WorkerLink, LinkError> {
+        let link = LinkStream::connect(name)?;
+        let peer = link.peer_cred()?;
+        if !allowed.contains(&peer.uid) {
+            // Nothing is sent to an impostor, not even our HELLO.
+            return Err(LinkError::Impostor {
+                uid: peer.uid.as_raw(),
+                pid: peer.pid,
+                allowed: "worker_users",
+            });
+        }
+        let hello = exchange_hello(&link, Role::Dispatcher, index).await?;
+        let node = match hello.role {
+            Role::NodeWorker => Some(NodeChannel::receive(&link).await?),
+            _ => None,
+        };
+        Ok(WorkerLink {
+            link,
+            node,
+            pid: hello.pid,
+        })
+    }
+
+    /// Whether connections may be sent (a Node worker has answered the sync).
+    pub(super) fn is_ready(&self) -> bool {
+        self.node.as_ref().is_none_or(|node| node.syncing.load(Ordering::Relaxed) == 0)
+    }
+
+    /// Sends `held` as connection `seq`, now, or fails with `WouldBlock` (then wait for
+    /// [`writable`](Self::writable)). `out` is scratch space.
+    pub(super) fn try_send_conn(
+        &self,
+        out: &mut Vec<u8>,
+        seq: u64,
+        held: &Held,
+    ) -> io::Result<()> {
+        match &self.node {
+            None => Message::Conn(Conn {
+                seq,
+                peer: held.peer,
+                local: held.local,
+                listener: held.listener.to_string(),
+            })
+            .encode(out),
+            Some(_) => {
+                node_ipc::encode_connection(out, seq, held.peer, held.local, &held.listener)
+            }
+        }
+        self.sender().try_send(out, Some(held.stream.as_fd()))
+    }
+
+    /// Answers a drain: nothing after `last_seq` will be sent. Not waiting for room: a
+    /// worker that does not get it stops on its own after its timeout.
+    pub(super) fn send_drained(&self, out: &mut Vec<u8>, last_seq: u64) -> io::Result<()> {
+        match &self.node {
+            None => Message::Drained { last_seq }.encode(out),
+            Some(_) => {
+                out.clear();
+                out.extend_from_slice(node_ipc::DRAIN_LINE);
+            }
+        }
+        self.sender().try_send(out, None)
+    }
+
+    /// Waits until a send may succeed.
+    pub(super) async fn writable(&self) -> io::Result<()> {
+        self.sender().writable().await
+    }
+
+    fn sender(&self) -> &LinkStream {
+        self.node.as_ref().map_or(&self.link, |node| &node.channel)
+    }
+
+    /// Waits for what the worker says next and appends it to `events` (empty if what came
+    /// was of no interest). `Ok(Some(reason))`: the worker went away. Cancel-safe.
+    pub(super) async fn recv(
+        &self,
+        buf: &mut [u8],
+        events: &mut Vec<Event>,
+    ) -> Result<Option<&'static str>, LinkError> {
+        let Some(node) = &self.node else {
+            return recv_link_message(&self.link, buf, events).await;
+        };
+        tokio::select! {
+            // The bridge's link carries nothing after CHANNEL; it closes when the bridge goes.
+            received = self.link.recv(buf) => {
+                let received = received?;
+                if received.len == 0 {
+                    return Ok(Some("the node-worker bridge closed the link"));
+                }
+                Err(LinkError::Protocol("a message on a Node worker's link after CHANNEL".into()))
+            }
+            readable = node.channel.readable() => {
+                readable?;
+                node.read_available(buf, events)
+            }
+        }
+    }
+}
+
+async fn recv_link_message(
+    link: &LinkStream,
+    buf: &mut [u8],
+    events: &mut Vec<Event>,
+) -> Result<Option<&'static str>, LinkError> {
+    let Received { len, fd } = link.recv(buf).await?;
+    if len == 0 {
+        return Ok(Some("the worker closed the link"));
+    }
+    if fd.is_some() {
+        return Err(LinkError::Protocol("the worker sent an fd".into()));
+    }
+    match Message::decode(&buf[..len])? {
+        Message::Ack { seq } => events.push(Event::Acked(seq)),
+        Message::Drain => events.push(Event::Drain),
+        other => return Err(LinkError::Protocol(format!("unexpected {other:?}"))),
+    }
+    Ok(None)
+}
+
+impl NodeChannel {
+    /// Takes the channel the bridge sends right after its HELLO, and starts the sync.
+    async fn receive(link: &LinkStream) -> Result<NodeChannel, LinkError> {
+        let mut buf = [0u8; wire::MAX_MESSAGE];
+        let no_channel = || LinkError::Protocol("no CHANNEL from the node-worker bridge".into());
+        let received = tokio::time::timeout(HELLO_TIMEOUT, link.recv(&mut buf))
+            .await
+            .map_err(|_| no_channel())??;
+        let (Message::Channel, Some(fd)) = (Message::decode(&buf[..received.len])?, received.fd)
+        else {
+            return Err(no_channel());
+        };
+        let channel = LinkStream::adopt(fd)?;
+        let number = SYNCS.fetch_add(1, Ordering::Relaxed);
+        let mut out = Vec::with_capacity(64);
+        node_ipc::encode_sync(&mut out, &sync_id(number));
+        // Room for one short line within the HELLO timeout, or Node is not reading at all.
+        tokio::time::timeout(HELLO_TIMEOUT, channel.send(&out, None))
+            .await
+            .map_err(|_| LinkError::Protocol("Node does not read its channel".into()))??;
+        Ok(NodeChannel {
+            channel,
+            answered: AtomicU64::new(0),
+            syncing: AtomicU64::new(number),
+        })
+    }
+
+    /// Reads every record waiting; `Ok(Some(_))` if Node closed the channel.
+    fn read_available(
+        &self,
+        buf: &mut [u8],
+        events: &mut Vec<Event>,
+    ) -> Result<Option<&'static str>, LinkError> {
+        loop {
+            let record = match self.channel.try_recv_record(buf) {
+                Ok(record) => record,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(err) => return Err(err.into()),
+            };
+            if record.len == 0 {
+                return Ok(Some("Node closed its IPC channel"));
+            }
+            if record.truncated {
+                // Ours are short: this is the app's own process.send().
+                debug!(len = record.len, "a long message from Node ignored");
+                continue;
+            }
+            for line in node_ipc::lines(&buf[..record.len]) {
+                self.heard(line, events);
+            }
+        }
+    }
+
+    fn heard(&self, line: FromNode, events: &mut Vec<Event>) {
+        let number = self.syncing.load(Ordering::Relaxed);
+        if number != 0 {
+            match line {
+                FromNode::Synced { id, draining } if id == sync_id(number) => {
+                    self.syncing.store(0, Ordering::Relaxed);
+                    events.push(Event::Synced);
+                    if draining {
+                        events.push(Event::Drain);
+                    }
+                }
+                stale => debug!(line = ?stale, "a line from before the sync dropped"),
+            }
+            return;
+        }
+        match line {
+            FromNode::Ack => {
+                let seq = self.answered.fetch_add(1, Ordering::Relaxed) + 1;
+                // One event for a run of ACKs read together.
+                match events.last_mut() {
+                    Some(Event::Acked(last)) => *last = seq,
+                    _ => events.push(Event::Acked(seq)),
+                }
+            }
+            FromNode::Nack => {
+                let seq = self.answered.fetch_add(1, Ordering::Relaxed) + 1;
+                events.push(Event::Refused(seq));
+            }
+            FromNode::DrainRequest => events.push(Event::Drain),
+            other => debug!(line = ?other, "message from Node ignored"),
+        }
+    }
+}

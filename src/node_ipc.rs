@@ -1,0 +1,224 @@
+//! Node.js's IPC dialect, as the dispatcher and the `node-worker` bridge speak it on a Node
+//! process's IPC channel: one JSON object per line (`NODE_CHANNEL_SERIALIZATION_MODE=json`),
+//! file descriptors as SCM_RIGHTS.
+//!
+//! What Node does with it (lib/internal/child_process.js, `setupChannel`, Node 18-22): a
+//! line `{"cmd":"NODE_HANDLE","type":"net.Socket","msg":M}` that arrives with an fd is
+//! answered with `{"cmd":"NODE_HANDLE_ACK"}` (in the order received, before the app sees
+//! the socket), then turned into a `net.Socket` and emitted as
+//! `process.on('message', (M, socket))`. Without its fd the answer is
+//! `{"cmd":"NODE_HANDLE_NACK"}`. Node pairs the fd a read brought with the first
+//! NODE_HANDLE line it completes, and the kernel ends a read after the first message that
+//! carries fds: so each line goes in a `sendmsg` of its own, with exactly its own fd. The
+//! channel is a `SOCK_SEQPACKET` socket, which Node reads like a stream: every line is one
+//! record, sent whole or not at all, so no line is ever split across Node's reads.
+//!
+//! The messages of the `sticky-dispatch` npm package (node/index.js) are marked with a
+//! `stickyDispatch` field:
+//!
+//! ```text
+//! to Node    {"stickyDispatch":"connection",seq,peer,local,listener} + fd   (as NODE_HANDLE's msg)
+//! to Node    {"stickyDispatch":"sync","id":ID}     answer `synced` with the same ID
+//! to Node    {"stickyDispatch":"drain"}            no more connections will come
+//! from Node  {"stickyDispatch":"ready"}            the app called listen(server)
+//! from Node  {"stickyDispatch":"synced","id":ID,"draining":B}   every line before it was read;
+//!                                                  B: Node is stopping, send it nothing
+//! from Node  {"stickyDispatch":"drain-request"}    Node was asked to stop
+//! ```
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+/// One line from Node, as far as sticky-dispatch cares.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FromNode {
+    /// Node received the oldest handle not yet acknowledged.
+    Ack,
+    /// The oldest handle not yet acknowledged reached Node without its fd.
+    Nack,
+    /// The app called `listen(server)`: it can take connections.
+    Ready,
+    /// The answer to the `sync` with this `id`; `draining`: Node is stopping (it asked a
+    /// previous dispatcher to drain, or was told to), so send it nothing.
+    Synced {
+        /// The sync's id.
+        id: String,
+        /// Whether Node is stopping.
+        draining: bool,
+    },
+    /// Node was asked to stop (SIGTERM, `close()`): send nothing new, then answer `drain`.
+    DrainRequest,
+    /// Anything else (`process.send` from the app, other internal messages): ignored.
+    Other(String),
+}
+
+/// Node's own ACK line, byte for byte (`JSON.stringify({cmd: 'NODE_HANDLE_ACK'})`): the
+/// hot path compares instead of parsing.
+const ACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}";
+const NACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_NACK\"}";
+
+/// `{"stickyDispatch":"drain"}`, with its newline.
+pub const DRAIN_LINE: &[u8] = b"{\"stickyDispatch\":\"drain\"}\n";
+
+/// Classifies one line (without its newline).
+pub fn classify(line: &[u8]) -> FromNode {
+    if line == ACK_LINE {
+        return FromNode::Ack;
+    }
+    if line == NACK_LINE {
+        return FromNode::Nack;
+    }
+    let text = || String::from_utf8_lossy(line).into_owned();
+    let Ok(serde_json::Value::Object(message)) = serde_json::from_slice(line) else {
+        return FromNode::Other(text());
+    };
+    let field = |name| message.get(name).and_then(|v| v.as_str());
+    match (field("cmd"), field("stickyDispatch")) {
+        (Some("NODE_HANDLE_ACK"), _) => FromNode::Ack,
+        (Some("NODE_HANDLE_NACK"), _) => FromNode::Nack,
+        (None, Some("ready")) => FromNode::Ready,
+        (None, Some("drain-request")) => FromNode::DrainRequest,
+        (None, Some("synced")) => match field("id") {
+            Some(id) => FromNode::Synced {
+                id: id.to_owned(),
+                draining: message.get("draining").and_then(|v| v.as_bool()) == Some(true),
+            },
+            None => FromNode::Other(text()),
+        },
+        _ => FromNode::Other(text()),
+    }
+}
+
+/// The lines of one record read from the channel, classified.
+pub fn lines(record: &[u8]) -> impl Iterator<Item = FromNode> + '_ {
+    record
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(classify)
+}
+
+/// `{"stickyDispatch":"sync","id":ID}\n` into `out` (cleared first). `id` is plain ASCII.
+pub fn encode_sync(out: &mut Vec<u8>, id: &str) {
+    out.clear();
+    out.extend_from_slice(b"{\"stickyDispatch\":\"sync\",\"id\":");
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, id);
+    out.extend_from_slice(b"}\n");
+}
+
+/// `{"cmd":"NODE_HANDLE","type":"net.Socket","msg":{"stickyDispatch":"connection",...}}\n`
+/// into `out` (cleared first), to be sent with the connection's fd. `type` must be one Node
+/// knows: an unknown one crashes Node after it has acknowledged the handle. No `key`: with
+/// one, Node would report the socket's closing back over the channel.
+pub fn encode_connection(
+    out: &mut Vec<u8>,
+    seq: u64,
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+    listener: &str,
+) {
+    out.clear();
+    let _ = write!(
+        out,
+        "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":{{\"stickyDispatch\":\"connection\",\"seq\":{seq},\"peer\":"
+    );
+    encode_addr(out, peer);
+    out.extend_from_slice(b",\"local\":");
+    encode_addr(out, local);
+    out.extend_from_slice(b",\"listener\":");
+    let _ = serde_json::to_writer(&mut *out, listener);
+    out.extend_from_slice(b"}}\n");
+}
+
+fn encode_addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
+    match addr {
+        // Addresses and ports contain nothing JSON would escape.
+        Some(addr) => {
+            let family = if addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            let _ = write!(
+                out,
+                "{{\"address\":\"{}\",\"port\":{},\"family\":\"{family}\"}}",
+                addr.ip(),
+                addr.port()
+            );
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_lines_are_what_node_expects() {
+        let mut out = Vec::new();
+        let peer = Some("127.0.0.5:40000".parse().unwrap());
+        let local = Some("[::1]:8080".parse().unwrap());
+        encode_connection(&mut out, 7, peer, local, "web \"1\"");
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Socket\",\"msg\":{\"stickyDispatch\":\"connection\",\"seq\":7,\
+             \"peer\":{\"address\":\"127.0.0.5\",\"port\":40000,\"family\":\"IPv4\"},\
+             \"local\":{\"address\":\"::1\",\"port\":8080,\"family\":\"IPv6\"},\"listener\":\"web \\\"1\\\"\"}}\n"
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed["msg"]["peer"]["port"], 40000);
+        encode_connection(&mut out, 8, None, None, "x");
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(parsed["msg"]["peer"].is_null() && parsed["msg"]["local"].is_null());
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+    }
+
+    #[test]
+    fn sync_lines_round_trip() {
+        let mut out = Vec::new();
+        encode_sync(&mut out, "42-1");
+        assert_eq!(out, b"{\"stickyDispatch\":\"sync\",\"id\":\"42-1\"}\n");
+        assert_eq!(
+            classify(b"{\"stickyDispatch\":\"synced\",\"id\":\"42-1\",\"draining\":false}"),
+            FromNode::Synced {
+                id: "42-1".into(),
+                draining: false
+            }
+        );
+        assert_eq!(
+            classify(b"{\"stickyDispatch\":\"synced\",\"id\":\"42-1\",\"draining\":true}"),
+            FromNode::Synced {
+                id: "42-1".into(),
+                draining: true
+            }
+        );
+        assert!(matches!(
+            classify(b"{\"stickyDispatch\":\"synced\"}"),
+            FromNode::Other(_)
+        ));
+    }
+
+    #[test]
+    fn node_lines_are_classified() {
+        assert_eq!(classify(ACK_LINE), FromNode::Ack);
+        assert_eq!(classify(NACK_LINE), FromNode::Nack);
+        assert_eq!(classify(b"{ \"cmd\": \"NODE_HANDLE_ACK\" }"), FromNode::Ack);
+        assert_eq!(classify(b"{\"stickyDispatch\":\"ready\"}"), FromNode::Ready);
+        assert_eq!(
+            classify(b"{\"stickyDispatch\":\"ready\",\"pid\":3}"),
+            FromNode::Ready
+        );
+        assert_eq!(
+            classify(b"{\"stickyDispatch\":\"drain-request\"}"),
+            FromNode::DrainRequest
+        );
+        assert!(matches!(classify(b"\"hello\""), FromNode::Other(_)));
+        assert!(matches!(
+            classify(b"{\"stickyDispatch\":1}"),
+            FromNode::Other(_)
+        ));
+        assert!(matches!(classify(b"not json"), FromNode::Other(_)));
+        let record = b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n{\"stickyDispatch\":\"ready\"}\n";
+        assert_eq!(
+            lines(record).collect::<Vec<_>>(),
+            [FromNode::Ack, FromNode::Ready]
+        );
+    }
+}
