@@ -39,14 +39,7 @@ pub struct LinkListener {
 #[derive(Debug)]
 pub struct LinkStream {
     fd: AsyncFd<OwnedFd>,
-    /// Registered for write space too. Without, a full socket is polled instead
-    /// ([`FULL_RETRY`]): the kernel signals write space each time the peer reads a
-    /// message, and with edge-triggered interest each signal wakes the process.
-    watches_writes: bool,
 }
-
-/// How often a send to a full socket registered for reads only is tried again.
-const FULL_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// One datagram received from a link.
 #[derive(Debug)]
@@ -57,7 +50,7 @@ pub struct Received {
     pub fd: Option<OwnedFd>,
 }
 
-/// One record received from a peer that is not a link ([`LinkStream::try_recv_record`]).
+/// One record received from a peer that is not a link ([`recv_record`]).
 #[derive(Debug)]
 pub struct Record {
     /// Bytes of the record in the buffer; 0 means the peer closed.
@@ -125,7 +118,6 @@ impl LinkStream {
     fn from_fd(fd: OwnedFd) -> io::Result<LinkStream> {
         Ok(LinkStream {
             fd: register(fd, Interest::READABLE | Interest::WRITABLE)?,
-            watches_writes: true,
         })
     }
 
@@ -135,28 +127,6 @@ impl LinkStream {
         let fd = seqpacket_socket()?;
         socket::connect(fd.as_raw_fd(), &abstract_addr(name)?)?;
         LinkStream::from_fd(fd)
-    }
-
-    /// Adopts a socket received over a link (CHANNEL): it must be an AF_UNIX
-    /// `SOCK_SEQPACKET` socket, which is made non-blocking and registered.
-    pub fn adopt(fd: OwnedFd) -> io::Result<LinkStream> {
-        let kind = socket::getsockopt(&fd, sockopt::SockType)?;
-        let domain = socket::getsockname::<UnixAddr>(fd.as_raw_fd());
-        if kind != SockType::SeqPacket || domain.is_err() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the fd passed is not a Unix SOCK_SEQPACKET socket",
-            ));
-        }
-        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
-        let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
-        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
-        // Node reads a line per connection: registered for write space, every one of
-        // those reads would wake the dispatcher.
-        Ok(LinkStream {
-            fd: register(fd, Interest::READABLE)?,
-            watches_writes: false,
-        })
     }
 
     /// A connected pair, for unit tests.
@@ -182,16 +152,6 @@ impl LinkStream {
 
     /// Sends one datagram, with `fd` attached if given. Waits while the socket buffer is full.
     pub async fn send(&self, datagram: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        if !self.watches_writes {
-            loop {
-                match self.try_send(datagram, fd) {
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        tokio::time::sleep(FULL_RETRY).await
-                    }
-                    sent => return sent,
-                }
-            }
-        }
         self.fd
             .async_io(Interest::WRITABLE, |sock| {
                 send_raw(sock.as_raw_fd(), datagram, fd)
@@ -202,54 +162,15 @@ impl LinkStream {
     /// Sends one datagram now, or fails with `WouldBlock` while the socket buffer is full
     /// (then wait for [`LinkStream::writable`]).
     pub fn try_send(&self, datagram: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        if !self.watches_writes {
-            return send_raw(self.fd.get_ref().as_raw_fd(), datagram, fd);
-        }
         self.fd.try_io(Interest::WRITABLE, |sock| {
             send_raw(sock.as_raw_fd(), datagram, fd)
         })
     }
 
-    /// Waits until a send may succeed (may: on a socket registered for reads only, until
-    /// it is worth trying again).
+    /// Waits until a send may succeed.
     pub async fn writable(&self) -> io::Result<()> {
-        if !self.watches_writes {
-            tokio::time::sleep(FULL_RETRY).await;
-            return Ok(());
-        }
         // Dropping the guard keeps the readiness for the try_send that follows.
         self.fd.writable().await.map(drop)
-    }
-
-    /// Receives one record now, or fails with `WouldBlock`, for a peer that is not a link
-    /// (Node's IPC channel): fds that come with it are closed, and a record longer than
-    /// `buf` is cut (`truncated`), not an error. A length of 0 means the peer closed.
-    pub fn try_recv_record(&self, buf: &mut [u8]) -> io::Result<Record> {
-        self.fd.try_io(Interest::READABLE, |sock| {
-            let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
-            let mut iov = [io::IoSliceMut::new(&mut *buf)];
-            let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
-            let msg = socket::recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg_space), flags)?;
-            for cmsg in msg.cmsgs()? {
-                if let ControlMessageOwned::ScmRights(raw_fds) = cmsg {
-                    // SAFETY: installed in our table for this call alone; adopted to be
-                    // closed at once.
-                    raw_fds
-                        .into_iter()
-                        .for_each(|raw| drop(unsafe { OwnedFd::from_raw_fd(raw) }));
-                }
-            }
-            Ok(Record {
-                len: msg.bytes,
-                truncated: msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
-            })
-        })
-    }
-
-    /// Waits until a read may succeed. Cancel-safe.
-    pub async fn readable(&self) -> io::Result<()> {
-        // The readiness stays set until a try_recv_record meets WouldBlock.
-        self.fd.readable().await.map(drop)
     }
 
     /// Receives one datagram into `buf`, with the fd it carries. A datagram that does not fit
@@ -261,7 +182,7 @@ impl LinkStream {
     }
 }
 
-fn send_raw(sock: RawFd, datagram: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
+pub(crate) fn send_raw(sock: RawFd, datagram: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
     let iov = [io::IoSlice::new(datagram)];
     let fds;
     let cmsgs: &[ControlMessage] = match fd {
@@ -278,6 +199,47 @@ fn send_raw(sock: RawFd, datagram: &[u8], fd: Option<BorrowedFd<'_>>) -> io::Res
         return Err(io::Error::other("short write on a SEQPACKET link"));
     }
     Ok(())
+}
+
+/// Checks that `fd` received over a link (CHANNEL) is an AF_UNIX `SOCK_SEQPACKET` socket,
+/// and makes it non-blocking.
+pub(crate) fn check_seqpacket(fd: &OwnedFd) -> io::Result<()> {
+    let kind = socket::getsockopt(fd, sockopt::SockType)?;
+    if kind != SockType::SeqPacket || socket::getsockname::<UnixAddr>(fd.as_raw_fd()).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the fd passed is not a Unix SOCK_SEQPACKET socket",
+        ));
+    }
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+/// Receives one record now (`WouldBlock` if none), from a peer that is not a link (Node's
+/// IPC channel): fds that come with it are closed, and a record longer than `buf` is cut
+/// (`truncated`), not an error. A length of 0 means the peer closed.
+pub(crate) fn recv_record(sock: RawFd, buf: &mut [u8]) -> io::Result<Record> {
+    let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+    let msg = socket::recvmsg::<()>(sock, &mut iov, Some(&mut cmsg_space), flags)?;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw_fds) = cmsg {
+            // SAFETY: installed in our table for this call alone; adopted to be closed at
+            // once.
+            raw_fds
+                .into_iter()
+                .for_each(|raw| drop(unsafe { OwnedFd::from_raw_fd(raw) }));
+        }
+    }
+    Ok(Record {
+        len: msg.bytes,
+        truncated: msg
+            .flags
+            .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC),
+    })
 }
 
 fn recv_raw(sock: RawFd, buf: &mut [u8]) -> io::Result<Received> {

@@ -95,6 +95,11 @@ impl Slot {
     pub(super) async fn run(mut self) -> Vec<Held> {
         let mut buf = [0u8; wire::MAX_MESSAGE];
         loop {
+            // A Node channel out of the reactor is read whenever the slot wakes.
+            if let Some(link) = self.link.as_mut() {
+                let read = link.read_unwatched(&mut buf, &mut self.events);
+                self.on_received(read);
+            }
             self.send_pending();
             let phase = *self.phase.borrow();
             let idle = self.pending.is_empty() && self.unacked.is_empty() && self.inbox.is_empty();
@@ -109,6 +114,18 @@ impl Slot {
                 .pending
                 .front()
                 .map(|held| held.since + pending_timeout);
+            let read_by = match self
+                .link
+                .as_mut()
+                .map(|link| link.settle(self.unacked.len()))
+            {
+                Some(Ok(read_by)) => read_by,
+                Some(Err(err)) => {
+                    self.link_down(&err.to_string());
+                    continue;
+                }
+                None => None,
+            };
             tokio::select! {
                 Some(held) = self.inbox.recv() => self.arrive(held),
                 received = recv(self.link.as_ref(), &mut buf, &mut self.events) => {
@@ -124,6 +141,8 @@ impl Slot {
                     self.connect().await;
                 }
                 _ = sleep_until(expiry) => self.expire(),
+                // Read at the top of the loop.
+                _ = sleep_until(read_by) => {}
                 _ = self.phase.changed() => {}
             }
         }
@@ -246,9 +265,15 @@ impl Slot {
                 again.refused += 1;
                 if again.refused > MAX_REFUSALS {
                     warn!(index = self.index, peer = ?again.peer, "Node got a connection without its fd {MAX_REFUSALS} times (out of fds?): closing it");
-                    self.shared.metrics.worker(self.index).turned_away(TurnedAway::Refused);
+                    self.shared
+                        .metrics
+                        .worker(self.index)
+                        .turned_away(TurnedAway::Refused);
                 } else {
-                    debug!(index = self.index, seq, "Node got a connection without its fd: sending it again");
+                    debug!(
+                        index = self.index,
+                        seq, "Node got a connection without its fd: sending it again"
+                    );
                     self.pending.push_front(again);
                 }
                 Ok(())
@@ -267,7 +292,10 @@ impl Slot {
                     .map_err(LinkError::from)
             }
             Event::Synced => {
-                info!(index = self.index, "Node worker in step: taking connections");
+                info!(
+                    index = self.index,
+                    "Node worker in step: taking connections"
+                );
                 self.shared.set_live(self.index, true);
                 Ok(())
             }

@@ -8,19 +8,29 @@
 //!   (no extra process woken, no second hand-off) and its link only says, by closing,
 //!   that the worker is gone.
 //!
+//! Node's ACKs do not wake the dispatcher while connections are in flight: the channel is
+//! out of the reactor then, and read whenever the slot wakes anyway (the next connection)
+//! or [`ACK_READ_DELAY`] after the last read. Under load and one client at a time alike
+//! that is one wake-up per connection (its arrival) instead of two (and its ACK). When
+//! nothing is in flight the channel is watched, for Node's drain request or its exit.
+//!
 //! A Node channel may have had a previous dispatcher (this one restarted while Node lived):
 //! ACKs and other lines it never read may still wait in the channel. So the first thing
 //! sent on a channel is a `sync` with an id of this link's own; everything read before
 //! Node's `synced` with that id is stale and dropped, and nothing is sent until then.
 
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::state::Held;
-use crate::link::{LinkStream, Received};
+use crate::link::{self, LinkStream, Received};
 use crate::node_ipc::{self, FromNode};
 use crate::shared::{exchange_hello, LinkError, HELLO_TIMEOUT};
 use crate::wire::{self, Conn, Message, Role};
@@ -38,6 +48,16 @@ pub(super) enum Event {
     Synced,
 }
 
+/// How long Node's ACKs may wait unread in its channel while connections are in flight:
+/// the dispatcher keeps its copies of those connections' fds that much longer (bounded by
+/// `max_in_flight`), and the hand-off histogram counts it.
+const ACK_READ_DELAY: Duration = Duration::from_millis(2);
+/// How often a send to a full Node channel is tried again. The channel is not watched for
+/// write space: the kernel signals it each time Node reads a line, and each signal would
+/// wake the dispatcher; a full channel means a Node that does not read, which is rare and
+/// bounded by the bridge's `--ack-timeout`.
+const FULL_RETRY: Duration = Duration::from_millis(1);
+
 /// An established link to a worker.
 pub(super) struct WorkerLink {
     link: LinkStream,
@@ -48,7 +68,11 @@ pub(super) struct WorkerLink {
 
 /// A Node process's IPC channel, passed by its bridge.
 struct NodeChannel {
-    channel: LinkStream,
+    /// Registered for readability while nothing is in flight ([`WorkerLink::settle`]);
+    /// a duplicate of `fd`, so that dropping it takes the channel out of the reactor.
+    /// Declared before `fd`: deregistered before the fd closes.
+    watched: Option<AsyncFd<OwnedFd>>,
+    fd: OwnedFd,
     /// Lines Node has answered (ACK or NACK) on this link: each answer is for the next
     /// line sent, and sequence numbers count the lines sent, from 1. (Atomics only to be
     /// written from the slot's receive future, which shares the link with its send side;
@@ -56,6 +80,8 @@ struct NodeChannel {
     answered: AtomicU64,
     /// The number of the `sync` sent (see [`sync_id`]) until Node answers it, then 0.
     syncing: AtomicU64,
+    /// While not watched: when to read it at the latest.
+    read_by: Option<Instant>,
 }
 
 /// A sync's id: unique to this dispatcher process, and to the link within it.
@@ -99,52 +125,98 @@ impl WorkerLink {
 
     /// Whether connections may be sent (a Node worker has answered the sync).
     pub(super) fn is_ready(&self) -> bool {
-        self.node.as_ref().is_none_or(|node| node.syncing.load(Ordering::Relaxed) == 0)
+        match &self.node {
+            Some(node) => node.syncing.load(Ordering::Relaxed) == 0,
+            None => true,
+        }
     }
 
     /// Sends `held` as connection `seq`, now, or fails with `WouldBlock` (then wait for
     /// [`writable`](Self::writable)). `out` is scratch space.
-    pub(super) fn try_send_conn(
-        &self,
-        out: &mut Vec<u8>,
-        seq: u64,
-        held: &Held,
-    ) -> io::Result<()> {
+    pub(super) fn try_send_conn(&self, out: &mut Vec<u8>, seq: u64, held: &Held) -> io::Result<()> {
+        let fd = Some(held.stream.as_fd());
         match &self.node {
-            None => Message::Conn(Conn {
-                seq,
-                peer: held.peer,
-                local: held.local,
-                listener: held.listener.to_string(),
-            })
-            .encode(out),
-            Some(_) => {
-                node_ipc::encode_connection(out, seq, held.peer, held.local, &held.listener)
+            None => {
+                Message::Conn(Conn {
+                    seq,
+                    peer: held.peer,
+                    local: held.local,
+                    listener: held.listener.to_string(),
+                })
+                .encode(out);
+                self.link.try_send(out, fd)
+            }
+            Some(node) => {
+                node_ipc::encode_connection(out, seq, held.peer, held.local, &held.listener);
+                link::send_raw(node.fd.as_raw_fd(), out, fd)
             }
         }
-        self.sender().try_send(out, Some(held.stream.as_fd()))
     }
 
     /// Answers a drain: nothing after `last_seq` will be sent. Not waiting for room: a
     /// worker that does not get it stops on its own after its timeout.
     pub(super) fn send_drained(&self, out: &mut Vec<u8>, last_seq: u64) -> io::Result<()> {
         match &self.node {
-            None => Message::Drained { last_seq }.encode(out),
+            None => {
+                Message::Drained { last_seq }.encode(out);
+                self.link.try_send(out, None)
+            }
+            Some(node) => link::send_raw(node.fd.as_raw_fd(), node_ipc::DRAIN_LINE, None),
+        }
+    }
+
+    /// Waits until a send may succeed (for a Node channel: until it is worth trying again).
+    pub(super) async fn writable(&self) -> io::Result<()> {
+        match &self.node {
+            None => self.link.writable().await,
             Some(_) => {
-                out.clear();
-                out.extend_from_slice(node_ipc::DRAIN_LINE);
+                tokio::time::sleep(FULL_RETRY).await;
+                Ok(())
             }
         }
-        self.sender().try_send(out, None)
     }
 
-    /// Waits until a send may succeed.
-    pub(super) async fn writable(&self) -> io::Result<()> {
-        self.sender().writable().await
+    /// Before the slot sleeps with `in_flight` connections unacknowledged: watches a Node
+    /// channel when nothing is in flight (or it is syncing), and otherwise returns when
+    /// to read it ([`read_unwatched`](Self::read_unwatched)) at the latest.
+    pub(super) fn settle(&mut self, in_flight: usize) -> Result<Option<Instant>, LinkError> {
+        let Some(node) = &mut self.node else {
+            return Ok(None);
+        };
+        let watch = in_flight == 0 || node.syncing.load(Ordering::Relaxed) != 0;
+        match (watch, node.watched.is_some()) {
+            (true, false) => {
+                let dup = node.fd.try_clone()?;
+                node.watched = Some(link::register(dup, Interest::READABLE)?);
+            }
+            (false, true) => node.watched = None,
+            _ => {}
+        }
+        if watch {
+            node.read_by = None;
+            return Ok(None);
+        }
+        Ok(Some(
+            *node
+                .read_by
+                .get_or_insert_with(|| Instant::now() + ACK_READ_DELAY),
+        ))
     }
 
-    fn sender(&self) -> &LinkStream {
-        self.node.as_ref().map_or(&self.link, |node| &node.channel)
+    /// Reads what a Node channel that is not watched has waiting, without waiting (the
+    /// slot is awake anyway). `Ok(Some(reason))`: Node went away.
+    pub(super) fn read_unwatched(
+        &mut self,
+        buf: &mut [u8],
+        events: &mut Vec<Event>,
+    ) -> Result<Option<&'static str>, LinkError> {
+        match &mut self.node {
+            Some(node) if node.watched.is_none() => {
+                node.read_by = None;
+                node.read_available(buf, events)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Waits for what the worker says next and appends it to `events` (empty if what came
@@ -166,11 +238,23 @@ impl WorkerLink {
                 }
                 Err(LinkError::Protocol("a message on a Node worker's link after CHANNEL".into()))
             }
-            readable = node.channel.readable() => {
+            readable = readable(node.watched.as_ref()) => {
                 readable?;
                 node.read_available(buf, events)
             }
         }
+    }
+}
+
+/// Waits until a watched channel has something to read, and clears its readiness: the
+/// caller reads until `WouldBlock`. Never resolves for a channel not watched.
+async fn readable(watched: Option<&AsyncFd<OwnedFd>>) -> io::Result<()> {
+    match watched {
+        Some(watched) => {
+            watched.readable().await?.clear_ready();
+            Ok(())
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -206,18 +290,29 @@ impl NodeChannel {
         else {
             return Err(no_channel());
         };
-        let channel = LinkStream::adopt(fd)?;
+        link::check_seqpacket(&fd)?;
         let number = SYNCS.fetch_add(1, Ordering::Relaxed);
         let mut out = Vec::with_capacity(64);
         node_ipc::encode_sync(&mut out, &sync_id(number));
         // Room for one short line within the HELLO timeout, or Node is not reading at all.
-        tokio::time::timeout(HELLO_TIMEOUT, channel.send(&out, None))
-            .await
+        let sent = tokio::time::timeout(HELLO_TIMEOUT, async {
+            loop {
+                match link::send_raw(fd.as_raw_fd(), &out, None) {
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        tokio::time::sleep(FULL_RETRY).await
+                    }
+                    sent => return sent,
+                }
+            }
+        });
+        sent.await
             .map_err(|_| LinkError::Protocol("Node does not read its channel".into()))??;
         Ok(NodeChannel {
-            channel,
+            watched: None,
+            fd,
             answered: AtomicU64::new(0),
             syncing: AtomicU64::new(number),
+            read_by: None,
         })
     }
 
@@ -228,9 +323,14 @@ impl NodeChannel {
         events: &mut Vec<Event>,
     ) -> Result<Option<&'static str>, LinkError> {
         loop {
-            let record = match self.channel.try_recv_record(buf) {
+            let record = match link::recv_record(self.fd.as_raw_fd(), buf) {
                 Ok(record) => record,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                // Node died with lines unread.
+                Err(err) if err.kind() == io::ErrorKind::ConnectionReset => {
+                    return Ok(Some("Node's IPC channel was reset (Node died)"))
+                }
                 Err(err) => return Err(err.into()),
             };
             if record.len == 0 {

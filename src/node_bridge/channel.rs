@@ -70,7 +70,9 @@ impl NodeChannel {
                         for line in node_ipc::lines(&buf[..len.min(MAX_RECORD)]) {
                             match line {
                                 FromNode::Ready => return Ok(true),
-                                other => debug!(line = ?other, "message from Node before ready ignored"),
+                                other => {
+                                    debug!(line = ?other, "message from Node before ready ignored")
+                                }
                             }
                         }
                     }

@@ -260,7 +260,10 @@ impl Bridge {
             let link = admitted.pass_channel(channel.as_fd()).await?;
             // Our duplicate goes; the dispatcher has its own now.
             drop(channel);
-            info!(dispatcher_pid = link.dispatcher_pid(), "link up: Node's channel passed");
+            info!(
+                dispatcher_pid = link.dispatcher_pid(),
+                "link up: Node's channel passed"
+            );
             link.closed().await
         };
         self.link
@@ -362,7 +365,6 @@ impl Bridge {
     fn unreachable(&mut self, why: &str) {
         warn!(why, "waiting for Node to exit");
         self.channel.stop_reading();
-        self.phase = Phase::Stopping;
         self.exit_by(why, self.timeouts.stop);
     }
 

@@ -63,6 +63,9 @@ process.on('message', (message, socket) => {
       exitWhenDone();
     });
     server.emit('connection', socket);
+  } else if (message.stickyDispatch === 'sync') {
+    // A dispatcher took the channel: it reads nothing before this answer.
+    process.send({ stickyDispatch: 'synced', id: message.id, draining: stopping });
   } else if (message.stickyDispatch === 'drain') {
     // Nothing more will come: finish the open connections, then exit (a silent client is
     // not waited for longer than 5 s).
@@ -73,8 +76,13 @@ process.on('message', (message, socket) => {
   }
 });
 
-// systemd's SIGTERM reaches us too: ask the bridge to drain, and wait for its `drain`.
-process.on('SIGTERM', () => process.send({ stickyDispatch: 'drain-request' }));
+// systemd's SIGTERM reaches us too (and the bridge passes its own on): ask the
+// dispatcher to drain, and wait for its `drain`.
+let stopping = false;
+process.on('SIGTERM', () => {
+  stopping = true;
+  process.send({ stickyDispatch: 'drain-request' });
+});
 
 setTimeout(() => {
   console.error(`app ${process.pid}: ready worker=${index}`);
