@@ -560,6 +560,42 @@ fn node_worker_units_under_a_booted_systemd() {
         "systemctl restart returned before the app was ready: {took:?}"
     );
     assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+
+    // The dispatcher restarts; the Node processes, and what they hold in memory, stay: the
+    // bridges keep the channels open and pass them to the new dispatcher, which syncs.
+    let node_pids = |outcomes: &[Outcome]| {
+        let mut pids = std::collections::BTreeMap::new();
+        for answer in outcomes.iter().filter_map(|o| o.answer.as_ref().ok()) {
+            pids.insert(answer.worker, answer.pid);
+        }
+        pids
+    };
+    let before = node_pids(&plan(&clients).once().start().join());
+    let load = plan(&clients)
+        .threads(THREADS)
+        .max_each(100_000 / THREADS)
+        .start();
+    load.wait_until("load running", |l| l.answered() >= 300);
+    c.ok(&["systemctl", "restart", "sticky-dispatch.service"]);
+    let answered = load.answered();
+    load.wait_until("the new dispatcher serving", |l| {
+        l.answered() >= answered + 300
+    });
+    let outcomes = load.stop();
+    let tally = Tally::of(&outcomes, expected);
+    let after = node_pids(&outcomes[outcomes.len() / 2..]);
+    let in_step = c
+        .journal(&["-u", "sticky-dispatch.service"])
+        .iter()
+        .filter(|e| container::message(e).contains("Node worker in step"))
+        .count();
+    println!(
+        "systemctl restart sticky-dispatch under load: Node pids {before:?} -> {after:?}; {in_step} syncs in the journal; {tally}"
+    );
+    assert_eq!(before.len(), WORKERS as usize, "{before:?}");
+    assert_eq!(before, after, "a dispatcher restart must not restart Node");
+    assert!(in_step >= 2 * WORKERS as usize - 1, "{in_step}");
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
 }
 
 /// Runs 50 socket.io clients against `addr`; `phase_ms` bounds each phase of a client.

@@ -152,12 +152,23 @@ function startServer(variant, o) {
   });
 }
 
-function stopServer(server) {
+/** Kills the variant's process group and waits (at most 10 s) until none of it is left,
+ *  so that the next variant finds the port free. */
+async function stopServer(server) {
+  const groupAlive = () => {
+    try {
+      process.kill(-server.pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
   try {
     process.kill(-server.pid, 'SIGKILL');
   } catch {
     // already gone
   }
+  for (let i = 0; i < 200 && groupAlive(); i++) await new Promise((r) => setTimeout(r, 50));
 }
 
 /** The dispatching processes: the master, and for sticky-dispatch its bridges. */
@@ -284,7 +295,7 @@ async function main() {
       for (const c of o.concurrency) rows.push({ variant: variant.name, ...(await measure(o, variant, server, c, addresses)) });
       if (o.kill) kills.push({ variant: variant.name, ...(await killRun(o, variant, server, addresses)) });
     } finally {
-      stopServer(server);
+      await stopServer(server);
     }
   }
 

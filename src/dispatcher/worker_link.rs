@@ -111,6 +111,11 @@ impl WorkerLink {
                 allowed: "worker_users",
             });
         }
+        WorkerLink::over(link, index).await
+    }
+
+    /// Exchanges HELLOs on a connected link (and takes a Node worker's channel).
+    async fn over(link: LinkStream, index: u32) -> Result<WorkerLink, LinkError> {
         let hello = exchange_hello(&link, Role::Dispatcher, index).await?;
         let node = match hello.role {
             Role::NodeWorker => Some(NodeChannel::receive(&link).await?),
@@ -378,5 +383,122 @@ impl NodeChannel {
             FromNode::DrainRequest => events.push(Event::Drain),
             other => debug!(line = ?other, "message from Node ignored"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixDatagram;
+
+    /// A bridge that passes a channel whose Node end the test plays, with lines a previous
+    /// dispatcher left unread already in it.
+    /// Also returns the bridge's end of the link: the link closes when it goes.
+    async fn node_link() -> (WorkerLink, UnixDatagram, LinkStream) {
+        let (dispatcher, bridge) = LinkStream::pair().unwrap();
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let node = UnixDatagram::from(theirs);
+        node.send(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n").unwrap();
+        node.send(b"{\"stickyDispatch\":\"drain-request\"}\n")
+            .unwrap();
+        let bridge_side = async {
+            exchange_hello(&bridge, Role::NodeWorker, 3).await.unwrap();
+            let mut out = Vec::new();
+            Message::Channel.encode(&mut out);
+            bridge.send(&out, Some(ours.as_fd())).await.unwrap();
+        };
+        let (link, ()) = tokio::join!(WorkerLink::over(dispatcher, 3), bridge_side);
+        (link.unwrap(), node, bridge)
+    }
+
+    fn sync_id_sent(node: &UnixDatagram) -> String {
+        let mut buf = [0u8; 256];
+        let len = node.recv(&mut buf).unwrap();
+        let sync: serde_json::Value = serde_json::from_slice(&buf[..len]).unwrap();
+        assert_eq!(sync["stickyDispatch"], "sync");
+        sync["id"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_node_channel_syncs_then_counts_node_acks_in_order() {
+        let (mut link, node, _bridge) = node_link().await;
+        assert!(!link.is_ready(), "nothing is sent before the sync");
+        let id = sync_id_sent(&node);
+        node.send(b"{\"stickyDispatch\":\"synced\",\"id\":\"not-ours\"}\n")
+            .unwrap();
+        node.send(
+            format!("{{\"stickyDispatch\":\"synced\",\"id\":\"{id}\",\"draining\":false}}\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut buf = [0u8; wire::MAX_MESSAGE];
+        let mut events = Vec::new();
+        assert_eq!(link.settle(0).unwrap(), None, "watched while syncing");
+        while events.is_empty() {
+            assert_eq!(link.recv(&mut buf, &mut events).await.unwrap(), None);
+        }
+        // The stale ACK, drain request and foreign sync answer were dropped.
+        assert_eq!(events, [Event::Synced]);
+        assert!(link.is_ready());
+
+        // In flight: not watched; read when the slot wakes.
+        assert!(link.settle(4).unwrap().is_some());
+        for line in [
+            &b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n"[..],
+            b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n",
+            b"{\"cmd\":\"NODE_HANDLE_NACK\"}\n",
+            b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n",
+            b"{\"hello\":\"from the app\"}\n",
+            b"{\"stickyDispatch\":\"drain-request\"}\n",
+        ] {
+            node.send(line).unwrap();
+        }
+        events.clear();
+        assert_eq!(link.read_unwatched(&mut buf, &mut events).unwrap(), None);
+        assert_eq!(
+            events,
+            [
+                Event::Acked(2),
+                Event::Refused(3),
+                Event::Acked(4),
+                Event::Drain
+            ]
+        );
+        let mut out = Vec::new();
+        link.send_drained(&mut out, 4).unwrap();
+        let mut line = [0u8; 64];
+        let len = node.recv(&mut line).unwrap();
+        assert_eq!(&line[..len], node_ipc::DRAIN_LINE);
+
+        drop(node);
+        events.clear();
+        assert!(link
+            .read_unwatched(&mut buf, &mut events)
+            .unwrap()
+            .is_some());
+    }
+
+    #[tokio::test]
+    async fn a_node_that_was_draining_is_sent_nothing_after_the_sync() {
+        let (mut link, node, _bridge) = node_link().await;
+        let id = sync_id_sent(&node);
+        node.send(
+            format!("{{\"stickyDispatch\":\"synced\",\"id\":\"{id}\",\"draining\":true}}\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut buf = [0u8; wire::MAX_MESSAGE];
+        let mut events = Vec::new();
+        link.settle(0).unwrap();
+        while events.is_empty() {
+            link.recv(&mut buf, &mut events).await.unwrap();
+        }
+        assert_eq!(events, [Event::Synced, Event::Drain]);
     }
 }
