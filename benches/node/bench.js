@@ -229,6 +229,7 @@ async function measure(o, variant, server, concurrency, addresses) {
   await load(o, concurrency, o.warmup, addresses);
   const pids = dispatchingPids(variant, server);
   const before = pids.map(cpuTicks);
+  const workersBefore = server.workerPids.map(cpuTicks);
   const wakesBefore = pids.map(wakeups);
   const selfBefore = process.cpuUsage();
   const started = process.hrtime.bigint();
@@ -237,6 +238,7 @@ async function measure(o, variant, server, concurrency, addresses) {
   const spent = pids.map((pid, i) => cpuTicks(pid) - before[i]);
   const wakes = pids.map((pid, i) => wakeups(pid) - wakesBefore[i]).reduce((sum, w) => sum + w, 0);
   const ticks = spent.reduce((sum, t) => sum + t, 0);
+  const workerTicks = server.workerPids.reduce((sum, pid, i) => sum + cpuTicks(pid) - workersBefore[i], 0);
   const self = process.cpuUsage(selfBefore);
   const total = counts.ok + counts.failed;
   return {
@@ -247,6 +249,8 @@ async function measure(o, variant, server, concurrency, addresses) {
     mainPerConn: total ? (spent[0] * TICK_US) / total : NaN,
     wakesPerConn: total ? wakes / total : NaN,
     loadgenPerConn: total ? (self.user + self.system) / total : NaN,
+    // The app's worker processes (the same http app in every variant).
+    workersPerConn: total ? (workerTicks * TICK_US) / total : NaN,
     failed: counts.failed,
     total,
   };
@@ -300,14 +304,14 @@ async function main() {
   }
 
   console.log(`\n${o.workers} workers, ${o.addresses} client addresses, ${o.seconds} s per row, one request per connection (Connection: close)\n`);
-  console.log(`${pad('variant', 28)}${pad('concurrency', 13)}${pad('conn/s', 10)}${pad('CPU µs/conn', 14)}${pad('(dispatcher)', 14)}${pad('wakes/conn', 12)}${pad('failed', 8)}load gen µs/conn`);
+  console.log(`${pad('variant', 28)}${pad('concurrency', 13)}${pad('conn/s', 10)}${pad('CPU µs/conn', 14)}${pad('(dispatcher)', 14)}${pad('wakes/conn', 12)}${pad('failed', 8)}${pad('load gen µs/conn', 18)}workers µs/conn`);
   for (const r of rows) {
     if (r.error) {
       console.log(`${pad(r.variant, 28)}${r.error}`);
       continue;
     }
     console.log(
-      `${pad(r.variant, 28)}${pad(r.concurrency, 13)}${pad(Math.round(r.rate), 10)}${pad(r.cpuPerConn.toFixed(0), 14)}${pad(r.mainPerConn.toFixed(0), 14)}${pad(r.wakesPerConn.toFixed(2), 12)}${pad(`${r.failed}/${r.total}`, 8)}${r.loadgenPerConn.toFixed(0)}`,
+      `${pad(r.variant, 28)}${pad(r.concurrency, 13)}${pad(Math.round(r.rate), 10)}${pad(r.cpuPerConn.toFixed(0), 14)}${pad(r.mainPerConn.toFixed(0), 14)}${pad(r.wakesPerConn.toFixed(2), 12)}${pad(`${r.failed}/${r.total}`, 8)}${pad(r.loadgenPerConn.toFixed(0), 18)}${r.workersPerConn.toFixed(0)}`,
     );
   }
   if (kills.length) {
