@@ -97,6 +97,17 @@ impl NodeChannel {
         crate::link::unread_by_peer(self.fd.as_fd())
     }
 
+    /// Whether Node has closed its end (it exited, or called `process.disconnect()`):
+    /// seen without reading, which would take lines meant for the dispatcher.
+    pub(super) fn node_closed(&self) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLRDHUP)];
+        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+            && fds[0].revents().is_some_and(|r| {
+                r.intersects(PollFlags::POLLRDHUP | PollFlags::POLLHUP | PollFlags::POLLERR)
+            })
+    }
+
     /// Tells Node that no more connections will come, when no dispatcher is there to.
     pub(super) fn send_drain(&self) -> io::Result<()> {
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
@@ -132,7 +143,9 @@ mod tests {
         assert_eq!(&buf[..len], node_ipc::DRAIN_LINE);
         assert_eq!(ours.unread_by_node().unwrap(), 0);
         ours.stop_reading();
+        assert!(!ours.node_closed());
         drop(node);
+        assert!(ours.node_closed());
         let (other, theirs) = pair().unwrap();
         drop(theirs);
         assert!(!other.ready().await.unwrap());

@@ -28,6 +28,8 @@
 //!   (systemd's `Restart=`, standalone mode's supervisor) restarts the pair, with its
 //!   backoff and its logs, and Node's in-memory state (sessions) is gone either way, so a
 //!   restart inside the bridge would only hide the crash;
+//! - Node closes its channel (`process.disconnect()`): the bridge notices within a
+//!   quarter of `--ack-timeout`, closes the link and waits for Node's exit, bounded;
 //! - Node stops reading its channel (blocked event loop, stopped process): when lines sent
 //!   to it stay unread, none taken, for `--ack-timeout` (default 10 s: far above any sane
 //!   stall of an event loop), the bridge treats it as dead: SIGKILL, exit status 1, and the
@@ -204,7 +206,7 @@ async fn run(options: WorkerOptions, timeouts: Timeouts, command: Vec<OsString>)
                 }
             },
             Some(done) = bridge.link.join_next() => bridge.link_down(done),
-            _ = stall_check.tick(), if bridge.phase == Phase::Serving => bridge.check_stall(),
+            _ = stall_check.tick(), if bridge.phase == Phase::Serving => bridge.check_node(),
             _ = sleep_until(deadline) => bridge.kill_node("did not exit", &format!(
                 "Node did not exit within {:?} of being told to stop (or of closing its channel): killing it",
                 bridge.timeouts.stop
@@ -313,8 +315,17 @@ impl Bridge {
         }
     }
 
-    /// Kills Node if lines sent to it stay unread, none taken, for `--ack-timeout`.
-    fn check_stall(&mut self) {
+    /// Looks at Node's end of the channel: closed (Node can take nothing more), or lines
+    /// sent to it unread, none taken, for `--ack-timeout` (kill it).
+    fn check_node(&mut self) {
+        if self.channel.node_closed() {
+            warn!(node_pid = self.node_pid, "Node closed its IPC channel: closing the link, waiting for Node to exit");
+            // The link goes too: the dispatcher re-sends what Node had not acknowledged.
+            self.server = None;
+            self.link.abort_all();
+            self.phase = Phase::Stopping;
+            return self.exit_by("Node closed its IPC channel", self.timeouts.stop);
+        }
         let unread = match self.channel.unread_by_node() {
             Ok(unread) => unread,
             Err(err) => return debug!(%err, "could not measure Node's unread lines"),
