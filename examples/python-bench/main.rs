@@ -5,7 +5,8 @@
 //! ```text
 //! cargo build --release --bins --example python-bench
 //! target/release/examples/python-bench --python target/python-venv/bin/python \
-//!     [--workers 4] [--concurrency 32] [--seconds 3] [--repeats 5] [--bin-dir target/release]
+//!     [--workers 4] [--concurrency 32] [--seconds 3] [--repeats 5] [--bin-dir target/release] \
+//!     [--setups dispatch,reuseport,nginx]
 //! ```
 //!
 //! Three set-ups, each with `--workers` copies of `examples/python-bench/app.py`:
@@ -50,6 +51,7 @@ struct Options {
     seconds: f64,
     repeats: usize,
     bin_dir: PathBuf,
+    setups: Vec<String>,
 }
 
 fn options() -> Options {
@@ -60,6 +62,7 @@ fn options() -> Options {
         seconds: 3.0,
         repeats: 5,
         bin_dir: PathBuf::from("target/release"),
+        setups: vec!["dispatch".into(), "reuseport".into(), "nginx".into()],
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -74,6 +77,7 @@ fn options() -> Options {
             "--seconds" => options.seconds = value().parse().unwrap(),
             "--repeats" => options.repeats = value().parse().unwrap(),
             "--bin-dir" => options.bin_dir = value().into(),
+            "--setups" => options.setups = value().split(',').map(String::from).collect(),
             other => panic!("unknown flag {other}; see the doc comment of python-bench"),
         }
     }
@@ -401,13 +405,40 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The pids of a set-up's server processes (with the live children of those counted so).
+fn pids(s: &Setup) -> Vec<i32> {
+    let mut all = Vec::new();
+    for &(pid, children) in &s.everything {
+        all.push(pid);
+        if children {
+            let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            all.extend(list.split_whitespace().map(|p| p.parse::<i32>().unwrap()));
+        }
+    }
+    all
+}
+
 fn main() {
     let o = options();
     println!(
         "python-bench: {} aiohttp workers, concurrency {}, {} s runs, {} repeats (medians)",
         o.workers, o.concurrency, o.seconds, o.repeats
     );
-    let setups = [dispatch(&o), reuseport(&o), nginx(&o)];
+    let setups: Vec<Setup> = o
+        .setups
+        .iter()
+        .map(|name| match name.as_str() {
+            "dispatch" => dispatch(&o),
+            "reuseport" => reuseport(&o),
+            "nginx" => nginx(&o),
+            other => panic!("unknown set-up {other}: dispatch, reuseport or nginx"),
+        })
+        .collect();
+    // For profiling one process while the runs go on (perf stat -p, strace -c -p).
+    for s in &setups {
+        println!("{} server pids: {:?}", s.name, pids(s));
+    }
     let length = Duration::from_secs_f64(o.seconds);
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
@@ -446,12 +477,11 @@ fn main() {
         }
     }
     println!("\nmedians over {} runs:", o.repeats);
-    let rate = |i: usize| median(rates[i].clone());
     for (i, s) in setups.iter().enumerate() {
         let mut line = format!(
             "{:<16} {:8.0} conn/s  server CPU {:6.1} us/conn",
             s.name,
-            rate(i),
+            median(rates[i].clone()),
             median(totals[i].clone())
         );
         if !cpus[i].is_empty() {
@@ -463,15 +493,33 @@ fn main() {
         line.push_str(&format!("  errors {}", errors[i]));
         println!("{line}");
     }
+    let find = |name: &str| setups.iter().position(|s| s.name == name);
+    let Some(d) = find("sticky-dispatch") else {
+        return;
+    };
+    // Rate ratios of the runs made one after the other (the same repeat), then their
+    // median: other load on the machine moves both sides of each ratio alike.
+    let paired = |b: usize| -> f64 {
+        median((0..o.repeats).map(|r| rates[d][r] / rates[b][r]).collect())
+    };
     let total = |i: usize| median(totals[i].clone());
-    println!(
-        "ratios: rate sticky-dispatch / SO_REUSEPORT = {:.2}x, sticky-dispatch / nginx = {:.2}x; \
-         middle CPU per conn nginx / dispatcher = {:.2}x; \
-         capacity (1 / server CPU per conn) sticky-dispatch / SO_REUSEPORT = {:.2}x, / nginx = {:.2}x",
-        rate(0) / rate(1),
-        rate(0) / rate(2),
-        median(cpus[2].clone()) / median(cpus[0].clone()),
-        total(1) / total(0),
-        total(2) / total(0)
-    );
+    if let Some(b) = find("SO_REUSEPORT") {
+        println!(
+            "ratios sticky-dispatch / SO_REUSEPORT: rate {:.2}x (median of per-run ratios; \
+             of medians {:.2}x), capacity (1 / server CPU per conn) {:.2}x",
+            paired(b),
+            median(rates[d].clone()) / median(rates[b].clone()),
+            total(b) / total(d)
+        );
+    }
+    if let Some(b) = find("nginx ip_hash") {
+        println!(
+            "ratios sticky-dispatch / nginx ip_hash: rate {:.2}x (median of per-run ratios; \
+             of medians {:.2}x), capacity {:.2}x, middle CPU per conn nginx / dispatcher {:.2}x",
+            paired(b),
+            median(rates[d].clone()) / median(rates[b].clone()),
+            total(b) / total(d),
+            median(cpus[b].clone()) / median(cpus[d].clone())
+        );
+    }
 }

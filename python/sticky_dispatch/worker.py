@@ -26,7 +26,7 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import wire
 from .notify import notify
@@ -66,7 +66,13 @@ class ClientInfo:
 
 @dataclass(frozen=True)
 class Connection:
-    """A client's TCP socket (non-blocking, close-on-exec) and what the dispatcher said."""
+    """A client's TCP socket (non-blocking, close-on-exec) and what the dispatcher said.
+
+    ``socket.getpeername()`` is the client the dispatcher reported (:attr:`ClientInfo.peer`,
+    the real client also when a PROXY header named it), so asyncio transports and the
+    servers on them see the real client too; it asks the kernel only when the dispatcher
+    reported no address.
+    """
 
     socket: socket.socket
     client: ClientInfo
@@ -508,18 +514,65 @@ class _Session:
                 )
 
 
+class _HandedSocket(socket.socket):
+    """A handed-over client socket whose peer is the client the dispatcher reported.
+
+    Saves the system calls asyncio and the adapters would make on every connection:
+    ``getpeername()`` answers from the CONN message, ``getsockname()`` asks the kernel
+    once, and ``setblocking()`` does nothing when the socket is already in that mode
+    (asyncio's ``connect_accepted_socket`` calls it after :func:`_connection` did).
+    """
+
+    __slots__ = ("_peername", "_sockname")
+
+    def __init__(
+        self, family: int = -1, type: int = -1, proto: int = -1, fileno: Optional[int] = None
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        self._peername: Any = None
+        self._sockname: Any = None
+
+    def getpeername(self) -> Any:
+        if self._peername is None:
+            return super().getpeername()
+        return self._peername
+
+    def getsockname(self) -> Any:
+        if self._sockname is None:
+            self._sockname = super().getsockname()
+        return self._sockname
+
+    def setblocking(self, flag: bool) -> None:
+        if flag != (self.gettimeout() != 0.0):
+            super().setblocking(flag)
+
+    def dup(self) -> _HandedSocket:
+        sock = super().dup()
+        sock._peername, sock._sockname = self._peername, self._sockname
+        return sock
+
+
 def _connection(fd: int, message: wire.Conn) -> Optional[Connection]:
-    """Wraps a handed-over fd; anything but a TCP stream socket is logged and closed."""
+    """Wraps a handed-over fd; anything but a TCP socket is logged and closed."""
     try:
-        sock = socket.socket(fileno=fd)
+        # Type and protocol given: CPython then skips getsockopt(SO_TYPE, SO_PROTOCOL).
+        # The family (-1) comes from the getsockname() it makes anyway to check that the
+        # fd is a socket.
+        sock = _HandedSocket(-1, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
     except OSError as err:
         os.close(fd)
         log.warning("a handed-over fd is not a socket seq=%d: %s", message.seq, err)
         return None
-    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    # The dispatcher only hands over accepted TCP connections: the family (from the
+    # kernel) tells a stray Unix socket; not asking the type saves a system call.
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
         log.warning("a handed-over fd is not a TCP socket seq=%d", message.seq)
         sock.close()
         return None
+    peer = message.peer
+    if peer is not None:
+        # Python's spelling: (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6.
+        sock._peername = peer if ":" not in peer[0] else (peer[0], peer[1], 0, 0)
     # O_NONBLOCK lives on the open file, shared with the dispatcher's copy; asyncio needs it.
     sock.setblocking(False)
     info = ClientInfo(message.seq, message.peer, message.local, message.listener)
