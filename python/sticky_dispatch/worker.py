@@ -376,7 +376,12 @@ class _Session:
             self.link.close()
 
     async def _send(self, message: wire.Message) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.link, wire.encode(message))
+        data = wire.encode(message)
+        try:
+            # A datagram goes whole or not at all; the link's buffer is nearly always free.
+            self.link.send(data)
+        except BlockingIOError:
+            await self.loop.sock_sendall(self.link, data)
 
     def _try_recv(self) -> Optional[tuple[bytes, list[int]]]:
         """One datagram and its fds, or None if none is waiting. Fds come close-on-exec."""
@@ -419,6 +424,9 @@ class _Session:
         deadline: Optional[float] = None  # while draining: give up on the dispatcher then
 
         orphaned = False  # the dispatcher died: nobody to acknowledge to
+        # The last receive found the link empty: after the ACK, wait for it to become
+        # readable rather than try again (one failed recvmsg per burst instead of two).
+        link_empty = False
 
         async def flush() -> None:
             """One cumulative ACK for the CONNs received in a burst, then they go to the
@@ -460,7 +468,10 @@ class _Session:
                     drain_sent = True
                     await flush()
                     await self._send(wire.Drain())
-            received = self._try_recv() if last_seq - acked < ACK_BURST else None
+            received = None
+            if not link_empty and last_seq - acked < ACK_BURST:
+                received = self._try_recv()
+                link_empty = received is None
             if received is None:
                 if last_seq != acked:
                     await flush()
@@ -469,6 +480,7 @@ class _Session:
                 if timeout is not None and timeout <= 0:
                     raise LinkError(f"no answer to DRAIN within {DRAIN_ANSWER_TIMEOUT} s")
                 await self._wait_readable(timeout)
+                link_empty = False
                 continue
             data, fds = received
             if not data:
