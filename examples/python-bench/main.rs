@@ -23,7 +23,11 @@
 //! second; the CPU time (utime + stime from `/proc/<pid>/stat`) per connection of what
 //! sits in the middle (the dispatcher, or nginx's master and workers); and the server
 //! CPU per connection (the middle plus the Python workers), which tells the capacity of
-//! a set-up on a machine of its own even when the rate is disturbed by other load.
+//! a set-up on a machine of its own even when the rate is disturbed by other load; and
+//! the client's own CPU per connection (this process), which shares the machine. Rate
+//! ratios are taken run by run (the runs of one repeat follow each other), then their
+//! median. `--setups` runs a subset, e.g. `--workers 1 --setups dispatch` to profile one
+//! worker (its pid is printed) with `perf stat -p` or `strace -c -p`.
 //!
 //! Loopback only; every loop is bounded in time and count; every process started is
 //! stopped (SIGTERM, then SIGKILL) at the end, also on a panic.
@@ -443,6 +447,8 @@ fn main() {
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut totals: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let mut clients: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let me = std::process::id() as i32;
     let mut errors = vec![0u64; setups.len()];
     for s in &setups {
         run(s.addr, o.concurrency, WARM_UP);
@@ -452,6 +458,7 @@ fn main() {
             let before = s.middle.map(|(pid, children)| cpu(pid, children));
             let all = || -> Duration { s.everything.iter().map(|&(pid, c)| cpu(pid, c)).sum() };
             let all_before = all();
+            let client_before = cpu(me, false);
             let started = Instant::now();
             let (done, failed) = run(s.addr, o.concurrency, length);
             let elapsed = started.elapsed().as_secs_f64();
@@ -460,8 +467,11 @@ fn main() {
             errors[i] += failed;
             let total = all().saturating_sub(all_before).as_secs_f64() * 1e6 / done.max(1) as f64;
             totals[i].push(total);
+            let client = cpu(me, false).saturating_sub(client_before).as_secs_f64() * 1e6
+                / done.max(1) as f64;
+            clients[i].push(client);
             let mut line = format!(
-                "run {repeat} {:<16} {rate:8.0} conn/s  server CPU {total:6.1} us/conn",
+                "run {repeat} {:<16} {rate:8.0} conn/s  client CPU {client:5.1}  server CPU {total:6.1} us/conn",
                 s.name
             );
             if let (Some(before), Some((pid, children))) = (before, s.middle) {
@@ -479,9 +489,10 @@ fn main() {
     println!("\nmedians over {} runs:", o.repeats);
     for (i, s) in setups.iter().enumerate() {
         let mut line = format!(
-            "{:<16} {:8.0} conn/s  server CPU {:6.1} us/conn",
+            "{:<16} {:8.0} conn/s  client CPU {:5.1}  server CPU {:6.1} us/conn",
             s.name,
             median(rates[i].clone()),
+            median(clients[i].clone()),
             median(totals[i].clone())
         );
         if !cpus[i].is_empty() {
@@ -499,9 +510,8 @@ fn main() {
     };
     // Rate ratios of the runs made one after the other (the same repeat), then their
     // median: other load on the machine moves both sides of each ratio alike.
-    let paired = |b: usize| -> f64 {
-        median((0..o.repeats).map(|r| rates[d][r] / rates[b][r]).collect())
-    };
+    let paired =
+        |b: usize| -> f64 { median((0..o.repeats).map(|r| rates[d][r] / rates[b][r]).collect()) };
     let total = |i: usize| median(totals[i].clone());
     if let Some(b) = find("SO_REUSEPORT") {
         println!(
