@@ -16,7 +16,7 @@
 //! - **nginx**: nginx (`worker_processes auto`, `upstream { ip_hash; ... }`, the
 //!   python-socketio docs' proxy settings) in front of N `python app.py --direct` ports.
 //!
-//! C client tasks (one thread) each connect from a 127.x.y.z source address (round robin
+//! C client tasks (one thread) each connect from a 127.x.y.1 source address (round robin
 //! over 4096), send `GET /` with `Connection: close`, read the answer to the end, and
 //! start over, for `--seconds`. Runs alternate between the set-ups, `--repeats` times after
 //! an unmeasured warm-up; every figure is the median over the runs: connections per
@@ -383,7 +383,10 @@ fn run(addr: SocketAddr, concurrency: usize, length: Duration) -> (u64, u64) {
                         let n = (next.fetch_add(1, Ordering::Relaxed) % CLIENT_ADDRESSES as u64)
                             as u32
                             + 1;
-                        let from = Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8);
+                        // Every address in a /24 of its own: nginx's ip_hash keys on the
+                        // first three octets only, and 127.1.x.y would give it 17 keys for
+                        // 4 servers (an uneven share, not what real clients look like).
+                        let from = Ipv4Addr::new(127, 1 + (n >> 8) as u8, n as u8, 1);
                         match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, from)).await {
                             Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
                             _ => errors.fetch_add(1, Ordering::Relaxed),
