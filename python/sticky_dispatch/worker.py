@@ -555,7 +555,8 @@ class _HandedSocket(socket.socket):
         return self._sockname
 
     def setblocking(self, flag: bool) -> None:
-        if flag != (self.gettimeout() != 0.0):
+        # Only the no-op case is skipped: setblocking(True) also clears a timeout.
+        if flag or self.gettimeout() != 0.0:
             super().setblocking(flag)
 
     def dup(self) -> _HandedSocket:
