@@ -5,7 +5,8 @@
 //! ```text
 //! cargo build --release --bins --example python-bench
 //! target/release/examples/python-bench --python target/python-venv/bin/python \
-//!     [--workers 4] [--concurrency 32] [--seconds 3] [--repeats 5] [--bin-dir target/release]
+//!     [--workers 4] [--concurrency 32] [--seconds 3] [--repeats 5] [--bin-dir target/release] \
+//!     [--setups dispatch,reuseport,nginx]
 //! ```
 //!
 //! Three set-ups, each with `--workers` copies of `examples/python-bench/app.py`:
@@ -15,14 +16,18 @@
 //! - **nginx**: nginx (`worker_processes auto`, `upstream { ip_hash; ... }`, the
 //!   python-socketio docs' proxy settings) in front of N `python app.py --direct` ports.
 //!
-//! C client tasks (one thread) each connect from a 127.x.y.z source address (round robin
+//! C client tasks (one thread) each connect from a 127.x.y.1 source address (round robin
 //! over 4096), send `GET /` with `Connection: close`, read the answer to the end, and
 //! start over, for `--seconds`. Runs alternate between the set-ups, `--repeats` times after
 //! an unmeasured warm-up; every figure is the median over the runs: connections per
 //! second; the CPU time (utime + stime from `/proc/<pid>/stat`) per connection of what
 //! sits in the middle (the dispatcher, or nginx's master and workers); and the server
 //! CPU per connection (the middle plus the Python workers), which tells the capacity of
-//! a set-up on a machine of its own even when the rate is disturbed by other load.
+//! a set-up on a machine of its own even when the rate is disturbed by other load; and
+//! the client's own CPU per connection (this process), which shares the machine. Rate
+//! ratios are taken run by run (the runs of one repeat follow each other), then their
+//! median. `--setups` runs a subset, e.g. `--workers 1 --setups dispatch` to profile one
+//! worker (its pid is printed) with `perf stat -p` or `strace -c -p`.
 //!
 //! Loopback only; every loop is bounded in time and count; every process started is
 //! stopped (SIGTERM, then SIGKILL) at the end, also on a panic.
@@ -50,6 +55,7 @@ struct Options {
     seconds: f64,
     repeats: usize,
     bin_dir: PathBuf,
+    setups: Vec<String>,
 }
 
 fn options() -> Options {
@@ -60,6 +66,7 @@ fn options() -> Options {
         seconds: 3.0,
         repeats: 5,
         bin_dir: PathBuf::from("target/release"),
+        setups: vec!["dispatch".into(), "reuseport".into(), "nginx".into()],
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -74,6 +81,7 @@ fn options() -> Options {
             "--seconds" => options.seconds = value().parse().unwrap(),
             "--repeats" => options.repeats = value().parse().unwrap(),
             "--bin-dir" => options.bin_dir = value().into(),
+            "--setups" => options.setups = value().split(',').map(String::from).collect(),
             other => panic!("unknown flag {other}; see the doc comment of python-bench"),
         }
     }
@@ -375,7 +383,10 @@ fn run(addr: SocketAddr, concurrency: usize, length: Duration) -> (u64, u64) {
                         let n = (next.fetch_add(1, Ordering::Relaxed) % CLIENT_ADDRESSES as u64)
                             as u32
                             + 1;
-                        let from = Ipv4Addr::new(127, 1, (n >> 8) as u8, n as u8);
+                        // Every address in a /24 of its own: nginx's ip_hash keys on the
+                        // first three octets only, and 127.1.x.y would give it 17 keys for
+                        // 4 servers (an uneven share, not what real clients look like).
+                        let from = Ipv4Addr::new(127, 1 + (n >> 8) as u8, n as u8, 1);
                         match tokio::time::timeout(REQUEST_TIMEOUT, one(addr, from)).await {
                             Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
                             _ => errors.fetch_add(1, Ordering::Relaxed),
@@ -401,17 +412,46 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The pids of a set-up's server processes (with the live children of those counted so).
+fn pids(s: &Setup) -> Vec<i32> {
+    let mut all = Vec::new();
+    for &(pid, children) in &s.everything {
+        all.push(pid);
+        if children {
+            let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            all.extend(list.split_whitespace().map(|p| p.parse::<i32>().unwrap()));
+        }
+    }
+    all
+}
+
 fn main() {
     let o = options();
     println!(
         "python-bench: {} aiohttp workers, concurrency {}, {} s runs, {} repeats (medians)",
         o.workers, o.concurrency, o.seconds, o.repeats
     );
-    let setups = [dispatch(&o), reuseport(&o), nginx(&o)];
+    let setups: Vec<Setup> = o
+        .setups
+        .iter()
+        .map(|name| match name.as_str() {
+            "dispatch" => dispatch(&o),
+            "reuseport" => reuseport(&o),
+            "nginx" => nginx(&o),
+            other => panic!("unknown set-up {other}: dispatch, reuseport or nginx"),
+        })
+        .collect();
+    // For profiling one process while the runs go on (perf stat -p, strace -c -p).
+    for s in &setups {
+        println!("{} server pids: {:?}", s.name, pids(s));
+    }
     let length = Duration::from_secs_f64(o.seconds);
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     let mut totals: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let mut clients: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let me = std::process::id() as i32;
     let mut errors = vec![0u64; setups.len()];
     for s in &setups {
         run(s.addr, o.concurrency, WARM_UP);
@@ -421,6 +461,7 @@ fn main() {
             let before = s.middle.map(|(pid, children)| cpu(pid, children));
             let all = || -> Duration { s.everything.iter().map(|&(pid, c)| cpu(pid, c)).sum() };
             let all_before = all();
+            let client_before = cpu(me, false);
             let started = Instant::now();
             let (done, failed) = run(s.addr, o.concurrency, length);
             let elapsed = started.elapsed().as_secs_f64();
@@ -429,8 +470,11 @@ fn main() {
             errors[i] += failed;
             let total = all().saturating_sub(all_before).as_secs_f64() * 1e6 / done.max(1) as f64;
             totals[i].push(total);
+            let client = cpu(me, false).saturating_sub(client_before).as_secs_f64() * 1e6
+                / done.max(1) as f64;
+            clients[i].push(client);
             let mut line = format!(
-                "run {repeat} {:<16} {rate:8.0} conn/s  server CPU {total:6.1} us/conn",
+                "run {repeat} {:<16} {rate:8.0} conn/s  client CPU {client:5.1}  server CPU {total:6.1} us/conn",
                 s.name
             );
             if let (Some(before), Some((pid, children))) = (before, s.middle) {
@@ -446,12 +490,12 @@ fn main() {
         }
     }
     println!("\nmedians over {} runs:", o.repeats);
-    let rate = |i: usize| median(rates[i].clone());
     for (i, s) in setups.iter().enumerate() {
         let mut line = format!(
-            "{:<16} {:8.0} conn/s  server CPU {:6.1} us/conn",
+            "{:<16} {:8.0} conn/s  client CPU {:5.1}  server CPU {:6.1} us/conn",
             s.name,
-            rate(i),
+            median(rates[i].clone()),
+            median(clients[i].clone()),
             median(totals[i].clone())
         );
         if !cpus[i].is_empty() {
@@ -463,15 +507,32 @@ fn main() {
         line.push_str(&format!("  errors {}", errors[i]));
         println!("{line}");
     }
+    let find = |name: &str| setups.iter().position(|s| s.name == name);
+    let Some(d) = find("sticky-dispatch") else {
+        return;
+    };
+    // Rate ratios of the runs made one after the other (the same repeat), then their
+    // median: other load on the machine moves both sides of each ratio alike.
+    let paired =
+        |b: usize| -> f64 { median((0..o.repeats).map(|r| rates[d][r] / rates[b][r]).collect()) };
     let total = |i: usize| median(totals[i].clone());
-    println!(
-        "ratios: rate sticky-dispatch / SO_REUSEPORT = {:.2}x, sticky-dispatch / nginx = {:.2}x; \
-         middle CPU per conn nginx / dispatcher = {:.2}x; \
-         capacity (1 / server CPU per conn) sticky-dispatch / SO_REUSEPORT = {:.2}x, / nginx = {:.2}x",
-        rate(0) / rate(1),
-        rate(0) / rate(2),
-        median(cpus[2].clone()) / median(cpus[0].clone()),
-        total(1) / total(0),
-        total(2) / total(0)
-    );
+    if let Some(b) = find("SO_REUSEPORT") {
+        println!(
+            "ratios sticky-dispatch / SO_REUSEPORT: rate {:.2}x (median of per-run ratios; \
+             of medians {:.2}x), capacity (1 / server CPU per conn) {:.2}x",
+            paired(b),
+            median(rates[d].clone()) / median(rates[b].clone()),
+            total(b) / total(d)
+        );
+    }
+    if let Some(b) = find("nginx ip_hash") {
+        println!(
+            "ratios sticky-dispatch / nginx ip_hash: rate {:.2}x (median of per-run ratios; \
+             of medians {:.2}x), capacity {:.2}x, middle CPU per conn nginx / dispatcher {:.2}x",
+            paired(b),
+            median(rates[d].clone()) / median(rates[b].clone()),
+            total(b) / total(d),
+            median(cpus[b].clone()) / median(cpus[d].clone())
+        );
+    }
 }

@@ -39,19 +39,16 @@ than socket.io's 25 s long-poll, shorter than systemd's default 90 s stop timeou
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _real_client_middleware(handoffs: Handoffs) -> Callable[..., Awaitable[web.StreamResponse]]:
+def _first_request_middleware(handoffs: Handoffs) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
-    async def real_client(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def first_request(request: web.Request, handler: Handler) -> web.StreamResponse:
         transport = request.transport
-        if transport is None:
-            return await handler(request)
-        key = socket_key(transport.get_extra_info("peername"), transport.get_extra_info("sockname"))
-        real = handoffs.request_started(key)
-        if real is not None:
-            request = request.clone(remote=real[0])
+        if transport is not None:
+            peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+            handoffs.request_started(socket_key(peer, local))
         return await handler(request)
 
-    return real_client
+    return first_request
 
 
 async def serve_app(
@@ -68,8 +65,8 @@ async def serve_app(
     # First: the index (also set for the app when it comes from the unit's name).
     options = options if options is not None else WorkerOptions.from_env()
     handoffs = Handoffs()
-    # First, so that the app's own middlewares already see the real client.
-    app.middlewares.insert(0, _real_client_middleware(handoffs))
+    # First: a request has started once any middleware runs.
+    app.middlewares.insert(0, _first_request_middleware(handoffs))
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, **runner_kwargs)
     await runner.setup()
     try:

@@ -39,8 +39,9 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[..., Any]
 
 
-class RealClient:
-    """ASGI middleware: ``scope["client"]`` becomes the client the dispatcher reported."""
+class FirstRequests:
+    """ASGI middleware: tells the drain which handed-over connections a request has
+    started on (``scope["client"]`` is already the client the dispatcher reported)."""
 
     def __init__(self, app: ASGIApp, handoffs: Handoffs) -> None:
         self.app = app
@@ -48,10 +49,7 @@ class RealClient:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> Any:
         if scope.get("type") in ("http", "websocket"):
-            client, server = scope.get("client"), scope.get("server")
-            real = self.handoffs.request_started(socket_key(client, server))
-            if real is not None:
-                scope = dict(scope, client=(real[0], real[1]))
+            self.handoffs.request_started(socket_key(scope.get("client"), scope.get("server")))
         return await self.app(scope, receive, send)
 
 
@@ -63,8 +61,8 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
     if not config.loaded:
         config.load()
     handoffs = Handoffs()
-    # Outermost, so that uvicorn's own middlewares (proxy headers) see the real client too.
-    config.loaded_app = RealClient(config.loaded_app, handoffs)
+    # Outermost: a request has started once any middleware runs.
+    config.loaded_app = FirstRequests(config.loaded_app, handoffs)
     server.lifespan = config.lifespan_class(config)
     await server.startup(sockets=[])
     if server.should_exit:

@@ -26,7 +26,7 @@ import signal
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import wire
 from .notify import notify
@@ -66,7 +66,13 @@ class ClientInfo:
 
 @dataclass(frozen=True)
 class Connection:
-    """A client's TCP socket (non-blocking, close-on-exec) and what the dispatcher said."""
+    """A client's TCP socket (non-blocking, close-on-exec) and what the dispatcher said.
+
+    ``socket.getpeername()`` is the client the dispatcher reported (:attr:`ClientInfo.peer`,
+    the real client also when a PROXY header named it), so asyncio transports and the
+    servers on them see the real client too; it asks the kernel only when the dispatcher
+    reported no address.
+    """
 
     socket: socket.socket
     client: ClientInfo
@@ -370,7 +376,12 @@ class _Session:
             self.link.close()
 
     async def _send(self, message: wire.Message) -> None:
-        await asyncio.get_running_loop().sock_sendall(self.link, wire.encode(message))
+        data = wire.encode(message)
+        try:
+            # A datagram goes whole or not at all; the link's buffer is nearly always free.
+            self.link.send(data)
+        except BlockingIOError:
+            await self.loop.sock_sendall(self.link, data)
 
     def _try_recv(self) -> Optional[tuple[bytes, list[int]]]:
         """One datagram and its fds, or None if none is waiting. Fds come close-on-exec."""
@@ -413,6 +424,9 @@ class _Session:
         deadline: Optional[float] = None  # while draining: give up on the dispatcher then
 
         orphaned = False  # the dispatcher died: nobody to acknowledge to
+        # The last receive found the link empty: after the ACK, wait for it to become
+        # readable rather than try again (one failed recvmsg per burst instead of two).
+        link_empty = False
 
         async def flush() -> None:
             """One cumulative ACK for the CONNs received in a burst, then they go to the
@@ -454,7 +468,10 @@ class _Session:
                     drain_sent = True
                     await flush()
                     await self._send(wire.Drain())
-            received = self._try_recv() if last_seq - acked < ACK_BURST else None
+            received = None
+            if not link_empty and last_seq - acked < ACK_BURST:
+                received = self._try_recv()
+                link_empty = received is None
             if received is None:
                 if last_seq != acked:
                     await flush()
@@ -463,6 +480,7 @@ class _Session:
                 if timeout is not None and timeout <= 0:
                     raise LinkError(f"no answer to DRAIN within {DRAIN_ANSWER_TIMEOUT} s")
                 await self._wait_readable(timeout)
+                link_empty = False
                 continue
             data, fds = received
             if not data:
@@ -508,18 +526,66 @@ class _Session:
                 )
 
 
+class _HandedSocket(socket.socket):
+    """A handed-over client socket whose peer is the client the dispatcher reported.
+
+    Saves the system calls asyncio and the adapters would make on every connection:
+    ``getpeername()`` answers from the CONN message, ``getsockname()`` asks the kernel
+    once, and ``setblocking()`` does nothing when the socket is already in that mode
+    (asyncio's ``connect_accepted_socket`` calls it after :func:`_connection` did).
+    """
+
+    __slots__ = ("_peername", "_sockname")
+
+    def __init__(
+        self, family: int = -1, type: int = -1, proto: int = -1, fileno: Optional[int] = None
+    ) -> None:
+        super().__init__(family, type, proto, fileno)
+        self._peername: Any = None
+        self._sockname: Any = None
+
+    def getpeername(self) -> Any:
+        if self._peername is None:
+            return super().getpeername()
+        return self._peername
+
+    def getsockname(self) -> Any:
+        if self._sockname is None:
+            self._sockname = super().getsockname()
+        return self._sockname
+
+    def setblocking(self, flag: bool) -> None:
+        # Only the no-op case is skipped: setblocking(True) also clears a timeout.
+        if flag or self.gettimeout() != 0.0:
+            super().setblocking(flag)
+
+    def dup(self) -> _HandedSocket:
+        sock = super().dup()
+        sock._peername, sock._sockname = self._peername, self._sockname
+        return sock
+
+
 def _connection(fd: int, message: wire.Conn) -> Optional[Connection]:
-    """Wraps a handed-over fd; anything but a TCP stream socket is logged and closed."""
+    """Wraps a handed-over fd; anything but a TCP socket is logged and closed."""
     try:
-        sock = socket.socket(fileno=fd)
+        # Type and protocol given: CPython then skips getsockopt(SO_TYPE, SO_PROTOCOL).
+        # The family (-1) comes from the getsockname() it makes anyway to check that the
+        # fd is a socket.
+        sock = _HandedSocket(-1, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
     except OSError as err:
         os.close(fd)
         log.warning("a handed-over fd is not a socket seq=%d: %s", message.seq, err)
         return None
-    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    # The dispatcher only hands over accepted TCP connections: the family (from the
+    # kernel) tells a stray Unix socket; not asking the type saves a system call.
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
         log.warning("a handed-over fd is not a TCP socket seq=%d", message.seq)
         sock.close()
         return None
+    peer = message.peer
+    if peer is not None:
+        # Python's spelling: (host, port) for IPv4, (host, port, flowinfo, scope_id) for IPv6.
+        sock._peername = peer if ":" not in peer[0] else (peer[0], peer[1], 0, 0)
     # O_NONBLOCK lives on the open file, shared with the dispatcher's copy; asyncio needs it.
     sock.setblocking(False)
     info = ClientInfo(message.seq, message.peer, message.local, message.listener)

@@ -316,3 +316,35 @@ def test_a_conn_from_a_dispatcher_that_died_before_the_ack_is_served(prefix: str
         await worker.close()
 
     asyncio.run(main())
+
+
+def test_a_handed_over_socket_reports_the_dispatchers_peer_and_stays_nonblocking(
+    prefix: str,
+) -> None:
+    async def main() -> None:
+        worker = await started(prefix)
+        dispatcher = await link(prefix)
+        tcp = TcpPair()
+        conn_message = wire.Conn(1, ("2001:db8::5", 4321), ("127.0.0.1", 80), "x")
+        await asyncio.to_thread(dispatcher.send, conn_message, tcp.server.fileno())
+        assert await asyncio.to_thread(dispatcher.recv) == wire.Ack(1)
+        conn = await next_conn(worker)
+        sock = conn.socket
+        assert sock.getpeername() == ("2001:db8::5", 4321, 0, 0)
+        assert sock.getsockname() == tcp.server.getsockname()
+        assert sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
+        assert sock.gettimeout() == 0.0
+        sock.setblocking(False)
+        assert sock.gettimeout() == 0.0
+        sock.settimeout(2.0)
+        sock.setblocking(True)
+        assert sock.gettimeout() is None
+        copy = sock.dup()
+        assert copy.getpeername() == sock.getpeername()
+        copy.close()
+        sock.close()
+        tcp.close()
+        dispatcher.close()
+        await worker.close()
+
+    asyncio.run(main())
