@@ -370,6 +370,34 @@ fn exit_status_and_errors() {
         seen.stderr
     );
 
+    // Ready, then the channel closed while Node lives on: the bridge stops serving and
+    // gives Node --stop-timeout to exit, then kills it and exits 1.
+    let disconnected = bridge(
+        Some("0"),
+        &[
+            "--ack-timeout",
+            "400ms",
+            "--stop-timeout",
+            "1s",
+            "--",
+            "node",
+            "-e",
+            "process.send({stickyDispatch: 'ready'}); setTimeout(() => process.disconnect(), 200); setTimeout(() => {}, 30000)",
+        ],
+    );
+    assert_eq!(
+        disconnected.status.code(),
+        Some(1),
+        "{}",
+        disconnected.stderr
+    );
+    assert!(
+        disconnected.stderr.contains("Node closed its IPC channel")
+            && disconnected.stderr.contains("Node did not exit within 1s"),
+        "{}",
+        disconnected.stderr
+    );
+
     let missing = bridge(Some("0"), &["--", "/nonexistent/node", "app.js"]);
     assert_eq!(missing.status.code(), Some(127), "{}", missing.stderr);
     assert!(

@@ -21,7 +21,7 @@ mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::Signal;
@@ -252,23 +252,28 @@ fn asgi_worker_graceful_restart_under_load_loses_nothing() {
 /// pile up): the dispatcher re-sends every one of them to the restarted worker.
 #[test]
 fn killed_python_worker_loses_nothing_unacknowledged() {
-    let dir = scratch_dir("py-sigkill");
-    let mut notify = NotifySocket::bind(&dir);
-    let notify_path = notify.path.display().to_string();
     let (dispatcher, addr) = python_standalone(
         "py-sigkill",
         AIOHTTP_APP,
-        &[("NOTIFY_SOCKET", notify_path.as_str())],
+        &[("STICKY_DISPATCH_METRICS_LISTEN", "127.0.0.1:0")],
     );
+    let metrics = dispatcher
+        .0
+        .log
+        .wait_for(&["serving /metrics", "address="])
+        .split("address=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next().map(str::to_owned))
+        .unwrap();
     let load = Load::start(addr, &load_clients(), THREADS, 100_000);
     load.wait_more(300);
     let victim = 2;
     let pid = pid_of(victim, addr);
     stop_process(pid);
-    let status = notify.wait_until("load threads stuck", |line| {
-        status_figure(line, "in flight").is_some_and(|n| n >= THREADS as u64 / 2)
-    });
-    println!("Python worker 2 stopped: {status}");
+    // Worker 2's own figure, as `sticky-dispatch status` shows it (the total in STATUS=
+    // also counts other workers' passing hand-offs).
+    let table = wait_for_worker_in_flight(&metrics, victim, THREADS as u64 / 2);
+    println!("Python worker 2 stopped:\n{table}");
     kill(pid, Signal::SIGKILL);
     let down = dispatcher
         .0
@@ -296,6 +301,34 @@ fn killed_python_worker_loses_nothing_unacknowledged() {
     // per load thread. Every unacknowledged one was re-sent and answered.
     assert!(tally.failed <= THREADS, "{tally}");
     assert_ne!(pid_of(victim, addr), pid);
+}
+
+/// Polls `sticky-dispatch status` until worker `index` has at least `count` connections
+/// in flight (bounded: 30 s); returns the table.
+fn wait_for_worker_in_flight(metrics: &str, index: u32, count: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(DISPATCHER)
+            .args(["status", "--metrics", metrics])
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Columns: worker, up, handed off, waiting, in flight, ...
+        let in_flight = table.lines().find_map(|line| {
+            let cells: Vec<&str> = line.split_whitespace().collect();
+            (cells.first() == Some(&index.to_string().as_str()))
+                .then(|| cells.get(4)?.parse::<u64>().ok())
+                .flatten()
+        });
+        if in_flight.is_some_and(|n| n >= count) {
+            return table;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker {index} never had {count} in flight:\n{table}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A process of another uid connects to the Python worker's link socket as if it were

@@ -101,11 +101,13 @@ impl NodeChannel {
     /// seen without reading, which would take lines meant for the dispatcher.
     pub(super) fn node_closed(&self) -> bool {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLRDHUP)];
+        // POLLHUP, reported whatever the events asked: the peer's close shuts both
+        // directions of a SEQPACKET socket.
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::empty())];
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
-            && fds[0].revents().is_some_and(|r| {
-                r.intersects(PollFlags::POLLRDHUP | PollFlags::POLLHUP | PollFlags::POLLERR)
-            })
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
     }
 
     /// Tells Node that no more connections will come, when no dispatcher is there to.

@@ -319,7 +319,10 @@ impl Bridge {
     /// sent to it unread, none taken, for `--ack-timeout` (kill it).
     fn check_node(&mut self) {
         if self.channel.node_closed() {
-            warn!(node_pid = self.node_pid, "Node closed its IPC channel: closing the link, waiting for Node to exit");
+            warn!(
+                node_pid = self.node_pid,
+                "Node closed its IPC channel: closing the link, waiting for Node to exit"
+            );
             // The link goes too: the dispatcher re-sends what Node had not acknowledged.
             self.server = None;
             self.link.abort_all();
