@@ -71,9 +71,10 @@ pub enum Action {
         dir: PathBuf,
     },
     /// Be worker N for a Node.js app: start COMMAND (e.g. `node app.js`) with Node's IPC
-    /// channel and hand it each connection; ready when the app is (docs/node.md)
+    /// channel and pass that channel to the dispatcher, which hands Node each connection;
+    /// ready when the app is (docs/node.md)
     NodeWorker {
-        /// How long Node may take to acknowledge a connection before it is treated as
+        /// How long Node may leave connections sent to it unread before it is treated as
         /// dead (killed; the dispatcher re-sends what it had not acknowledged)
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
         ack_timeout: std::time::Duration,
