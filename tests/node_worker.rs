@@ -624,6 +624,45 @@ fn node_worker_units_under_a_booted_systemd() {
     assert_eq!(before, after, "a dispatcher restart must not restart Node");
     assert!(in_step >= 2 * WORKERS as usize - 1, "{in_step}");
     assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+
+    // SIGKILL of the dispatcher under load: what it had sent is in Node's channels (Node
+    // serves it), and so are the ACKs it never read; the dispatcher systemd starts again
+    // skips those (sync) and counts from its own first connection.
+    let old_dispatcher = c.main_pid("sticky-dispatch.service");
+    let load = plan(&clients)
+        .threads(THREADS)
+        .max_each(100_000 / THREADS)
+        .start();
+    load.wait_until("load running", |l| l.answered() >= 300);
+    c.ok(&["systemctl", "kill", "-s", "KILL", "sticky-dispatch.service"]);
+    poll("the dispatcher started again", || {
+        let pid = c.main_pid("sticky-dispatch.service");
+        (pid != 0 && pid != old_dispatcher).then_some(())
+    });
+    let answered = load.answered();
+    load.wait_until("the restarted dispatcher serving", |l| {
+        l.answered() >= answered + 300
+    });
+    let outcomes = load.stop();
+    let tally = Tally::of(&outcomes, expected);
+    let after_kill = node_pids(&outcomes[outcomes.len() / 2..]);
+    let synced = c
+        .journal(&["-u", "sticky-dispatch.service"])
+        .iter()
+        .filter(|e| container::message(e).contains("Node worker in step"))
+        .count();
+    println!(
+        "systemctl kill -s KILL sticky-dispatch under load: Node pids {after:?} -> {after_kill:?}; {synced} syncs in the journal; {tally}"
+    );
+    assert_eq!(
+        after, after_kill,
+        "a dispatcher crash must not restart Node"
+    );
+    assert!(synced >= in_step + WORKERS as usize - 1, "{synced}");
+    assert_eq!(tally.misrouted, 0, "{tally}");
+    // At most the connections the killed dispatcher had accepted and not yet sent (one
+    // per load thread at most); everything it had sent, Node served.
+    assert!(tally.failed <= THREADS, "{tally}");
 }
 
 /// Runs 50 socket.io clients against `addr`; `phase_ms` bounds each phase of a client.
