@@ -530,12 +530,8 @@ fn start(workers: u32, options: &Options, scratch: &Path) -> Result<Setups, Stri
     let line = dispatcher
         .log
         .wait_lines(&["listening", "address="], 1, STARTUP)?;
-    let address: SocketAddr = line
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| format!("no address in {line:?}"))?;
+    let address: SocketAddr =
+        process::log_field(&line, "address").ok_or_else(|| format!("no address in {line:?}"))?;
     dispatcher
         .log
         .wait_lines(&["worker link up"], workers as usize, STARTUP)?;

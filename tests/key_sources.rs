@@ -227,11 +227,8 @@ fn a_connection_still_sending_its_proxy_header_at_stop_is_served() {
         .dispatcher
         .log
         .wait_for(&["serving /metrics", "address="]);
-    let metrics: std::net::SocketAddr = line
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+    let metrics: std::net::SocketAddr =
+        log_field(&line, "address").unwrap_or_else(|| panic!("no metrics address in {line:?}"));
 
     // Half a PROXY v2 header, and the dispatcher has accepted the connection.
     let client = remote_client(7);

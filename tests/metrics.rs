@@ -35,12 +35,8 @@ impl Observed {
             .dispatcher
             .log
             .wait_for(&["serving /metrics", "address="]);
-        let metrics = line
-            .split("address=")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|address| address.parse().ok())
-            .unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+        let metrics =
+            log_field(&line, "address").unwrap_or_else(|| panic!("no metrics address in {line:?}"));
         let workers = (0..WORKERS).map(|i| alone.start_worker(i)).collect();
         Observed {
             alone,

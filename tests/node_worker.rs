@@ -225,15 +225,7 @@ fn killed_node_loses_nothing_unacknowledged() {
     println!("node of worker 2 stopped: {status}");
     kill(node, Signal::SIGKILL);
     let down = log.wait_for(&["worker link down", "index=2", "resend="]);
-    let resent: u64 = down
-        .split("resend=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let resent: u64 = log_field(&down, "resend").unwrap();
     let exited = log.wait_for(&["worker exited; restarting", "index=2"]);
     assert!(
         exited.contains("SIGKILL"),

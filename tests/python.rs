@@ -257,14 +257,8 @@ fn killed_python_worker_loses_nothing_unacknowledged() {
         AIOHTTP_APP,
         &[("STICKY_DISPATCH_METRICS_LISTEN", "127.0.0.1:0")],
     );
-    let metrics = dispatcher
-        .0
-        .log
-        .wait_for(&["serving /metrics", "address="])
-        .split("address=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next().map(str::to_owned))
-        .unwrap();
+    let line = dispatcher.0.log.wait_for(&["serving /metrics", "address="]);
+    let metrics: String = log_field(&line, "address").unwrap();
     let load = Load::start(addr, &load_clients(), THREADS, 100_000);
     load.wait_more(300);
     let victim = 2;
@@ -279,12 +273,7 @@ fn killed_python_worker_loses_nothing_unacknowledged() {
         .0
         .log
         .wait_for(&["worker link down", "index=2", "resend="]);
-    let resent: u64 = down
-        .split("resend=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap();
+    let resent: u64 = log_field(&down, "resend").unwrap();
     dispatcher
         .0
         .log
@@ -880,15 +869,7 @@ fn a_held_socketio_long_poll_is_answered_before_the_worker_stops() {
     );
     let (status, greeting) = http(client, addr, "GET", &session, "");
     assert_eq!(status, 200, "{greeting}");
-    let pid: i32 = greeting
-        .split("pid=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid: i32 = log_field(&greeting, "pid").unwrap();
 
     let poll = {
         let session = session.clone();

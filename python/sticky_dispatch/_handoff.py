@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Awaitable
 from typing import Callable, Optional
 
-from .worker import Connection, log
+from .options import WorkerOptions
+from .worker import Connection, Worker, log
 
 SocketKey = tuple[str, int, str, int]
 """A connection's (peer host, peer port, local host, local port)."""
@@ -87,16 +87,16 @@ class Handoffs:
                 pass
 
 
-def connection_server(
-    handoffs: Handoffs, protocol_factory: Callable[[], asyncio.BaseProtocol]
-) -> tuple[Callable[[Connection], None], Callable[[], Awaitable[None]]]:
-    """What the adapters give :class:`Worker` as ``on_connection``, and what they await
-    after the drain.
-
-    Each connection is attached to a new protocol in its own task, as asyncio's own
-    servers do after ``accept()``. The second function waits until every attachment has
-    finished and the server has started reading every connection
-    (:meth:`Handoffs.wait_first_reads`).
+async def serve_until_drained(
+    handoffs: Handoffs,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    options: Optional[WorkerOptions],
+    what: str,
+) -> None:
+    """The adapters' common middle: be the worker, attach each connection handed over to a
+    new protocol in its own task (as asyncio's own servers do after ``accept()``), say
+    ready, and return once drained, every attachment finished and the server reading
+    every connection (:meth:`Handoffs.wait_first_reads`). ``what`` names the app in the log.
     """
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
@@ -114,9 +114,11 @@ def connection_server(
         pending.add(task)
         task.add_done_callback(pending.discard)
 
-    async def settle() -> None:
-        if pending:
-            await asyncio.gather(*pending)
-        await handoffs.wait_first_reads()
-
-    return deliver, settle
+    worker = Worker(options, notify_ready=False, on_connection=deliver)
+    await worker.start()
+    worker.notify_ready()
+    log.info("serving %s as worker %d", what, worker.index)
+    await worker.drained()
+    if pending:
+        await asyncio.gather(*pending)
+    await handoffs.wait_first_reads()

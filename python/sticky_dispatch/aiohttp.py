@@ -26,9 +26,9 @@ from typing import Any, Callable, Optional
 
 from aiohttp import web
 
-from ._handoff import Handoffs, connection_server, socket_key
+from ._handoff import Handoffs, serve_until_drained, socket_key
 from .options import WorkerOptions
-from .worker import Worker, default_logging
+from .worker import default_logging
 
 log = logging.getLogger("sticky_dispatch")
 
@@ -72,13 +72,7 @@ async def serve_app(
     try:
         server = runner.server
         assert server is not None  # set by setup()
-        deliver, settle = connection_server(handoffs, server)
-        worker = Worker(options, notify_ready=False, on_connection=deliver)
-        await worker.start()
-        worker.notify_ready()
-        log.info("serving aiohttp app as worker %d", worker.index)
-        await worker.drained()
-        await settle()
+        await serve_until_drained(handoffs, server, options, "aiohttp app")
         log.info("drained: finishing requests in progress (up to %s s)", shutdown_timeout)
     finally:
         await runner.cleanup()

@@ -26,9 +26,9 @@ from typing import Any, Callable, Optional, Union
 
 import uvicorn
 
-from ._handoff import Handoffs, connection_server, socket_key
+from ._handoff import Handoffs, serve_until_drained, socket_key
 from .options import WorkerOptions
-from .worker import Worker, default_logging
+from .worker import default_logging
 
 log = logging.getLogger("sticky_dispatch")
 
@@ -76,13 +76,7 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
                 config=config, server_state=server.server_state, app_state=server.lifespan.state
             )
 
-        deliver, settle = connection_server(handoffs, protocol)
-        worker = Worker(options, notify_ready=False, on_connection=deliver)
-        await worker.start()
-        worker.notify_ready()
-        log.info("serving ASGI app as worker %d", worker.index)
-        await worker.drained()
-        await settle()
+        await serve_until_drained(handoffs, protocol, options, "ASGI app")
     finally:
         server.should_exit = True
         await ticks

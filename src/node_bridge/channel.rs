@@ -62,12 +62,16 @@ impl NodeChannel {
         loop {
             let mut guard = reading.readable().await?;
             loop {
-                let read = socket::recv(self.fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT)
-                    .map_err(io::Error::from);
-                match read {
-                    Ok(0) => return Ok(false),
-                    Ok(len) => {
-                        for line in node_ipc::lines(&buf[..len.min(MAX_RECORD)]) {
+                match crate::link::recv_record(self.fd.as_raw_fd(), &mut buf) {
+                    Ok(record) if record.len == 0 => return Ok(false),
+                    Ok(record) if record.truncated => {
+                        debug!(
+                            len = record.len,
+                            "a long message from Node before ready ignored"
+                        )
+                    }
+                    Ok(record) => {
+                        for line in node_ipc::lines(&buf[..record.len]) {
                             match line {
                                 FromNode::Ready => return Ok(true),
                                 other => {

@@ -193,8 +193,7 @@ impl Alone {
 /// The address from the dispatcher's `listening ... address=` log line.
 pub fn listening_address(log: &Log) -> SocketAddr {
     let line = log.wait_for(&["listening", "address="]);
-    let value = line.split("address=").nth(1).unwrap();
-    value.split_whitespace().next().unwrap().parse().unwrap()
+    log_field(&line, "address").unwrap_or_else(|| panic!("no address in {line:?}"))
 }
 
 /// What the demo worker said: `worker=<i> pid=<p> client=<ip>` and

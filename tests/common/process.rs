@@ -11,6 +11,13 @@ use std::time::{Duration, Instant};
 /// Generous bound for anything that should take milliseconds: machines are shared.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// The value of `key=value` in a log line (up to the next whitespace), parsed; `None` if
+/// the line has no such field or its value does not parse.
+pub fn log_field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
+    let rest = line.split(&format!("{key}=")).nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 /// Lines a child wrote to stderr, collected by a thread, waitable.
 #[derive(Clone, Default)]
 pub struct Log(Arc<(Mutex<Vec<String>>, Condvar)>);
