@@ -487,8 +487,9 @@ function warnOnce(key, text) {
 
 // --- listen() ---------------------------------------------------------------------------
 
+/** Validated options; fallbackPort is null unless the caller opted in to falling back. */
 function checkOptions(options) {
-  if (options === undefined || options === null) return {};
+  if (options === undefined || options === null) return { fallbackPort: null };
   if (typeof options !== 'object') throw new TypeError('sticky-dispatch: options must be an object');
   const { drainTimeout, listener, fallbackPort, fallbackHost, exit } = options;
   if (drainTimeout !== undefined && !(Number.isFinite(drainTimeout) && drainTimeout >= 0)) {

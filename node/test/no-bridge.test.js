@@ -56,3 +56,29 @@ test('fallbackPort: listens there directly, the socket its own peer', LIMIT, asy
   assert.match(json.remoteAddress, /^(::ffff:)?127\.0\.0\.1$/);
   assert.equal(json.info, null);
 });
+
+// The forms the docs show: without an options object there is no fallback either.
+for (const [form, call] of [
+  ['listen(server)', "require(INDEX).listen(server)"],
+  ['listen(server, cb)', "require(INDEX).listen(server, () => console.log('listening'))"],
+  ['listen(server, undefined, cb)', "require(INDEX).listen(server, undefined, () => console.log('listening'))"],
+]) {
+  test(`plain \`node app.js\` with ${form}: exits 1 with NoBridgeError, never serves`, LIMIT, async (t) => {
+    const source = `const INDEX = ${JSON.stringify(path.join(__dirname, '..', 'index.js'))};
+const server = require('node:http').createServer((req, res) => res.end('served'));
+${call};`;
+    const child = spawn(process.execPath, ['-e', source], {
+      env: { ...process.env, STICKY_DISPATCH_INDEX: '1' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    t.after(() => child.kill('SIGKILL'));
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d) => (stderr += d));
+    const [code, signal] = await once(child, 'exit');
+    assert.deepEqual({ code, signal }, { code: 1, signal: null });
+    assert.match(stderr, /NoBridgeError/);
+    assert.doesNotMatch(stdout, /listening/);
+  });
+}
