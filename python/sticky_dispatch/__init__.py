@@ -15,7 +15,15 @@ environment), :mod:`.notify` (sd_notify), :mod:`.worker` (the link on asyncio),
 """
 
 from .options import ConfigError, WorkerOptions
-from .worker import ClientInfo, Connection, LinkError, Worker
+from .worker import ClientInfo, Connection, LinkError, LinkSocketInUse, Worker
 
-__all__ = ["ClientInfo", "ConfigError", "Connection", "LinkError", "Worker", "WorkerOptions"]
+__all__ = [
+    "ClientInfo",
+    "ConfigError",
+    "Connection",
+    "LinkError",
+    "LinkSocketInUse",
+    "Worker",
+    "WorkerOptions",
+]
 __version__ = "0.1.0"

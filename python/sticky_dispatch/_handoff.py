@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from typing import Callable, Optional
 
 from .options import WorkerOptions
@@ -92,18 +93,22 @@ async def serve_until_drained(
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     options: Optional[WorkerOptions],
     what: str,
+    ssl_context: Optional[ssl.SSLContext] = None,
+    on_ready: Optional[Callable[[], None]] = None,
 ) -> None:
     """The adapters' common middle: be the worker, attach each connection handed over to a
     new protocol in its own task (as asyncio's own servers do after ``accept()``), say
     ready, and return once drained, every attachment finished and the server reading
-    every connection (:meth:`Handoffs.wait_first_reads`). ``what`` names the app in the log.
+    every connection (:meth:`Handoffs.wait_first_reads`). ``what`` names the app in the log;
+    with ``ssl_context`` the connections speak TLS (the server's own ``ssl_context=``);
+    ``on_ready`` is called once the worker is ready.
     """
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()
 
     async def attach(conn: Connection) -> None:
         try:
-            await loop.connect_accepted_socket(protocol_factory, conn.socket)
+            await loop.connect_accepted_socket(protocol_factory, conn.socket, ssl=ssl_context)
         except OSError as err:
             log.warning("could not serve a handed-over connection: %s", err)
             conn.socket.close()
@@ -118,6 +123,8 @@ async def serve_until_drained(
     await worker.start()
     worker.notify_ready()
     log.info("serving %s as worker %d", what, worker.index)
+    if on_ready is not None:
+        on_ready()
     await worker.drained()
     if pending:
         await asyncio.gather(*pending)

@@ -4,6 +4,7 @@
 
     import sticky_dispatch.uvicorn
     sticky_dispatch.uvicorn.run(app)        # FastAPI, Starlette, socketio.ASGIApp, ...
+    sticky_dispatch.uvicorn.run("main:app")  # an import string, as uvicorn.run takes
 
 uvicorn has no public API for serving an already accepted socket, so this uses its
 ``Config``/``Server`` objects the way ``Server.startup`` does: ``Server.startup(sockets=[])``
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import MutableMapping
 from typing import Any, Callable, Optional, Union
 
 import uvicorn
 
 from ._handoff import Handoffs, serve_until_drained, socket_key
+from ._settings import clean_exit, warn_ignored
 from .options import WorkerOptions
 from .worker import default_logging
 
@@ -34,6 +37,12 @@ log = logging.getLogger("sticky_dispatch")
 
 SHUTDOWN_TIMEOUT = 30.0
 """Default ``timeout_graceful_shutdown``: longer than socket.io's 25 s long-poll."""
+
+DISPATCHER_OWNS = frozenset(
+    ("host", "port", "uds", "fd", "backlog", "workers", "reload", "reload_dirs")
+    + ("reload_includes", "reload_excludes", "reload_delay")
+)
+"""``uvicorn.run``'s settings that belong to the dispatcher: ignored, with a warning."""
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[..., Any]
@@ -76,7 +85,8 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
                 config=config, server_state=server.server_state, app_state=server.lifespan.state
             )
 
-        await serve_until_drained(handoffs, protocol, options, "ASGI app")
+        # config.ssl: made by config.load() from ssl_keyfile=/ssl_certfile=, as uvicorn does.
+        await serve_until_drained(handoffs, protocol, options, "ASGI app", config.ssl)
     finally:
         server.should_exit = True
         await ticks
@@ -84,17 +94,31 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
 
 
 def run(
-    app: Union[ASGIApp, str], *, options: Optional[WorkerOptions] = None, **kwargs: Any
+    app: Union[ASGIApp, str],
+    *,
+    options: Optional[WorkerOptions] = None,
+    app_dir: Optional[str] = None,
+    **kwargs: Any,
 ) -> None:
     """Like ``uvicorn.run(app, **kwargs)``, on the connections of sticky-dispatch.
 
-    ``host``, ``port``, ``fd``, ``uds``, ``workers`` and ``reload`` make no sense here (the
-    dispatcher owns the address and the processes) and are refused.
+    Takes what ``uvicorn.run`` takes: an app or an import string (``"main:app"``),
+    ``factory=True``, ``app_dir``, and every ``uvicorn.Config`` setting (``log_level``,
+    ``ssl_certfile``, ``proxy_headers``...). ``host``, ``port``, ``uds``, ``fd``,
+    ``backlog``, ``workers`` and ``reload`` (with ``reload_dirs`` and the like) belong to
+    the dispatcher: they are ignored, with one warning at start that says where they went.
     """
-    for key in ("host", "port", "fd", "uds", "workers", "reload"):
-        if key in kwargs:
-            raise TypeError(f"sticky_dispatch.uvicorn.run: {key}= is the dispatcher's business")
+    if app_dir is not None:
+        sys.path.insert(0, app_dir)  # as uvicorn.run does
+    given = {key: kwargs.pop(key) for key in list(kwargs) if key in DISPATCHER_OWNS}
     kwargs.setdefault("timeout_graceful_shutdown", SHUTDOWN_TIMEOUT)
     config = uvicorn.Config(app, **kwargs)  # configures uvicorn's loggers, then ours:
     default_logging()
-    asyncio.run(serve(config, options=options))
+    with clean_exit():
+        worker_options = options if options is not None else WorkerOptions.from_env()
+    warn_ignored("sticky_dispatch.uvicorn.run", given, worker_options)
+    # Loads the app as uvicorn.run does (an import string is imported, a factory called;
+    # failures are logged by uvicorn and exit with its status).
+    config.load()
+    with clean_exit():
+        asyncio.run(serve(config, options=worker_options))

@@ -22,9 +22,11 @@ import asyncio
 import errno
 import logging
 import os
+import shlex
 import signal
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -44,6 +46,9 @@ ACK_BURST = 32
 """CONNs already waiting on the link are received together and acknowledged with one
 cumulative ACK (at most this many), before any of them reaches the app: one send and
 one wake-up of the dispatcher per burst instead of per connection."""
+NO_DISPATCHER_NOTICE = 5.0
+"""A worker no dispatcher has linked to after this many seconds says so, once (it keeps
+waiting: under socket activation the dispatcher may start later)."""
 _MAX_FDS = 4
 """Room for more fds than the one a CONN carries, so that extra ones are received and
 closed rather than silently truncated by the kernel."""
@@ -97,6 +102,11 @@ class LinkError(Exception):
     """The dispatcher broke the protocol: the link is closed with this reason logged."""
 
 
+class LinkSocketInUse(OSError):
+    """The worker's link socket ``@<prefix><index>`` is bound by another process: a
+    worker with this index is running, or another app uses the same socket prefix."""
+
+
 class _End:
     """Put in the queue once every link has ended: iteration stops there."""
 
@@ -134,6 +144,7 @@ class Worker:
         self._waiters: set[asyncio.Future[None]] = set()
         self._listener: Optional[socket.socket] = None
         self._links: Optional[asyncio.Task[None]] = None
+        self._no_dispatcher: Optional[asyncio.TimerHandle] = None
 
     @property
     def index(self) -> int:
@@ -157,20 +168,45 @@ class Worker:
             listener.listen(16)
         except OSError as err:
             listener.close()
-            hint = (
-                " (is this worker index already running?)" if err.errno == errno.EADDRINUSE else ""
-            )
-            raise OSError(
-                err.errno,
-                f"could not bind the link socket @{self.options.socket_name}: {err}{hint}",
-            ) from err
+            name = self.options.socket_name
+            if err.errno == errno.EADDRINUSE:
+                raise LinkSocketInUse(
+                    err.errno,
+                    f"the link socket @{name} is in use: worker {self.index} is already "
+                    "running, or another app on this host uses the same socket_prefix "
+                    f"{self.options.socket_prefix!r}; give each app its own (socket_prefix "
+                    "in the dispatcher's config, STICKY_DISPATCH_SOCKET_PREFIX for its "
+                    "workers)",
+                ) from err
+            raise OSError(err.errno, f"could not bind the link socket @{name}: {err}") from err
         self._listener = listener
         for sig in self._drain_signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
+        self._no_dispatcher = loop.call_later(NO_DISPATCHER_NOTICE, self._say_no_dispatcher)
         self._links = loop.create_task(self._serve_links(listener))
         log.info("worker ready index=%d socket=@%s", self.index, self.options.socket_name)
         if self._notify_ready:
             self.notify_ready()
+
+    def _say_no_dispatcher(self) -> None:
+        command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+        log.warning(
+            "no dispatcher has connected to this worker's link socket @%s within %g s; "
+            "the worker serves only what a dispatcher hands it. If none is running, start "
+            "one that runs this command as its workers: sticky-dispatch --listen "
+            "127.0.0.1:8080 --workers 4 -- %s (or, under systemd, systemctl start "
+            "sticky-dispatch.socket); its socket_prefix must be %r, as here "
+            "(STICKY_DISPATCH_SOCKET_PREFIX)",
+            self.options.socket_name,
+            NO_DISPATCHER_NOTICE,
+            command,
+            self.options.socket_prefix,
+        )
+
+    def _linked(self) -> None:
+        if self._no_dispatcher is not None:
+            self._no_dispatcher.cancel()
+            self._no_dispatcher = None
 
     def notify_ready(self) -> None:
         """Tells systemd ``READY=1``: ``systemctl start app@N`` returns from here on."""
@@ -182,6 +218,7 @@ class Worker:
         if self._draining:
             return
         self._draining = True
+        self._linked()  # no notice any more
         for waiter in list(self._waiters):
             if not waiter.done():
                 waiter.set_result(None)
@@ -279,6 +316,7 @@ class Worker:
                 if not self._admit(link):
                     link.close()
                     continue
+                self._linked()
                 task = loop.create_task(_Session(self, link).run())
                 sessions.add(task)
                 task.add_done_callback(sessions.discard)

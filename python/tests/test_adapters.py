@@ -100,12 +100,3 @@ def test_uvicorn_run_shows_the_real_client(prefix: str, monkeypatch: pytest.Monk
     answer = asyncio.run(exercise(prefix, monkeypatch, serve))
     assert answer.startswith("HTTP/1.1 200"), answer
     assert "\r\n\r\n17\r\nclient=203.0.113.5:1234\r\n" in answer, answer
-
-
-def test_uvicorn_run_refuses_what_the_dispatcher_owns() -> None:
-    pytest.importorskip("uvicorn")
-    import sticky_dispatch.uvicorn
-
-    for key in ("host", "port", "workers", "reload"):
-        with pytest.raises(TypeError, match=key):
-            sticky_dispatch.uvicorn.run("app:app", **{key: 1})
