@@ -30,9 +30,10 @@ pub struct Cli {
     )]
     pub config: Option<PathBuf>,
 
-    /// Listen on ADDR instead of taking sockets from systemd (repeatable)
+    /// Listen on ADDR (e.g. 127.0.0.1:8080, [::1]:8080, localhost:8080: every address
+    /// the name resolves to) instead of taking sockets from systemd (repeatable)
     #[arg(long, global = true, value_name = "ADDR")]
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<String>,
 
     /// Number of workers (overrides `workers` in the configuration)
     #[arg(long, global = true, value_name = "N")]
@@ -44,7 +45,7 @@ pub struct Cli {
 
     /// Serve GET /metrics and GET /health on ADDR (repeatable; overrides `metrics_listen`)
     #[arg(long, global = true, value_name = "ADDR")]
-    pub metrics_listen: Vec<SocketAddr>,
+    pub metrics_listen: Vec<String>,
 
     /// Standalone mode: the worker command, spawned once per index
     #[arg(last = true, value_name = "COMMAND")]
@@ -101,6 +102,7 @@ impl Cli {
             workers: self.workers,
             log_level: self.log_level.clone(),
             metrics_listen: self.metrics_listen.clone(),
+            spawns_workers: !self.command.is_empty(),
         }
     }
 }

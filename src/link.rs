@@ -85,6 +85,15 @@ fn abstract_addr(name: &str) -> io::Result<UnixAddr> {
     Ok(UnixAddr::new_abstract(name.as_bytes())?)
 }
 
+/// Binds the abstract name `@name` without listening: the name is held, and released by
+/// the kernel when the returned fd closes (also when the process is killed), so it marks
+/// who uses a name. Fails with `AddrInUse` if another process holds it.
+pub fn claim(name: &str) -> io::Result<OwnedFd> {
+    let fd = seqpacket_socket()?;
+    socket::bind(fd.as_raw_fd(), &abstract_addr(name)?)?;
+    Ok(fd)
+}
+
 impl LinkListener {
     /// Binds and listens on the abstract name `@name`. Fails with `AddrInUse` if another
     /// process holds the name.

@@ -24,6 +24,13 @@ pub fn link_socket_name(prefix: &str, index: u32) -> String {
     format!("{prefix}{index}")
 }
 
+/// The abstract socket name a dispatcher holds while it uses `prefix` (without the '@'):
+/// a second dispatcher with the same prefix fails to bind it, instead of connecting to
+/// the first one's workers. Not a number, so no worker index can collide with it.
+pub fn dispatcher_socket_name(prefix: &str) -> String {
+    format!("{prefix}dispatcher")
+}
+
 /// A user spec that names no user.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UserError {

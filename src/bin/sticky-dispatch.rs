@@ -112,7 +112,11 @@ fn main() -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(err) => {
             error!("{err:#}");
-            ExitCode::FAILURE
+            if err.is::<dispatcher::PrefixInUse>() {
+                ExitCode::from(EX_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

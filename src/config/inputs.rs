@@ -150,7 +150,7 @@ pub(super) fn command_line(overrides: &Overrides) -> Layer {
         let listen: Vec<Value> = overrides
             .listen
             .iter()
-            .map(|addr| Value::from(addr.to_string()))
+            .map(|addr| Value::from(addr.as_str()))
             .collect();
         dict.insert("listen".into(), Value::from(listen));
     }
@@ -158,7 +158,7 @@ pub(super) fn command_line(overrides: &Overrides) -> Layer {
         let listen: Vec<Value> = overrides
             .metrics_listen
             .iter()
-            .map(|addr| Value::from(addr.to_string()))
+            .map(|addr| Value::from(addr.as_str()))
             .collect();
         dict.insert("metrics_listen".into(), Value::from(listen));
     }
@@ -189,6 +189,24 @@ pub(super) fn source_of(figment: &Figment, key: &str) -> String {
         .unwrap_or_else(|| DEFAULTS_SOURCE.to_owned())
 }
 
+/// "unknown key `wrokers`: did you mean `workers`?" rather than all the keys, which
+/// `check-config` lists with their values anyway.
+fn unknown_key_message(field: &str, expected: &[&str]) -> String {
+    // A key that differs in at most a third of its letters (at least one) is a typo.
+    let closest = expected
+        .iter()
+        .map(|key| (strsim::damerau_levenshtein(field, key), *key))
+        .filter(|(distance, key)| *distance <= (key.len() / 3).max(1))
+        .min();
+    match closest {
+        Some((_, key)) => format!("unknown key `{field}`: did you mean `{key}`?"),
+        None => format!(
+            "unknown key `{field}` (`sticky-dispatch check-config` prints every key with its \
+             value; sticky-dispatch.toml(5) explains them)"
+        ),
+    }
+}
+
 /// Converts a figment extraction error into a [`ConfigError`] naming the key and the
 /// layer that set it.
 pub(super) fn extraction_error(figment: &Figment, error: figment::Error) -> ConfigError {
@@ -199,7 +217,7 @@ pub(super) fn extraction_error(figment: &Figment, error: figment::Error) -> Conf
         Kind::UnknownField(field, expected) => (
             None,
             Some(field.clone()),
-            format!("unknown key `{field}`, expected {}", OneOf(expected)),
+            unknown_key_message(field, expected),
         ),
         Kind::UnknownVariant(value, expected) => (
             key.clone(),

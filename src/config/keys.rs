@@ -111,6 +111,10 @@ macro_rules! keys {
             /// Restart-only keys whose value in the configuration differs from the running
             /// one since a reload: shown in `STATUS=` until the next restart.
             pub restart_needed: Vec<&'static str>,
+            /// Keys that a layer above the built-in defaults sets (a file, a variable, a
+            /// flag), even to the default value: defaults that depend on how the
+            /// dispatcher runs (standalone's own `socket_prefix`) yield to them.
+            pub given: Vec<&'static str>,
             /// The values as written, for `check-config`.
             pub(super) raw: Raw,
         }
@@ -157,6 +161,7 @@ macro_rules! keys {
                         .map_err(|message| error(stringify!($key), message))?,)*
                     config_file,
                     restart_needed: Vec::new(),
+                    given: Vec::new(),
                     raw: self,
                 })
             }
@@ -197,8 +202,10 @@ keys! {
          Must end in `@.service`. Read by the generator at boot and `systemctl daemon-reload`.";
     socket_prefix: String = values::socket_prefix [String],
         default Default::Toml("\"sticky-dispatch/\""), reload Restart,
-        "Prefix of the abstract Unix socket of worker N (`@<socket_prefix>N`). Change it \
-         to run several dispatchers on one host; workers must use the same prefix.";
+        "Prefix of the abstract Unix socket of worker N (`@<socket_prefix>N`); workers \
+         take it from STICKY_DISPATCH_SOCKET_PREFIX. Each dispatcher on a host needs its \
+         own: a second one with the same prefix exits 78. A standalone dispatcher that \
+         spawns its workers (`-- COMMAND`) uses `sticky-dispatch/<pid>/` unless this is set.";
     listen: Vec<SocketAddr> = values::addresses [OneOrMany<String>],
         default Default::Toml("[]"), reload Restart,
         "Socket addresses to listen on in standalone mode, e.g. \

@@ -19,7 +19,6 @@ mod keys;
 mod values;
 
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
@@ -37,14 +36,24 @@ pub struct Overrides {
     /// `--config PATH`: read this file instead of [`DEFAULT_CONFIG_PATH`]. Unlike the
     /// default path, it must exist.
     pub config_path: Option<PathBuf>,
-    /// `--listen ADDR` (repeatable); empty means "not given".
-    pub listen: Vec<SocketAddr>,
+    /// `--listen ADDR` (repeatable), as typed: checked and resolved like the `listen`
+    /// key; empty means "not given".
+    pub listen: Vec<String>,
     /// `--workers N`.
     pub workers: Option<u32>,
     /// `--log-level FILTER`.
     pub log_level: Option<String>,
-    /// `--metrics-listen ADDR` (repeatable); empty means "not given".
-    pub metrics_listen: Vec<SocketAddr>,
+    /// `--metrics-listen ADDR` (repeatable), as typed; empty means "not given".
+    pub metrics_listen: Vec<String>,
+    /// A worker command after `--`: the dispatcher spawns its own workers (standalone),
+    /// so no one else needs to know their link sockets' names.
+    pub spawns_workers: bool,
+}
+
+/// The `socket_prefix` of a standalone dispatcher (process `pid`) that spawns its own
+/// workers and has no `socket_prefix` configured: `sticky-dispatch/<pid>/`.
+pub fn own_socket_prefix(pid: u32) -> String {
+    format!("{}{pid}/", crate::shared::DEFAULT_SOCKET_PREFIX)
 }
 
 /// A configuration error: which key was wrong (if one was), in which layer, and why. The
@@ -140,6 +149,17 @@ impl Settings {
             message,
         };
         let mut settings = raw.check(error, config_file)?;
+        settings.given = KEYS
+            .iter()
+            .map(|key| key.name)
+            .filter(|name| inputs::source_of(&figment, name) != inputs::DEFAULTS_SOURCE)
+            .collect();
+        if overrides.spawns_workers && !settings.is_given("socket_prefix") {
+            // Two standalone dispatchers on one host must never share workers: each
+            // names its own children's sockets after itself. (A reload loads again in
+            // the same process, so it gets the same prefix.)
+            settings.socket_prefix = own_socket_prefix(std::process::id());
+        }
         settings
             .check_across()
             .map_err(|(key, message)| error(key, message))?;
@@ -183,6 +203,11 @@ impl Settings {
             self.worker_users = crate::shared::default_peer_users();
         }
         Ok(())
+    }
+
+    /// Whether a layer above the built-in defaults sets `key` ([`Settings::given`]).
+    pub fn is_given(&self, key: &str) -> bool {
+        self.given.contains(&key)
     }
 
     /// Name of the socket for worker `index`: `{socket_prefix}{index}` (abstract
@@ -276,6 +301,7 @@ mod tests {
     use super::values::{default_workers, MAX_ABSTRACT_NAME};
     use super::*;
     use nix::unistd::{getuid, Uid};
+    use std::net::SocketAddr;
     use std::num::{NonZeroU32, NonZeroUsize};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
@@ -387,6 +413,7 @@ mod tests {
             health_min_workers: 1,
             config_file: format!("built-in defaults (no {})", missing_default().display()),
             restart_needed: vec![],
+            given: vec![],
             raw: s.raw.clone(),
         };
         assert_eq!(s, expected);
@@ -459,10 +486,13 @@ mod tests {
             .collect();
         let (_file, s) = load_file(&toml, &[]);
         same(s.unwrap(), &defaults());
-        // Every raw field is documented.
-        let err = load_file("nope = 1\n", &[]).1.unwrap_err();
+        // Every raw field is documented: serde knows each key, and suggests it for a typo.
         for key in KEYS {
-            assert!(err.message.contains(&format!("`{}`", key.name)), "{}", err);
+            let err = load_file(&format!("{}x = 1\n", key.name), &[])
+                .1
+                .unwrap_err();
+            let suggestion = format!("did you mean `{}`?", key.name);
+            assert!(err.message.contains(&suggestion), "{err}");
         }
     }
 
@@ -592,11 +622,27 @@ mod tests {
         let text = err.to_string();
         assert!(
             text.starts_with(&format!(
-                "{}: unknown key `wrokers`, expected one of `workers`",
+                "{}: unknown key `wrokers`: did you mean `workers`?",
                 file.name()
             )),
             "{text}"
         );
+    }
+
+    #[test]
+    fn unknown_key_far_from_every_key_points_to_check_config() {
+        let (_file, result) = load_file("colour = \"blue\"\n", &[]);
+        let text = result.unwrap_err().to_string();
+        assert!(
+            text.contains("unknown key `colour` (`sticky-dispatch check-config` prints every key"),
+            "{text}"
+        );
+        assert!(!text.contains("`workers`"), "no list of keys: {text}");
+        let (_file, result) = load_file("worker = 4\n", &[]);
+        assert!(result
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key `worker`: did you mean `workers`?"));
     }
 
     #[test]
@@ -656,9 +702,19 @@ mod tests {
             ("max_in_flight = 0", "max_in_flight", "at least 1"),
             ("max_connections = 0", "max_connections", "at least 1"),
             (
-                "listen = [\"localhost:80\"]",
+                "listen = [\"localhost\"]",
                 "listen",
-                "`localhost:80` is not a socket address",
+                "`localhost` has no port",
+            ),
+            (
+                "listen = [\"localhost:http\"]",
+                "listen",
+                "`localhost:http` is not a socket address",
+            ),
+            (
+                "listen = [\"no-such-host.invalid:80\"]",
+                "listen",
+                "could not resolve `no-such-host.invalid`",
             ),
             ("listen = 80", "listen", "expected a string"),
             ("log_level = \"info,[\"", "log_level", "invalid log filter"),
@@ -686,7 +742,7 @@ mod tests {
             (
                 "metrics_listen = [\"nowhere\"]",
                 "metrics_listen",
-                "`nowhere` is not a socket address",
+                "`nowhere` has no port",
             ),
             (
                 "workers = 2\nhealth_min_workers = 3",
@@ -829,10 +885,7 @@ mod tests {
     #[test]
     fn display_round_trips() {
         let overrides = Overrides {
-            listen: vec![
-                "127.0.0.1:8080".parse().unwrap(),
-                "[::1]:8080".parse().unwrap(),
-            ],
+            listen: vec!["127.0.0.1:8080".into(), "[::1]:8080".into()],
             workers: Some(7),
             log_level: Some("info,sticky_dispatch=debug".into()),
             ..Overrides::default()
@@ -933,6 +986,65 @@ mod tests {
         // routing_key is restart-only: the running "cookie" would be left without a name.
         let err = running.reloaded(defaults()).unwrap_err();
         assert!(err.starts_with("key `key_name`: "), "{err}");
+    }
+
+    #[test]
+    fn given_keys_are_those_a_layer_sets_even_to_the_default() {
+        assert!(defaults().given.is_empty());
+        let (_file, s) = load_file(
+            "socket_prefix = \"sticky-dispatch/\"\n",
+            &[("STICKY_DISPATCH_WORKERS", "3")],
+        );
+        let s = s.unwrap();
+        assert_eq!(s.given, ["workers", "socket_prefix"]);
+        assert!(s.is_given("socket_prefix") && !s.is_given("listen"));
+        let flags = Overrides {
+            listen: vec!["127.0.0.1:1".into()],
+            ..Overrides::default()
+        };
+        assert_eq!(load(&flags, &[]).unwrap().given, ["listen"]);
+    }
+
+    #[test]
+    fn a_dispatcher_that_spawns_its_workers_names_their_sockets_after_itself() {
+        let standalone = Overrides {
+            spawns_workers: true,
+            ..Overrides::default()
+        };
+        let own = own_socket_prefix(std::process::id());
+        assert_eq!(own, format!("sticky-dispatch/{}/", std::process::id()));
+        let s = load(&standalone, &[]).unwrap();
+        assert_eq!(s.socket_prefix, own);
+        // A reload loads again: the same prefix, so nothing waits for a restart.
+        assert!(s
+            .reloaded(load(&standalone, &[]).unwrap())
+            .unwrap()
+            .kept
+            .is_empty());
+        // A configured prefix is kept, even the default one.
+        let given = load(
+            &standalone,
+            &[("STICKY_DISPATCH_SOCKET_PREFIX", "sticky-dispatch/")],
+        )
+        .unwrap();
+        assert_eq!(given.socket_prefix, "sticky-dispatch/");
+        // Workers started by someone else keep the well-known default.
+        assert_eq!(defaults().socket_prefix, "sticky-dispatch/");
+    }
+
+    #[test]
+    fn a_host_name_listens_on_every_address_it_resolves_to_once() {
+        let flags = Overrides {
+            listen: vec!["localhost:8090".into(), "127.0.0.1:8090".into()],
+            ..Overrides::default()
+        };
+        let listen = load(&flags, &[]).unwrap().listen;
+        let loopback: SocketAddr = "127.0.0.1:8090".parse().unwrap();
+        assert!(listen.contains(&loopback), "{listen:?}");
+        assert_eq!(listen.iter().filter(|a| **a == loopback).count(), 1);
+        assert!(listen
+            .iter()
+            .all(|a| a.ip().is_loopback() && a.port() == 8090));
     }
 
     #[test]

@@ -294,19 +294,44 @@ pub(super) fn socket_prefix(prefix: String) -> Result<String, String> {
     Ok(prefix)
 }
 
-/// Socket addresses such as `127.0.0.1:8080` or `[::1]:8080`.
+/// Socket addresses such as `127.0.0.1:8080` or `[::1]:8080`, or a host name and port
+/// (`localhost:8080`) standing for every address the name resolves to, as nginx's
+/// `listen` does. Duplicates are dropped: one socket per address.
 pub(super) fn addresses(raw: OneOrMany<String>) -> Result<Vec<SocketAddr>, String> {
-    raw.0
-        .iter()
-        .map(|addr| {
-            addr.trim().parse().map_err(|_| {
-                format!(
-                    "`{addr}` is not a socket address \
-                     (expected e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")"
-                )
-            })
-        })
-        .collect()
+    let mut addresses = Vec::new();
+    for text in &raw.0 {
+        for addr in resolve(text.trim())? {
+            if !addresses.contains(&addr) {
+                addresses.push(addr);
+            }
+        }
+    }
+    Ok(addresses)
+}
+
+fn resolve(text: &str) -> Result<Vec<SocketAddr>, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(vec![addr]);
+    }
+    let expected = "expected e.g. \"127.0.0.1:8080\", \"[::1]:8080\" or \"localhost:8080\"";
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("`{text}` has no port ({expected})"));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!("`{text}` is not a socket address ({expected})"));
+    }
+    use std::net::ToSocketAddrs;
+    match text.to_socket_addrs() {
+        Ok(resolved) => {
+            let resolved: Vec<SocketAddr> = resolved.collect();
+            if resolved.is_empty() {
+                Err(format!("`{host}` resolves to no address"))
+            } else {
+                Ok(resolved)
+            }
+        }
+        Err(err) => Err(format!("could not resolve `{host}`: {err} ({expected})")),
+    }
 }
 
 /// A log filter in `EnvFilter` syntax.

@@ -67,6 +67,39 @@ pub enum Control {
     Shutdown,
 }
 
+/// Another dispatcher on this host already uses this `socket_prefix`: starting would
+/// connect to its workers and hand them this dispatcher's clients. The daemon exits with
+/// status 78 (`EX_CONFIG`): only a different prefix fixes it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "another dispatcher on this host already uses socket_prefix \"{prefix}\" (it holds @{name}); \
+     its workers would get this dispatcher's clients. Give each dispatcher its own \
+     socket_prefix (config key `socket_prefix`, or STICKY_DISPATCH_SOCKET_PREFIX), and its \
+     workers the same one (STICKY_DISPATCH_SOCKET_PREFIX in their environment); a \
+     standalone dispatcher that spawns its workers picks its own unless one is configured"
+)]
+pub struct PrefixInUse {
+    /// The contested prefix.
+    pub prefix: String,
+    /// The abstract socket name the other dispatcher holds.
+    pub name: String,
+}
+
+/// Claims `prefix` for this dispatcher, or fails with [`PrefixInUse`].
+fn claim_prefix(prefix: &str) -> anyhow::Result<std::os::fd::OwnedFd> {
+    let name = crate::shared::dispatcher_socket_name(prefix);
+    crate::link::claim(&name).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::Error::new(PrefixInUse {
+                prefix: prefix.to_owned(),
+                name,
+            })
+        } else {
+            anyhow::Error::new(err).context(format!("could not bind @{name}"))
+        }
+    })
+}
+
 /// What a dispatcher run did, for the exit log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
@@ -112,12 +145,15 @@ struct Dispatcher {
     slots: JoinSet<Vec<Held>>,
     /// The metrics and health listeners: they run to the end (aborted with this).
     _observers: JoinSet<()>,
+    /// Holds `@<socket_prefix>dispatcher` while this dispatcher uses the prefix.
+    _prefix_claim: std::os::fd::OwnedFd,
 }
 
 impl Dispatcher {
     /// Starts a slot per worker and an acceptor per listener, and routes what a previous
     /// instance left in the fd store.
     fn start(sockets: Sockets, settings: Settings) -> anyhow::Result<Dispatcher> {
+        let prefix_claim = claim_prefix(&settings.socket_prefix)?;
         let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..settings.workers.get())
             .map(|_| mpsc::unbounded_channel())
             .unzip();
@@ -154,6 +190,7 @@ impl Dispatcher {
             acceptors,
             slots,
             _observers: observers,
+            _prefix_claim: prefix_claim,
         })
     }
 

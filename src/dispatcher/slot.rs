@@ -351,6 +351,7 @@ impl Slot {
                 info!(
                     index = self.index,
                     worker_pid = link.pid,
+                    socket = %format!("@{}", self.name),
                     waiting = resend,
                     node = !link.is_ready(),
                     "worker link up"

@@ -49,13 +49,20 @@ use crate::wire::{self, Message, Role};
 /// anyway.
 pub const DRAIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A worker that no dispatcher has linked to within this long says so once: started by
+/// hand, it would otherwise wait in silence.
+pub const NO_DISPATCHER_HINT_AFTER: Duration = Duration::from_secs(5);
+
 /// A worker's bound link socket, admitting only the allowed dispatcher users.
 #[derive(Debug)]
 pub struct LinkServer {
     listener: LinkListener,
     index: u32,
     name: String,
+    prefix: String,
     allowed: HashSet<Uid>,
+    /// When to say that no dispatcher came; cleared once one did, or once said.
+    hint_at: std::sync::Mutex<Option<Instant>>,
 }
 
 impl LinkServer {
@@ -67,6 +74,7 @@ impl LinkServer {
             if source.kind() == io::ErrorKind::AddrInUse {
                 WorkerError::InUse {
                     name: name.clone(),
+                    prefix: options.socket_prefix.clone(),
                     index: options.index,
                 }
             } else {
@@ -80,7 +88,9 @@ impl LinkServer {
             listener,
             index: options.index,
             name,
+            prefix: options.socket_prefix.clone(),
             allowed: options.dispatcher_users.iter().copied().collect(),
+            hint_at: std::sync::Mutex::new(Some(Instant::now() + NO_DISPATCHER_HINT_AFTER)),
         })
     }
 
@@ -99,7 +109,18 @@ impl LinkServer {
     /// failed `accept` (typically EMFILE): back off and call again.
     pub async fn accept(&self) -> io::Result<AdmittedLink> {
         loop {
-            let link = self.listener.accept().await?;
+            let hint_at = *self.hint_at.lock().unwrap_or_else(|e| e.into_inner());
+            let link = tokio::select! {
+                link = self.listener.accept() => link?,
+                () = tokio::time::sleep_until(hint_at.unwrap_or_else(Instant::now)), if hint_at.is_some() => {
+                    self.say_no_dispatcher();
+                    continue;
+                }
+            };
+            self.hint_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             match link.peer_cred() {
                 Ok(peer) if self.allowed.contains(&peer.uid) => {
                     return Ok(AdmittedLink {
@@ -116,6 +137,24 @@ impl LinkServer {
                 Err(err) => warn!(%err, "refused a link whose credentials could not be read"),
             }
         }
+    }
+}
+
+impl LinkServer {
+    fn say_no_dispatcher(&self) {
+        self.hint_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        warn!(
+            socket = %format!("@{}", self.name),
+            "no dispatcher has connected to this worker's link socket in {}s. Start one with \
+             the same socket_prefix (\"{}\"): `systemctl start sticky-dispatch.socket`, or \
+             `sticky-dispatch --listen ADDR --workers N` for workers started by hand, or let \
+             `sticky-dispatch --listen ADDR --workers N -- COMMAND` start the workers itself",
+            NO_DISPATCHER_HINT_AFTER.as_secs(),
+            self.prefix,
+        );
     }
 }
 

@@ -75,10 +75,17 @@ pub enum WorkerError {
     #[error("{DISPATCHER_USERS_ENV}: unknown user {0:?}")]
     UnknownUser(String),
     /// Another process holds this worker's link socket name.
-    #[error("the link socket @{name} is in use: is worker {index} already running?")]
+    #[error(
+        "the link socket @{name} is in use: worker {index} of socket_prefix \"{prefix}\" is \
+         already running, maybe another app's. Stop that worker, or give each app its own \
+         socket_prefix: the dispatcher's config key `socket_prefix` and, for its workers, \
+         {SOCKET_PREFIX_ENV}"
+    )]
     InUse {
         /// The abstract socket name.
         name: String,
+        /// The prefix it was made from.
+        prefix: String,
         /// The worker index.
         index: u32,
     },

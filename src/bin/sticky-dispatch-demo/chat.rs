@@ -44,7 +44,7 @@ const PAGE: &str = include_str!("page.html");
 pub(super) fn add(routes: Router<u32>, index: u32) -> Router<u32> {
     let (layer, io) = SocketIo::new_layer();
     io.ns("/", move |socket: SocketRef| on_connect(socket, index));
-    let client_js = load_client_js();
+    let client_js = load_client_js(index);
     routes
         .route("/", get(page))
         .route(
@@ -75,9 +75,18 @@ async fn page(
 }
 
 /// The socket.io client's bytes, or why there are none.
-fn load_client_js() -> Result<Bytes, String> {
+/// The socket.io browser client. Its absence is normal (the repository ships none) and
+/// said once, by worker 0, rather than warned by every worker.
+fn load_client_js(index: u32) -> Result<Bytes, String> {
     let Some(path) = std::env::var_os(CLIENT_JS_ENV) else {
-        warn!("{CLIENT_JS_ENV} is not set: the page's chat has no socket.io client");
+        if index == 0 {
+            info!(
+                "the demo page works; its chat box needs the socket.io browser client, which \
+                 this repository does not ship: to enable it, set {CLIENT_JS_ENV} to \
+                 socket.io-client/dist/socket.io.min.js (`npm ci --prefix tests/node` puts it \
+                 in tests/node/node_modules/)"
+            );
+        }
         return Err(format!(
             "no socket.io client: set {CLIENT_JS_ENV} to npm's socket.io-client/dist/socket.io.min.js\n"
         ));
