@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Builds the distribution packages from this tree into target/packages/:
-#   sticky-dispatch_<version>-1_<arch>.deb   (cargo-deb)
-#   sticky-dispatch-<version>-1.<arch>.rpm   (cargo-generate-rpm)
-# with one release build shared by both. What goes into them is in Cargo.toml,
-# [package.metadata.deb] and [package.metadata.generate-rpm]; see packaging/README.md.
+# Builds the release artifacts from this tree into target/packages/:
+#   sticky-dispatch_<version>-1_<arch>.deb         (cargo-deb)
+#   sticky-dispatch-<version>-1.<arch>.rpm         (cargo-generate-rpm)
+#   sticky-dispatch-<version>.tgz                  (npm pack of node/)
+#   sticky_dispatch-<version>-py3-none-any.whl     (python -m build of python/: wheel
+#   sticky_dispatch-<version>.tar.gz                and sdist, with flit_core)
+# with one release build shared by the .deb and the .rpm. What goes into them is in
+# Cargo.toml ([package.metadata.deb], [package.metadata.generate-rpm]),
+# node/package.json and python/pyproject.toml; see packaging/README.md.
 #
 # usage: packaging/build.sh
-# Installs cargo-deb and cargo-generate-rpm (cargo install --locked) when missing.
+# Installs cargo-deb and cargo-generate-rpm (cargo install --locked) when missing, and
+# the Python build tools into <target>/packaging-venv (pip, pinned versions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -57,6 +62,42 @@ echo "== cargo deb"
 cargo deb --no-build --locked --output "$out/"
 echo "== cargo generate-rpm"
 cargo generate-rpm --output "$out/"
+
+# The npm package: exactly what `npm publish` would upload ("files" in package.json);
+# npm pack writes only the tarball, with fixed file times.
+echo "== npm pack node/"
+(cd node && npm pack --silent --pack-destination "$out" >/dev/null)
+
+# The Python wheel and sdist, with the pinned build tools in a venv of their own (not
+# the user's python, not the test venv) and without build isolation, so that the same
+# flit_core builds every time and nothing is downloaded per build. python -m build makes
+# the sdist, then the wheel from the unpacked sdist: a broken sdist fails here.
+echo "== python -m build python/ (wheel, sdist)"
+pyvenv=$target/packaging-venv
+pytools="build==1.6.1 flit_core==3.12.0"
+if [ "$(cat "$pyvenv/installed" 2>/dev/null)" != "$pytools" ]; then
+    rm -rf "$pyvenv"
+    python3 -m venv "$pyvenv" ||
+        { echo "build.sh: python3 -m venv failed (Debian: apt install python3-venv)" >&2; exit 1; }
+    # shellcheck disable=SC2086 # two requirements
+    "$pyvenv/bin/pip" install -q --disable-pip-version-check $pytools
+    echo "$pytools" >"$pyvenv/installed"
+fi
+# flit_core builds from the sources alone; a backend that left build/, dist/ or
+# *.egg-info behind (setuptools did) is caught here. (Only those names: tools run in
+# python/ leave caches of their own.)
+junk() { ls -A python | grep -E '^(build|dist|.*\.egg-info)$' || true; }
+before=$(junk)
+"$pyvenv/bin/python" -m build --no-isolation --outdir "$out" python >/dev/null
+after=$(junk)
+if [ "$before" != "$after" ]; then
+    echo "build.sh: building the Python package wrote into python/:" >&2
+    diff <(echo "$before") <(echo "$after") >&2 || true
+    exit 1
+fi
+
+# flit_core writes the wheel through a private temporary file (0600).
+chmod 644 "$out"/*
 
 echo "== built:"
 ls -l "$out"

@@ -1,10 +1,12 @@
 //! The distribution packages (issue #5), checked the way users get them: the `.deb` is
 //! installed with apt into a freshly booted container (tests/container: systemd-nspawn
 //! on an overlay of the host's root), served from, upgraded, removed and purged; lintian
-//! judges it; the `.rpm` is inspected and unpacked with Debian's `rpm`.
+//! judges it; the `.rpm` is inspected and unpacked with Debian's `rpm`. The npm tarball
+//! is installed with `npm install <tarball>` into a fresh project, the Python wheel and
+//! sdist with `pip install '<file>[extras]'` into fresh venvs (issue #19).
 //!
-//! The packages are those in target/packages/; when there are none, packaging/build.sh
-//! builds them first (one release build: minutes). Rebuild after changing what goes
+//! The packages are those in target/packages/; when one is missing, packaging/build.sh
+//! builds them all first (one release build: minutes). Rebuild after changing what goes
 //! into them: `bash packaging/build.sh`.
 //!
 //! Needs root (it mounts and boots a container, installs lintian and rpm with apt-get
@@ -12,6 +14,7 @@
 //! fail, not pass, when asked for without root. What it checks and finds is
 //! printed with the `[packages]` prefix: `cargo test --test packages -- --nocapture`.
 
+use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -493,6 +496,373 @@ fn rpm_has_the_files_scriptlets_config_and_dependencies() {
 }
 
 // ---------------------------------------------------------------------------------------
+// The npm package and the Python wheel and sdist, installed as a user would
+
+/// What `npm install <tarball>` puts in node_modules/sticky-dispatch: package.json's
+/// "files", plus package.json itself; no tests, no lockfile.
+const NPM_FILES: &[&str] = &[
+    "LICENSE",
+    "README.md",
+    "index.d.ts",
+    "index.js",
+    "package.json",
+];
+
+#[test]
+fn npm_tarball_installs_into_a_fresh_project_and_requires() {
+    let tgz = &packages().npm;
+    let project = Scratch::new("npm-project");
+    std::fs::write(
+        project.0.join("package.json"),
+        r#"{ "name": "app", "version": "1.0.0", "private": true }"#,
+    )
+    .unwrap();
+    // --offline: the package has no dependencies, so nothing may need the registry.
+    let install = run(Command::new("npm")
+        .args(["install", "--offline", "--no-audit", "--no-fund"])
+        .arg(tgz)
+        .current_dir(&project.0));
+    say!(
+        "$ npm install {} (in a fresh project)\n{}",
+        file_name(tgz),
+        install.trim_end()
+    );
+
+    let installed = project.0.join("node_modules/sticky-dispatch");
+    let files = files_under(&installed);
+    say!("node_modules/sticky-dispatch: {files:?}");
+    assert_eq!(
+        files,
+        NPM_FILES
+            .iter()
+            .map(|f| f.to_string())
+            .collect::<BTreeSet<_>>(),
+        "the files npm installed"
+    );
+    for file in ["LICENSE", "index.js", "index.d.ts", "README.md"] {
+        let source = if file == "LICENSE" {
+            Path::new(SOURCE).join("LICENSE")
+        } else {
+            Path::new(SOURCE).join("node").join(file)
+        };
+        assert_eq!(
+            std::fs::read(installed.join(file)).unwrap(),
+            std::fs::read(&source).unwrap(),
+            "{file} differs from {} (rebuild with packaging/build.sh)",
+            source.display()
+        );
+    }
+
+    // As the app would: require('sticky-dispatch') from the project, and the metadata
+    // npm shows (npm view, the registry page) from the installed package.json.
+    let script = r#"
+        const s = require('sticky-dispatch');
+        const p = require('sticky-dispatch/package.json');
+        console.log(JSON.stringify({
+            resolved: require.resolve('sticky-dispatch'),
+            listen: typeof s.listen,
+            name: p.name, version: p.version, license: p.license, main: p.main,
+            types: p.types, engines: p.engines, repository: p.repository,
+            homepage: p.homepage, bugs: p.bugs, keywords: p.keywords,
+            dependencies: p.dependencies || {},
+        }));
+    "#;
+    let out = run(Command::new("node")
+        .args(["-e", script])
+        .current_dir(&project.0));
+    say!(
+        "node -e \"require('sticky-dispatch')\" in the project: {}",
+        out.trim()
+    );
+    let meta: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        meta["resolved"],
+        installed.join("index.js").display().to_string()
+    );
+    assert_eq!(meta["listen"], "function");
+    assert_eq!(meta["name"], "sticky-dispatch");
+    assert_eq!(meta["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(meta["license"], "MIT");
+    assert_eq!(meta["types"], "index.d.ts");
+    assert!(meta["engines"]["node"].is_string(), "engines: {meta}");
+    assert!(meta["repository"]["url"].is_string(), "repository: {meta}");
+    assert_eq!(meta["repository"]["directory"], "node");
+    assert!(meta["homepage"].is_string() && meta["bugs"]["url"].is_string());
+    assert!(meta["keywords"].as_array().is_some_and(|k| !k.is_empty()));
+    assert_eq!(
+        meta["dependencies"],
+        serde_json::json!({}),
+        "no runtime deps"
+    );
+}
+
+/// The files of the wheel's package directory, from the sources: every module and
+/// py.typed (nothing else is in sticky_dispatch/ but byte code).
+fn python_module_files() -> BTreeSet<String> {
+    std::fs::read_dir(Path::new(SOURCE).join("python/sticky_dispatch"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".py") || n == "py.typed")
+        .map(|n| format!("sticky_dispatch/{n}"))
+        .collect()
+}
+
+#[test]
+fn wheel_installs_with_its_extras_into_a_fresh_venv() {
+    let wheel = &packages().wheel;
+    let venv = Venv::new("wheel");
+    let spec = format!("{}[aiohttp,uvicorn]", wheel.display());
+    let install = venv.pip(&["install", &spec]);
+    say!(
+        "$ pip install '{}[aiohttp,uvicorn]' (fresh venv): {}",
+        file_name(wheel),
+        last_line(&install)
+    );
+    check_installed(&venv, &["aiohttp", "uvicorn"]);
+}
+
+#[test]
+fn sdist_builds_and_installs_with_the_aiohttp_extra_into_a_fresh_venv() {
+    let sdist = &packages().sdist;
+    // What the sdist holds: enough to build the wheel, the readme and the licence; no
+    // tests (they read ../tests/vectors), no build junk.
+    let listing = run(Command::new("tar").arg("-tzf").arg(sdist));
+    let top = format!("sticky_dispatch-{}/", env!("CARGO_PKG_VERSION"));
+    let listed: BTreeSet<String> = listing
+        .lines()
+        .map(|l| {
+            l.strip_prefix(&top)
+                .unwrap_or_else(|| panic!("{l} is outside {top}"))
+                .to_owned()
+        })
+        .filter(|l| !l.is_empty() && !l.ends_with('/'))
+        .collect();
+    let mut expected: BTreeSet<String> = ["LICENSE", "README.md", "pyproject.toml", "PKG-INFO"]
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    expected.extend(python_module_files());
+    say!("$ tar -tzf {}: {listed:?}", file_name(sdist));
+    assert_eq!(listed, expected, "the files of the sdist");
+
+    // pip builds the wheel from it (flit_core, from the index) and installs that.
+    let venv = Venv::new("sdist");
+    let spec = format!("{}[aiohttp]", sdist.display());
+    let install = venv.pip(&["install", &spec]);
+    say!(
+        "$ pip install '{}[aiohttp]' (fresh venv): {}",
+        file_name(sdist),
+        last_line(&install)
+    );
+    check_installed(&venv, &["aiohttp"]);
+}
+
+/// In a venv where sticky-dispatch was installed with `extras`: the adapters import,
+/// the extras pulled their web servers, the installed files are the package's and
+/// nothing else, and the metadata is complete.
+fn check_installed(venv: &Venv, extras: &[&str]) {
+    let script = r#"
+import json, sys
+import importlib.metadata as m
+import sticky_dispatch, sticky_dispatch.aiohttp
+extras = sys.argv[1:]
+if "uvicorn" in extras:
+    import sticky_dispatch.uvicorn
+md = m.metadata("sticky-dispatch")
+files = [str(f) for f in m.files("sticky-dispatch")]
+print(json.dumps({
+    "file": sticky_dispatch.__file__,
+    "version": sticky_dispatch.__version__,
+    "pulled": {e: m.version(e) for e in extras},
+    "files": sorted(f for f in files if "__pycache__" not in f),
+    "meta": {k: md.get_all(k) for k in ["Name", "Version", "Summary", "License-Expression",
+        "License-File", "Requires-Python", "Provides-Extra", "Requires-Dist", "Project-URL",
+        "Classifier", "Keywords", "Author-email", "Description-Content-Type"]},
+    "readme": len(md.get_payload() or ""),
+}))
+"#;
+    let mut args = vec!["-c", script];
+    args.extend(extras);
+    let out = venv.python(&args);
+    let got: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    say!(
+        "import sticky_dispatch.aiohttp{}: {}, pulled {}",
+        if extras.contains(&"uvicorn") {
+            ", sticky_dispatch.uvicorn"
+        } else {
+            ""
+        },
+        got["file"],
+        got["pulled"]
+    );
+    assert!(
+        got["file"]
+            .as_str()
+            .unwrap()
+            .starts_with(&venv.dir.0.display().to_string()),
+        "imported from outside the venv: {got}"
+    );
+    assert_eq!(got["version"], env!("CARGO_PKG_VERSION"));
+    for extra in extras {
+        assert!(
+            got["pulled"][extra].is_string(),
+            "{extra} not installed: {got}"
+        );
+    }
+
+    // Installed files: the package directory and its dist-info, nothing more.
+    let dist_info = format!("sticky_dispatch-{}.dist-info/", env!("CARGO_PKG_VERSION"));
+    let files: Vec<&str> = got["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    say!("installed files: {files:?}");
+    let package: BTreeSet<String> = files
+        .iter()
+        .filter(|f| !f.starts_with(&dist_info))
+        .map(|f| f.to_string())
+        .collect();
+    assert_eq!(
+        package,
+        python_module_files(),
+        "installed outside the dist-info"
+    );
+    assert!(
+        files.contains(&format!("{dist_info}licenses/LICENSE").as_str()),
+        "no licence in the dist-info: {files:?}"
+    );
+
+    let meta = &got["meta"];
+    let one = |key: &str| meta[key][0].as_str().unwrap_or_default().to_owned();
+    let all = |key: &str| -> Vec<String> {
+        meta[key]
+            .as_array()
+            .map(|v| v.iter().map(|s| s.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    say!("metadata: {meta}");
+    assert_eq!(one("Name"), "sticky-dispatch");
+    assert_eq!(one("Version"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(one("License-Expression"), "MIT");
+    assert_eq!(one("License-File"), "LICENSE");
+    assert_eq!(one("Requires-Python"), ">=3.9");
+    assert_eq!(one("Description-Content-Type"), "text/markdown");
+    assert!(got["readme"].as_u64().unwrap() > 100, "no long description");
+    assert!(!one("Summary").is_empty() && !one("Keywords").is_empty());
+    assert!(!one("Author-email").is_empty());
+    let provided = all("Provides-Extra");
+    for extra in ["aiohttp", "uvicorn"] {
+        assert!(
+            provided.iter().any(|e| e == extra),
+            "no [{extra}] extra: {provided:?}"
+        );
+    }
+    let requires = all("Requires-Dist");
+    assert!(
+        requires.iter().all(|r| r.contains("extra ==")),
+        "a dependency outside the extras (the core is standard library only): {requires:?}"
+    );
+    let urls = all("Project-URL");
+    assert!(
+        urls.iter().any(|u| u.starts_with("Repository, ")),
+        "no repository URL: {urls:?}"
+    );
+    let classifiers = all("Classifier");
+    for c in [
+        "Operating System :: POSIX :: Linux",
+        "Typing :: Typed",
+        "Framework :: AsyncIO",
+    ] {
+        assert!(classifiers.iter().any(|x| x == c), "no classifier {c:?}");
+    }
+}
+
+/// A directory in the system temp dir, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(label: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "sticky-dispatch-packages-{label}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A fresh venv of the `python3` on PATH, as a user makes one; pip installs from the
+/// package index the machine is set up with.
+struct Venv {
+    dir: Scratch,
+}
+
+impl Venv {
+    fn new(label: &str) -> Venv {
+        let dir = Scratch::new(&format!("venv-{label}"));
+        run(Command::new("python3").arg("-m").arg("venv").arg(&dir.0));
+        Venv { dir }
+    }
+
+    fn pip(&self, args: &[&str]) -> String {
+        run(Command::new(self.dir.0.join("bin/pip"))
+            .args(["--disable-pip-version-check", "--no-input"])
+            .args(args))
+    }
+
+    fn python(&self, args: &[&str]) -> String {
+        // From the venv's own directory, so that nothing of this tree is on sys.path.
+        run(Command::new(self.dir.0.join("bin/python"))
+            .args(args)
+            .current_dir(&self.dir.0))
+    }
+}
+
+/// Runs `cmd`; panics with its output unless it succeeds; its stdout.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The files under `dir`, relative to it, recursively (bounded by the tree's size).
+fn files_under(dir: &Path) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                pending.push(path);
+            } else {
+                found.insert(
+                    path.strip_prefix(dir)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
+            }
+        }
+    }
+    found
+}
+
+// ---------------------------------------------------------------------------------------
 // Versions
 
 /// The .deb's version is the crate's plus the revision (`revision` in
@@ -531,6 +901,11 @@ fn debian_changelog_names_the_package_version() {
 struct Packages {
     deb: PathBuf,
     rpm: PathBuf,
+    /// `npm pack` of node/.
+    npm: PathBuf,
+    /// `python -m build` of python/.
+    wheel: PathBuf,
+    sdist: PathBuf,
 }
 
 /// The .deb and .rpm in target/packages/, built with packaging/build.sh if absent; once
@@ -547,14 +922,17 @@ fn packages() -> &'static Packages {
             .join("packages");
         if let Some(found) = find_packages(&dir) {
             say!(
-                "using {} and {} (rebuild with packaging/build.sh)",
+                "using {}, {}, {}, {} and {} (rebuild with packaging/build.sh)",
                 found.deb.display(),
-                found.rpm.display()
+                file_name(&found.rpm),
+                file_name(&found.npm),
+                file_name(&found.wheel),
+                file_name(&found.sdist),
             );
             return Ok(found);
         }
         say!(
-            "no packages in {}: running packaging/build.sh",
+            "not every package is in {}: running packaging/build.sh",
             dir.display()
         );
         let status = Command::new("bash")
@@ -567,7 +945,9 @@ fn packages() -> &'static Packages {
         }
         find_packages(&dir).ok_or_else(|| {
             format!(
-                "packaging/build.sh left no .deb and .rpm in {}",
+                "packaging/build.sh left not all of the .deb, .rpm, .tgz, .whl and .tar.gz \
+                 of version {} in {}",
+                env!("CARGO_PKG_VERSION"),
                 dir.display()
             )
         })
@@ -590,12 +970,55 @@ fn find_packages(dir: &Path) -> Option<Packages> {
             })
             .cloned()
     };
+    let version = env!("CARGO_PKG_VERSION");
     Some(Packages {
         deb: find("sticky-dispatch_", ".deb")?,
         rpm: find("sticky-dispatch-", ".rpm")?,
+        npm: find(&format!("sticky-dispatch-{version}"), ".tgz")?,
+        wheel: find(&format!("sticky_dispatch-{version}-"), "-py3-none-any.whl")?,
+        sdist: find(&format!("sticky_dispatch-{version}"), ".tar.gz")?,
     })
 }
 
 fn file_name(path: &Path) -> String {
     path.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// One release, one version: the npm package, the Python package (its metadata and
+/// `__version__`) and the .deb's `Provides: node-sticky-dispatch` carry the crate's; the
+/// LICENSE copies the npm and Python packages ship are the repository's.
+#[test]
+fn the_npm_and_python_packages_carry_the_crate_version_and_license() {
+    let version = env!("CARGO_PKG_VERSION");
+    let read = |path: &str| {
+        std::fs::read_to_string(Path::new(SOURCE).join(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    let package_json: serde_json::Value = serde_json::from_str(&read("node/package.json")).unwrap();
+    assert_eq!(package_json["version"], version, "node/package.json");
+    let pyproject: toml::Table = toml::from_str(&read("python/pyproject.toml")).unwrap();
+    assert_eq!(
+        pyproject["project"]["version"].as_str(),
+        Some(version),
+        "python/pyproject.toml"
+    );
+    let init = read("python/sticky_dispatch/__init__.py");
+    assert!(
+        init.lines()
+            .any(|l| l == format!("__version__ = \"{version}\"")),
+        "python/sticky_dispatch/__init__.py: no __version__ = \"{version}\""
+    );
+    let provides = format!("provides = \"node-sticky-dispatch (= {version})\"");
+    assert!(
+        read("Cargo.toml").contains(&provides),
+        "Cargo.toml: no {provides}"
+    );
+    for copy in ["node/LICENSE", "python/LICENSE"] {
+        assert_eq!(
+            read(copy),
+            read("LICENSE"),
+            "{copy} is not a copy of LICENSE"
+        );
+    }
+    say!("node/package.json, python/pyproject.toml, __version__, Provides: all {version}");
 }
