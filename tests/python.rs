@@ -901,3 +901,260 @@ fn a_held_socketio_long_poll_is_answered_before_the_worker_stops() {
         "stopped after {stopped:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Cross-worker broadcast: python-socketio's AsyncRedisManager on a real redis-server
+
+/// A `redis-server` (Debian's package, installed when missing and root) on a loopback port
+/// of its own, with no persistence; stopped when dropped.
+struct Redis {
+    _process: Running,
+    url: String,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let program = support::debian_program("redis-server", "redis-server")
+            .unwrap_or_else(|err| panic!("{err}"));
+        // A free port, then redis binds it: another process may take it in between, so
+        // a start that fails on the address is tried again (bounded).
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut command = Command::new(&program);
+            command
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                // Its log to stderr, where Running collects it.
+                .args(["--logfile", "/dev/stderr"]);
+            let mut redis = Running::spawn(command, "redis");
+            let started = redis
+                .log
+                .wait_lines(&["Ready to accept connections"], 1, PATIENCE);
+            if started.is_ok() {
+                return Redis {
+                    _process: redis,
+                    url: format!("redis://127.0.0.1:{port}/0"),
+                };
+            }
+            let status = redis.child.try_wait().unwrap();
+            assert!(
+                status.is_some() && redis.log.text().contains("in use"),
+                "redis-server did not start:\n{}",
+                redis.log.text()
+            );
+        }
+        panic!("redis-server found no free port in 5 tries");
+    }
+}
+
+/// One client's outcome, from a `client ...` line of tests/python/broadcast-clients.js.
+#[derive(Debug)]
+struct Listener {
+    ip: Ipv4Addr,
+    ok: bool,
+    /// From the server's "Connected" (`-` where the app does not say).
+    worker: Option<u32>,
+    client: String,
+    transport: String,
+    users: Option<usize>,
+    broadcast: bool,
+    ticks: Vec<u64>,
+    error: String,
+}
+
+/// Runs `broadcast-clients.js` (npm's socket.io-client from tests/node) against `addr`,
+/// one client per address in `ips`; `env` selects the phases (USERS, TICKS, TRANSPORTS).
+fn broadcast_clients(addr: SocketAddr, ips: &[Ipv4Addr], env: &[(&str, &str)]) -> Vec<Listener> {
+    support::npm_ci();
+    let mut command = Command::new("node");
+    command
+        .arg(python_support::repo().join("tests/python/broadcast-clients.js"))
+        .arg(format!("http://{addr}"))
+        .args(ips.iter().map(|ip| ip.to_string()))
+        .env("NODE_PATH", support::node_dir().join("node_modules"))
+        .env("PHASE_MS", "20000")
+        .envs(env.iter().copied());
+    // Four phases, each bounded by PHASE_MS.
+    let out =
+        support::run(command, Duration::from_secs(4 * 20 + 30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    let listeners: Vec<Listener> = out
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("client "))
+        .map(|line| {
+            let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
+            let field = |name: &str| {
+                fields
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+                    .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+            };
+            Listener {
+                ip: field("ip").parse().unwrap(),
+                ok: field("ok") == "true",
+                worker: field("worker").parse().ok(),
+                client: field("client").to_owned(),
+                transport: field("transport").to_owned(),
+                users: field("users").parse().ok(),
+                broadcast: field("broadcast") == "true",
+                ticks: field("ticks")
+                    .split(',')
+                    .filter_map(|t| t.parse().ok())
+                    .collect(),
+                error: error.to_owned(),
+            }
+        })
+        .collect();
+    assert_eq!(listeners.len(), ips.len(), "{}", out.stdout);
+    listeners
+}
+
+/// 3 client addresses for each of the 4 workers.
+fn clients_on_every_worker() -> Vec<Ipv4Addr> {
+    (0..WORKERS)
+        .flat_map(|w| clients_of(w, WORKERS, 3))
+        .collect()
+}
+
+/// Every client completed its phases, and one client's broadcast reached them all, on
+/// every worker; the background task's events came once each (run on one worker only).
+fn assert_broadcast_reached_everyone(what: &str, listeners: &[Listener], ticks: usize) {
+    let on: std::collections::BTreeSet<u32> = listeners
+        .iter()
+        .map(|l| expected_worker(l.ip, WORKERS))
+        .collect();
+    println!(
+        "{what}: {}/{} clients received the broadcast of {}, on workers {on:?}",
+        listeners.iter().filter(|l| l.broadcast).count(),
+        listeners.len(),
+        listeners[0].ip
+    );
+    assert_eq!(on.len(), WORKERS as usize, "clients on every worker");
+    for l in listeners {
+        assert!(l.ok && l.broadcast, "{}: {}", l.ip, l.error);
+        if let Some(worker) = l.worker {
+            assert_eq!(worker, expected_worker(l.ip, WORKERS), "{l:?}");
+            assert_eq!(l.client, l.ip.to_string(), "{l:?}");
+        }
+        if ticks > 0 {
+            // One background task: each count once, in order. With one task per worker
+            // every count would come 4 times.
+            assert!(l.ticks.len() >= ticks, "{l:?}");
+            assert!(l.ticks.windows(2).all(|w| w[1] == w[0] + 1), "{l:?}");
+        }
+    }
+}
+
+/// tests/python/broadcast_aiohttp.py (docs/python.md, "Broadcast across workers"): 4
+/// workers, 12 socket.io clients (3 per worker, polling then the websocket upgrade),
+/// python-socketio's AsyncRedisManager on a real redis-server: one client's broadcast
+/// reaches every client on every worker; the user count kept in Redis is the total, not
+/// a worker's; the background task runs on worker 0 only, so its events come once.
+#[test]
+fn redis_manager_broadcast_reaches_clients_on_every_worker() {
+    let redis = Redis::start();
+    let (_dispatcher, addr) = python_standalone(
+        "py-broadcast",
+        "broadcast_aiohttp.py",
+        &[("REDIS_URL", &redis.url), ("TICK_SECONDS", "0.3")],
+    );
+    let ips = clients_on_every_worker();
+    let listeners = broadcast_clients(
+        addr,
+        &ips,
+        &[
+            ("USERS", "1"),
+            ("TICKS", "3"),
+            ("TRANSPORTS", "polling,websocket"),
+        ],
+    );
+    assert_broadcast_reached_everyone("AsyncRedisManager, 4 workers", &listeners, 3);
+    for l in &listeners {
+        assert_eq!(
+            l.users,
+            Some(ips.len()),
+            "the count in Redis is the total: {l:?}"
+        );
+        assert_eq!(l.transport, "websocket", "{l:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// docs/converting-python.md: each diff, exactly, and the converted apps with real clients
+
+/// `diff -u` of `tests/python/converting/before/<app>` and `.../after/<app>`, labelled
+/// `a/<app>` and `b/<app>`.
+fn conversion_diff(app: &str) -> String {
+    let dir = python_support::repo().join("tests/python/converting");
+    let out = Command::new("diff")
+        .args([
+            "-u",
+            "--label",
+            &format!("a/{app}"),
+            "--label",
+            &format!("b/{app}"),
+        ])
+        .arg(dir.join("before").join(app))
+        .arg(dir.join("after").join(app))
+        .output()
+        .unwrap();
+    // Status 1: the files differ, as they must.
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The guide shows each conversion as the exact diff between the files the tests run.
+#[test]
+fn the_conversion_guide_shows_the_diffs_of_the_tested_apps() {
+    let guide =
+        std::fs::read_to_string(python_support::repo().join("docs/converting-python.md")).unwrap();
+    for app in ["aiohttp_app.py", "fastapi_app.py"] {
+        let block = format!("```diff\n{}```\n", conversion_diff(app));
+        assert!(
+            guide.contains(&block),
+            "docs/converting-python.md lacks the diff of {app}; it is:\n{block}"
+        );
+    }
+}
+
+/// A converted app (docs/converting-python.md) as 4 workers with a real redis-server: 12
+/// socket.io clients on every worker (polling, then the websocket upgrade) all receive one
+/// client's broadcast, and the background task's events once each.
+fn converted_app_broadcasts_to_every_worker(test: &'static str, app: &str) {
+    let redis = Redis::start();
+    let (_dispatcher, addr) = python_standalone(
+        test,
+        app,
+        &[("REDIS_URL", &redis.url), ("TICK_SECONDS", "0.3")],
+    );
+    let listeners = broadcast_clients(
+        addr,
+        &clients_on_every_worker(),
+        &[("TICKS", "2"), ("TRANSPORTS", "polling,websocket")],
+    );
+    assert_broadcast_reached_everyone(app, &listeners, 2);
+    for l in &listeners {
+        assert_eq!(l.transport, "websocket", "{l:?}");
+    }
+}
+
+#[test]
+fn converted_aiohttp_app_broadcasts_to_every_worker() {
+    converted_app_broadcasts_to_every_worker(
+        "py-convert-aiohttp",
+        "converting/after/aiohttp_app.py",
+    );
+}
+
+#[test]
+fn converted_fastapi_app_broadcasts_to_every_worker() {
+    converted_app_broadcasts_to_every_worker(
+        "py-convert-fastapi",
+        "converting/after/fastapi_app.py",
+    );
+}
