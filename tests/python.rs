@@ -1158,3 +1158,46 @@ fn converted_fastapi_app_broadcasts_to_every_worker() {
         "converting/after/fastapi_app.py",
     );
 }
+
+/// The quick start's chat (README, docs/python.md) serves a page a person can open: to a
+/// browser (Accept: text/html) the chat page, whose socket.io client the app serves too.
+#[test]
+fn the_chat_serves_a_page_a_browser_can_open() {
+    use std::io::{Read, Write};
+    support::npm_ci(); // the page's client comes from tests/node's socket.io-client
+    let get = |addr: SocketAddr, path: &str, accept: &str| -> String {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, PATIENCE).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: test\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).unwrap();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    for (test, app) in [("py-page-aiohttp", AIOHTTP_APP), ("py-page-asgi", ASGI_APP)] {
+        let (_dispatcher, addr) = python_standalone(test, app, &[]);
+        let browser = "text/html,application/xhtml+xml,*/*;q=0.8";
+        let page = get(addr, "/", browser);
+        assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+        assert!(
+            page.contains("<title>sticky-dispatch chat</title>"),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"<script src="/socket.io.min.js">"#),
+            "{page}"
+        );
+        let script = get(addr, "/socket.io.min.js", "*/*");
+        assert!(script.starts_with("HTTP/1.1 200"), "{}", &script[..200]);
+        assert!(script.contains("javascript"), "{}", &script[..200]);
+        // curl and the tests still get the line.
+        assert!(get(addr, "/", "*/*").contains("worker="));
+        println!(
+            "{app}: GET / to a browser: the chat page; /socket.io.min.js: {} bytes",
+            script.len()
+        );
+    }
+}

@@ -6,7 +6,8 @@
 The protocol is the demo worker's (tests/node/socketio-clients.js expects it): on connect
 the server emits ``hello`` with ``worker=<index> pid=<pid> client=<ip>``; ``join(room)``
 enters the room and acknowledges with that line; ``message({room, text})`` goes to the
-room. ``GET /`` answers the same line plus ``listener=`` and ``local=`` (tests' request()).
+room. ``GET /`` answers the same line plus ``listener=`` and ``local=`` (tests' request()),
+or, to a browser (Accept: text/html), a chat page.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import socketio
 from aiohttp import web
-from common import direct_socket, who
+from common import chat_page, client_js_path, direct_socket, wants_html, who
 
 # CHAT_PING_INTERVAL: a long-poll is held up to this long (socket.io's default 25 s);
 # the drain test shortens it.
@@ -31,12 +32,22 @@ sio.attach(app)
 
 
 async def index(request: web.Request) -> web.Response:
+    if wants_html(request.headers.get("Accept")):
+        return web.Response(text=chat_page(), content_type="text/html")
     local = request.transport.get_extra_info("sockname") if request.transport else None
     text = f"{who(request.remote)}\nlistener=aiohttp local={local[0] if local else '-'}\n"
     return web.Response(text=text)
 
 
+async def client_js(request: web.Request) -> web.StreamResponse:
+    path = client_js_path()
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
+
+
 app.router.add_get("/", index)
+app.router.add_get("/socket.io.min.js", client_js)
 
 
 @sio.event

@@ -3,7 +3,7 @@
     python chat_asgi.py                 # a worker: connections from the dispatcher
     python chat_asgi.py --direct ADDR   # no dispatcher: listen on ADDR with SO_REUSEPORT
 
-Same protocol as chat_aiohttp.py; the client address is ``scope["client"]``.
+Same protocol (and page) as chat_aiohttp.py; the client address is ``scope["client"]``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import socketio
 import uvicorn
-from common import direct_socket, who
-from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse
+from common import chat_page, client_js_path, direct_socket, wants_html, who
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 
 # CHAT_PING_INTERVAL: a long-poll is held up to this long (socket.io's default 25 s);
 # the drain test shortens it.
@@ -28,11 +28,22 @@ sio = socketio.AsyncServer(
 api = FastAPI()
 
 
-@api.get("/", response_class=PlainTextResponse)
-async def index(request: Request) -> str:
+@api.get("/")
+async def index(request: Request) -> Response:
+    if wants_html(request.headers.get("accept")):
+        return HTMLResponse(chat_page())
     client = request.client.host if request.client else None
     server = request.scope.get("server")
-    return f"{who(client)}\nlistener=asgi local={server[0] if server else '-'}\n"
+    text = f"{who(client)}\nlistener=asgi local={server[0] if server else '-'}\n"
+    return PlainTextResponse(text)
+
+
+@api.get("/socket.io.min.js")
+async def client_js() -> Response:
+    path = client_js_path()
+    if path is None:
+        raise HTTPException(status_code=404)
+    return FileResponse(path)
 
 
 @sio.event
