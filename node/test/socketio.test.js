@@ -1,7 +1,8 @@
 'use strict';
 // socket.io: tests/node/apps/chat.js (the package under a real socket.io server) against
 // tests/node/socketio-clients.js (real socket.io-client, long-polling, one new connection
-// per request), each client from its own 127.0.1.x address. Needs `npm ci` in tests/node.
+// per request), each client from its own 127.0.1.x address. Needs `npm ci --prefix tests/node`
+// (CI runs it first): without it the test fails and says so, rather than pass untested.
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
@@ -21,8 +22,9 @@ function reported(ip) {
 
 test(
   'socket.io chat: handshake, rooms and messages on one worker; handshake.address is the reported client',
-  { skip: !installed && 'run `npm ci` in tests/node first', timeout: 60000 },
+  { timeout: 60000 },
   async (t) => {
+    assert.ok(installed, `${TESTS_NODE} has no node_modules/socket.io: run \`npm ci --prefix tests/node\` first`);
     const started = Date.now();
     const bridge = new FakeBridge(CHAT, { index: '2', env: { CHAT_READY_DELAY_MS: '300' } });
     t.after(() => bridge.close());
