@@ -47,6 +47,8 @@ const FILES: &[&str] = &[
     "/usr/lib/systemd/system-generators/sticky-dispatch-generator",
     "/usr/lib/systemd/system/sticky-dispatch.socket",
     "/usr/lib/systemd/system/sticky-dispatch.service",
+    "/usr/lib/systemd/system/sticky-dispatch@.socket",
+    "/usr/lib/systemd/system/sticky-dispatch@.service",
     "/usr/lib/systemd/system/app@.service",
     "/etc/sticky-dispatch/config.toml",
     "/usr/share/man/man8/sticky-dispatch.8.gz",

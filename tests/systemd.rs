@@ -82,6 +82,10 @@ fn units_generator_and_dispatcher_under_a_booted_systemd() {
         ("e: systemctl reload sticky-dispatch", e_reload),
         ("f: a broken config", f_broken_config),
         ("g: workers 4 -> 5", g_more_workers),
+        (
+            "i: a second app beside it, sticky-dispatch@chat",
+            i_second_app,
+        ),
         ("h: systemctl stop sticky-dispatch.socket", h_stop),
     ];
     let mut failed = Vec::new();
@@ -719,6 +723,99 @@ fn g_more_workers(w: &mut World) {
     assert_eq!(moved_elsewhere, 0);
 }
 
+/// The chat app's port and worker count in [`i_second_app`].
+const CHAT_PORT: u16 = 8081;
+const CHAT_WORKERS: u32 = 2;
+
+/// i. A second app on the same host, as docs/operations.md sets it up: its own config
+/// (/etc/sticky-dispatch/chat.toml: `worker_unit = "chat@.service"`, no socket_prefix),
+/// its socket in a drop-in of sticky-dispatch@chat.socket. Its clients reach only chat@N
+/// and the main app's only app@N, while both serve; the generator named chat's link
+/// sockets after the instance.
+fn i_second_app(w: &mut World) {
+    let c = w.c;
+    let app_unit = std::fs::read_to_string(Path::new(SOURCE).join("systemd/app@.service")).unwrap();
+    c.write_file(
+        "/etc/sticky-dispatch/chat.toml",
+        &format!("workers = {CHAT_WORKERS}\nworker_unit = \"chat@.service\"\n"),
+    );
+    c.write_file("/etc/systemd/system/chat@.service", &app_unit);
+    c.ok(&[
+        "mkdir",
+        "-p",
+        "/etc/systemd/system/sticky-dispatch@chat.socket.d",
+    ]);
+    c.write_file(
+        "/etc/systemd/system/sticky-dispatch@chat.socket.d/listen.conf",
+        &format!("[Socket]\nListenStream=127.0.0.1:{CHAT_PORT}\n"),
+    );
+    c.ok(&["systemctl", "daemon-reload"]);
+    c.ok(&["systemctl", "start", "sticky-dispatch@chat.socket"]);
+
+    let netns = c.netns();
+    let chat = LoadPlan::new(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, CHAT_PORT)),
+        &w.clients,
+    )
+    .reply_timeout(REPLY_TIMEOUT)
+    .max_time(LOAD_MAX_TIME)
+    .setup(move || enter_netns(&netns))
+    .once()
+    .start()
+    .join();
+    let main = w.round("the main app meanwhile");
+    let chat_pids: Vec<u32> = (0..CHAT_WORKERS)
+        .map(|i| c.main_pid(&format!("chat@{i}.service")))
+        .collect();
+    let app_pids = w.worker_pids(w.workers);
+    figure!("chat@N MainPIDs {chat_pids:?}, app@N MainPIDs {app_pids:?}");
+    let mut chat_per_worker = BTreeMap::new();
+    for outcome in &chat {
+        let reply = outcome
+            .answer
+            .as_ref()
+            .unwrap_or_else(|err| panic!("chat client {}: {err}", outcome.client));
+        assert_eq!(
+            reply.listener, "chat",
+            "FileDescriptorName=%i of the instance socket"
+        );
+        assert_eq!(reply.worker, expected_worker(outcome.client, CHAT_WORKERS));
+        assert_eq!(
+            reply.pid as u32, chat_pids[reply.worker as usize],
+            "chat client {} was answered by pid {}, not chat@{}",
+            outcome.client, reply.pid, reply.worker
+        );
+        *chat_per_worker.entry(reply.worker).or_insert(0) += 1;
+    }
+    for outcome in &main {
+        let reply = outcome.answer.as_ref().expect("the main app answers");
+        assert_eq!(reply.pid as u32, app_pids[reply.worker as usize]);
+    }
+    figure!(
+        "chat: {} clients answered by chat@N {chat_per_worker:?}; main app: {}",
+        chat.len(),
+        w.tally(&main)
+    );
+    let entries = c.journal(&["-u", "sticky-dispatch@chat.service"]);
+    let named: BTreeSet<&str> = entries
+        .iter()
+        .filter(|e| message(e) == "worker link up")
+        .filter_map(|e| structured(e, "SOCKET"))
+        .collect();
+    figure!("sticky-dispatch@chat linked to {named:?}");
+    let expected: Vec<String> = (0..CHAT_WORKERS)
+        .map(|i| format!("@sticky-dispatch/chat/{i}"))
+        .collect();
+    assert_eq!(named, expected.iter().map(String::as_str).collect());
+    c.ok(&["systemctl", "stop", "sticky-dispatch@chat.socket"]);
+    assert_eq!(c.active_state("chat@0.service"), "inactive");
+    assert_eq!(
+        c.active_state(&worker(0)),
+        "active",
+        "the main app is untouched"
+    );
+}
+
 /// h. Stopping the socket takes the whole service down: dispatcher and workers.
 fn h_stop(w: &mut World) {
     let c = w.c;
@@ -850,6 +947,24 @@ fn poll_status(c: &Container, what: &str, check: impl Fn(&str) -> bool) -> Strin
 /// "N waiting" in the dispatcher's STATUS=.
 fn waiting_count(status: &str) -> u64 {
     status_figure(status, "waiting").unwrap_or(0)
+}
+
+/// sticky-dispatch@.service is sticky-dispatch.service for another config: the two keep
+/// the same sandbox, line for line.
+#[test]
+fn the_instance_template_has_the_main_units_sandbox() {
+    let sandbox = |unit: &str| {
+        let text = std::fs::read_to_string(Path::new(SOURCE).join("systemd").join(unit)).unwrap();
+        let from = text
+            .find("# --- Who it runs as ---")
+            .expect("a sandbox section");
+        let to = text.find("\n[Install]").expect("an [Install] section");
+        text[from..to].to_owned()
+    };
+    assert_eq!(
+        sandbox("sticky-dispatch@.service"),
+        sandbox("sticky-dispatch.service")
+    );
 }
 
 #[test]

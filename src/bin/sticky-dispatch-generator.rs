@@ -15,7 +15,16 @@
 //! - `sticky-dispatch.socket.d/50-workers.conf` with `PropagatesStopTo=` them: stopping
 //!   the socket (taking the service down) stops the workers too. It is on the socket,
 //!   not the service, because systemd propagates a stop also when the service crashes,
-//!   and a dispatcher crash must not take the workers' open connections down.
+//!   and a dispatcher crash must not take the workers' open connections down;
+//! - `app@.service.d/50-workers.conf` with `Environment=STICKY_DISPATCH_SOCKET_PREFIX=`
+//!   the dispatcher's `socket_prefix`: both ends name the link sockets from one setting.
+//!
+//! Every other `NAME.toml` in /etc/sticky-dispatch configures a further dispatcher,
+//! `sticky-dispatch@NAME.service` (systemd/sticky-dispatch@.service): the same units are
+//! written for it and its own `worker_unit`, and its socket prefix, unless configured, is
+//! `sticky-dispatch/NAME/` (given to it and to its workers in the drop-ins). Two
+//! dispatchers with the same `worker_unit` or prefix would share workers: the later one
+//! (in name order, the main one first) gets no workers, and the log says why.
 //!
 //! The configuration is read with [`Settings::load`], exactly as the dispatcher reads it
 //! without command-line flags (file, `STICKY_DISPATCH_CONFIG`, `STICKY_DISPATCH_*`
@@ -30,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use sticky_dispatch::config::{Overrides, Settings};
+use sticky_dispatch::worker::{DEFAULT_SOCKET_PREFIX, SOCKET_PREFIX_ENV};
 
 /// The units the generated dependencies hang on; they ship in `systemd/`.
 const SERVICE: &str = "sticky-dispatch.service";
@@ -49,6 +59,34 @@ const UNIT_DIRS: &[&str] = &[
 /// Used as the link target when the template is in none of `UNIT_DIRS`.
 const PACKAGED_UNIT_DIR: &str = "/usr/lib/systemd/system";
 
+/// Where the main dispatcher's config is, and the instances' (`NAME.toml`).
+const CONFIG_DIR: &str = "/etc/sticky-dispatch";
+/// The main dispatcher's config file in [`CONFIG_DIR`]; every other `*.toml` there is an
+/// instance's.
+const MAIN_CONFIG: &str = "config.toml";
+
+/// One dispatcher's units: the main `sticky-dispatch`, or `sticky-dispatch@NAME`.
+struct Dispatcher {
+    service: String,
+    socket: String,
+    /// The instance name, for `sticky-dispatch@NAME`.
+    instance: Option<String>,
+    settings: Settings,
+}
+
+impl Dispatcher {
+    /// The prefix this dispatcher and its workers use: an instance without a configured
+    /// one gets `sticky-dispatch/NAME/`, so that it never shares the main one's workers.
+    fn socket_prefix(&self) -> String {
+        match &self.instance {
+            Some(name) if !self.settings.is_given("socket_prefix") => {
+                format!("{DEFAULT_SOCKET_PREFIX}{name}/")
+            }
+            _ => self.settings.socket_prefix.clone(),
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     // systemd passes three directories (normal, early, late); one is enough by hand.
@@ -59,38 +97,119 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let overrides = Overrides {
-        config_path: std::env::var_os("STICKY_DISPATCH_CONFIG").map(PathBuf::from),
-        ..Overrides::default()
-    };
-    let settings = match Settings::load(&overrides, std::env::vars()) {
-        Ok(settings) => settings,
-        Err(err) => {
-            log(
-                3,
-                &format!("configuration error, starting no workers: {err} (run `sticky-dispatch check-config`)"),
-            );
-            return ExitCode::SUCCESS;
+    let main_config = std::env::var_os("STICKY_DISPATCH_CONFIG").map(PathBuf::from);
+    let config_dir = main_config
+        .as_deref()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new(CONFIG_DIR))
+        .to_owned();
+    let mut dispatchers = Vec::new();
+    let main = load(main_config, "sticky-dispatch").map(|settings| Dispatcher {
+        service: SERVICE.to_owned(),
+        socket: SOCKET.to_owned(),
+        instance: None,
+        settings,
+    });
+    dispatchers.extend(main);
+    for (name, path) in instance_configs(&config_dir) {
+        let unit = format!("sticky-dispatch@{name}");
+        if let Some(settings) = load(Some(path), &unit) {
+            dispatchers.push(Dispatcher {
+                service: format!("{unit}.service"),
+                socket: format!("{unit}.socket"),
+                instance: Some(name),
+                settings,
+            });
         }
-    };
-    match generate(Path::new(normal), &settings) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
+    }
+    let mut failed = false;
+    let mut taken: Vec<(String, String, String)> = Vec::new();
+    for dispatcher in &dispatchers {
+        let prefix = dispatcher.socket_prefix();
+        let template = &dispatcher.settings.worker_unit;
+        // Two dispatchers sharing workers or their sockets would cross-wire their apps.
+        if let Some((other, ..)) = taken.iter().find(|(_, p, t)| *p == prefix || t == template) {
             log(
                 3,
                 &format!(
-                    "could not write units to {}: {err}",
+                    "{}: worker_unit \"{template}\" or socket_prefix \"{prefix}\" is also {other}'s: \
+                     starting no workers for it; give each dispatcher its own worker_unit and socket_prefix",
+                    dispatcher.service
+                ),
+            );
+            continue;
+        }
+        taken.push((dispatcher.service.clone(), prefix, template.clone()));
+        if let Err(err) = generate(Path::new(normal), dispatcher) {
+            log(
+                3,
+                &format!(
+                    "could not write units for {} to {}: {err}",
+                    dispatcher.service,
                     Path::new(normal).display()
                 ),
             );
-            ExitCode::FAILURE
+            failed = true;
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The settings of one dispatcher, read exactly as it reads them without flags; `None`
+/// (said in the log) for a broken configuration: that dispatcher reports the key itself.
+fn load(config_path: Option<PathBuf>, unit: &str) -> Option<Settings> {
+    let overrides = Overrides {
+        config_path,
+        ..Overrides::default()
+    };
+    match Settings::load(&overrides, std::env::vars()) {
+        Ok(settings) => Some(settings),
+        Err(err) => {
+            log(
+                3,
+                &format!("{unit}: configuration error, starting no workers: {err} (run `sticky-dispatch check-config`)"),
+            );
+            None
         }
     }
 }
 
-/// Writes the wants symlinks and drop-ins for `settings.workers` instances of
-/// `settings.worker_unit` into `dir`.
-fn generate(dir: &Path, settings: &Settings) -> std::io::Result<()> {
+/// `(NAME, path)` of every `NAME.toml` in `dir` but the main config, in name order.
+fn instance_configs(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(String, PathBuf)> = entries
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.file_name().is_some_and(|name| name != MAIN_CONFIG))
+        .filter_map(|path| {
+            let name = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".toml")?
+                .to_owned();
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+            valid.then_some((name, path))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Writes, for `dispatcher`'s `workers` instances of its `worker_unit`: the wants
+/// symlinks, its service's `After=` and its socket's `PropagatesStopTo=` drop-ins, and the
+/// socket prefix for the worker template (and for an instance dispatcher, whose prefix
+/// may be the generated default).
+fn generate(dir: &Path, dispatcher: &Dispatcher) -> std::io::Result<()> {
+    let settings = &dispatcher.settings;
     let template = &settings.worker_unit;
     // Validated by Settings: ends in "@.service".
     let prefix = template.trim_end_matches(".service");
@@ -105,7 +224,7 @@ fn generate(dir: &Path, settings: &Settings) -> std::io::Result<()> {
         );
         Path::new(PACKAGED_UNIT_DIR).join(template)
     });
-    let wants = dir.join(format!("{SERVICE}.wants"));
+    let wants = dir.join(format!("{}.wants", dispatcher.service));
     std::fs::create_dir_all(&wants)?;
     for instance in &instances {
         let link = wants.join(instance);
@@ -116,18 +235,20 @@ fn generate(dir: &Path, settings: &Settings) -> std::io::Result<()> {
         }
     }
 
+    let socket_prefix = dispatcher.socket_prefix();
     let header = format!(
-        "# Generated by sticky-dispatch-generator from {}: workers = {}, worker_unit = \"{}\".\n",
+        "# Generated by sticky-dispatch-generator from {}: workers = {}, worker_unit = \"{}\", socket_prefix = \"{}\".\n",
         settings.config_file.escape_debug(),
         settings.workers,
-        template
+        template,
+        socket_prefix.escape_debug(),
     );
     let mut after = header.clone();
     after.push_str(
         "# Workers start before the dispatcher, and on a full stop the dispatcher stops\n\
          # first, handing what it holds to live workers before they drain.\n[Unit]\n",
     );
-    let mut propagate = header;
+    let mut propagate = header.clone();
     propagate.push_str(
         "# Stopping the socket (the whole service) stops the workers; a restart or crash\n\
          # of the dispatcher leaves them running.\n[Unit]\n",
@@ -136,8 +257,21 @@ fn generate(dir: &Path, settings: &Settings) -> std::io::Result<()> {
         let _ = writeln!(after, "After={instance}");
         let _ = writeln!(propagate, "PropagatesStopTo={instance}");
     }
-    write_drop_in(dir, SERVICE, &after)?;
-    write_drop_in(dir, SOCKET, &propagate)
+    // systemd's quoting of an Environment= assignment: the whole of it in double quotes.
+    let environment = format!(
+        "[Service]\nEnvironment=\"{SOCKET_PREFIX_ENV}={}\"\n",
+        socket_prefix.replace('\\', "\\\\").replace('"', "\\\"")
+    );
+    if dispatcher.instance.is_some() {
+        after.push_str("# Its workers' link sockets (configured, or named after this instance).\n");
+        after.push_str(&environment);
+    }
+    write_drop_in(dir, &dispatcher.service, &after)?;
+    write_drop_in(dir, &dispatcher.socket, &propagate)?;
+    let mut worker = header;
+    worker.push_str("# The link socket prefix of this dispatcher, whose workers these are.\n");
+    worker.push_str(&environment);
+    write_drop_in(dir, template, &worker)
 }
 
 fn write_drop_in(dir: &Path, unit: &str, text: &str) -> std::io::Result<()> {

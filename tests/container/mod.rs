@@ -386,6 +386,16 @@ pub fn stage_product(stage: &Path, dispatcher: &Path, config: &str) {
             unit("app@.service"),
             0o644,
         ),
+        (
+            "usr/lib/systemd/system/sticky-dispatch@.socket",
+            unit("sticky-dispatch@.socket"),
+            0o644,
+        ),
+        (
+            "usr/lib/systemd/system/sticky-dispatch@.service",
+            unit("sticky-dispatch@.service"),
+            0o644,
+        ),
     ];
     for (path, source, mode) in files {
         stage_file(stage, path, source, *mode);
