@@ -139,7 +139,10 @@ fn a_worker_started_without_a_dispatcher_says_how_to_start_one() {
         "said after the grace period, not at once"
     );
     assert!(line.contains(&format!("@{prefix}2")), "{line}");
-    assert!(line.contains("systemctl start sticky-dispatch.socket"), "{line}");
+    assert!(
+        line.contains("systemctl start sticky-dispatch.socket"),
+        "{line}"
+    );
     assert!(line.contains("sticky-dispatch --listen"), "{line}");
     // Once is enough; a dispatcher that comes later links as usual.
     let mut dispatcher = Command::new(DISPATCHER);
