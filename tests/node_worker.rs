@@ -809,3 +809,294 @@ fn socketio_behind_haproxy_with_proxy_protocol_sees_the_client() {
     assert_eq!(answer.local, frontend.to_string(), "{answer:?}");
     drop(dispatcher);
 }
+
+// ---------------------------------------------------------------------------------------
+// Broadcast across workers (@socket.io/redis-adapter on a real redis-server), the
+// quick-start chat's page, and docs/converting-node.md's conversions
+
+/// 3 client addresses for each of the 4 workers.
+fn clients_on_every_worker() -> Vec<Ipv4Addr> {
+    (0..WORKERS)
+        .flat_map(|w| clients_of(w, WORKERS, 3))
+        .collect()
+}
+
+/// A NODE_PATH under which `require('sticky-dispatch')` is this repository's `node/`, as
+/// for an app that installed the package.
+fn node_path_with_the_package(test: &'static str) -> String {
+    let dir = scratch_dir(test).join("node_path");
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("sticky-dispatch");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node"),
+        &link,
+    )
+    .unwrap();
+    dir.display().to_string()
+}
+
+/// Every client completed its phases, on every worker, and the first client's message
+/// reached each of the others exactly once (and the sender too where `to_sender`).
+fn assert_broadcast_reached_everyone(what: &str, clients: &[support::ChatClient], to_sender: bool) {
+    let on: std::collections::BTreeSet<u32> = clients.iter().map(|c| expected(c.ip)).collect();
+    let reached = clients.iter().filter(|c| c.received > 0).count();
+    println!(
+        "{what}: the message of {} reached {reached}/{} clients, on workers {on:?}",
+        clients[0].ip,
+        clients.len()
+    );
+    assert_eq!(on.len(), WORKERS as usize, "clients on every worker");
+    for (i, c) in clients.iter().enumerate() {
+        assert!(c.ok, "{c:?}");
+        let wanted = usize::from(i > 0 || to_sender);
+        assert_eq!(c.received, wanted, "{c:?}");
+    }
+}
+
+/// tests/node/apps/redis-chat.js (docs/node.md, "Broadcast across workers"): a chat shaped
+/// like socket.io's chat example, 4 Node workers, @socket.io/redis-adapter on a real
+/// redis-server, 12 socket.io clients (3 per worker, polling then the websocket upgrade):
+/// one client's message reaches the 11 others on every worker; the participant count kept
+/// in Redis is the total, not a worker's; the tick task runs on worker 0 only, so each tick
+/// arrives once. Without the adapter the message would reach 2 clients, with a variable
+/// the count would be 3, and with a task per worker each tick would come 4 times.
+#[test]
+fn redis_adapter_broadcast_reaches_clients_on_every_worker() {
+    support::npm_ci();
+    let redis = support::Redis::start();
+    let (_dispatcher, addr) = node_workers(
+        "node-redis-chat",
+        &[("REDIS_URL", &redis.url), ("TICK_MS", "300")],
+        &[],
+        "redis-chat.js",
+    );
+    let ips = clients_on_every_worker();
+    let clients = support::chat_clients(
+        addr,
+        &ips,
+        &[
+            ("PROTOCOL", "chat"),
+            ("USERS", "1"),
+            ("TICKS", "3"),
+            ("TRANSPORTS", "polling,websocket"),
+        ],
+    );
+    assert_broadcast_reached_everyone("redis-chat.js, 4 Node workers", &clients, false);
+    for c in &clients {
+        assert_eq!(c.worker, Some(expected(c.ip)), "{c:?}");
+        assert_eq!(c.client, c.ip.to_string(), "{c:?}");
+        assert_eq!(c.transport, "websocket", "{c:?}");
+        assert_eq!(
+            c.users,
+            Some(ips.len()),
+            "the count in Redis is the total: {c:?}"
+        );
+        // One task: each count once, in order.
+        assert!(c.ticks.len() >= 3, "{c:?}");
+        assert!(c.ticks.windows(2).all(|w| w[1] == w[0] + 1), "{c:?}");
+    }
+    println!(
+        "participants seen by every client: {}; ticks of {}: {:?}",
+        ips.len(),
+        clients[0].ip,
+        clients[0].ticks
+    );
+}
+
+/// `GET path` with `accept`, from 127.0.0.1; the status line, the headers and the body.
+fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    (head.to_owned(), body.to_owned())
+}
+
+/// The Node quick start (README): tests/node/apps/chat.js serves a browser a page naming its
+/// worker, which loads the socket.io client socket.io itself serves; curl still gets the
+/// plain lines.
+#[test]
+fn the_quick_start_chat_serves_a_page_a_browser_can_open() {
+    support::npm_ci();
+    let (_dispatcher, addr) = node_workers("node-chat-page", &[], &[], "chat.js");
+    let browser_accept = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8";
+    let (head, page) = http_get(addr, "/", browser_accept);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/html"),
+        "{head}"
+    );
+    let worker = expected(Ipv4Addr::LOCALHOST);
+    assert!(
+        page.contains(&format!("worker={worker} pid=")) && page.contains("client=127.0.0.1"),
+        "{page}"
+    );
+    assert!(
+        page.contains(r#"<script src="/socket.io/socket.io.js"></script>"#),
+        "{page}"
+    );
+    let (head, script) = http_get(addr, "/socket.io/socket.io.js", "*/*");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/javascript"),
+        "{head}"
+    );
+    assert!(
+        script.len() > 10_000 && script.contains("io"),
+        "{} bytes",
+        script.len()
+    );
+    // curl's Accept: the demo's lines, as tests and the README's curl loop expect.
+    let answer = send(
+        Ipv4Addr::LOCALHOST,
+        addr,
+        b"GET / HTTP/1.1\r\nHost: t\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(answer.worker, worker, "{answer:?}");
+    assert_eq!(answer.client, "127.0.0.1", "{answer:?}");
+    println!(
+        "GET / from a browser: a {}-byte page from worker {worker} loading /socket.io/socket.io.js ({} bytes); from curl: worker={} client={}",
+        page.len(),
+        script.len(),
+        answer.worker,
+        answer.client
+    );
+}
+
+/// `diff -u` of `tests/node/converting/before/<app>` and `.../after/<app>`, labelled
+/// `a/<app>` and `b/<app>`.
+fn conversion_diff(app: &str) -> String {
+    let dir = support::node_dir().join("converting");
+    let out = Command::new("diff")
+        .args([
+            "-u",
+            "--label",
+            &format!("a/{app}"),
+            "--label",
+            &format!("b/{app}"),
+        ])
+        .arg(dir.join("before").join(app))
+        .arg(dir.join("after").join(app))
+        .output()
+        .unwrap();
+    // Status 1: the files differ, as they must.
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// docs/converting-node.md shows each conversion as the exact diff between the files the
+/// tests below run.
+#[test]
+fn the_conversion_guide_shows_the_diffs_of_the_tested_apps() {
+    let guide = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/converting-node.md"),
+    )
+    .unwrap();
+    for app in ["http-chat.js", "express-chat.js"] {
+        let block = format!("```diff\n{}```\n", conversion_diff(app));
+        assert!(
+            guide.contains(&block),
+            "docs/converting-node.md lacks the diff of {app}; it is:\n{block}"
+        );
+    }
+}
+
+/// The app before the conversion, one process on a port of its own (`PORT`), as its
+/// author ran it; killed when dropped.
+fn unconverted(app: &str) -> (Running, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = Command::new("node");
+    command
+        .arg(support::node_dir().join("converting/before").join(app))
+        .env("PORT", port.to_string());
+    let mut running = Running::spawn(command, "unconverted");
+    // It listens on all interfaces, as the examples do; reached on loopback.
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + PATIENCE;
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            running.child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "{app} does not listen on {addr}; log:\n{}",
+            running.log.text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (running, addr)
+}
+
+/// A conversion of docs/converting-node.md: the app before it, one process, passes the
+/// clients' phases (so the clients speak its protocol); the app after it, 4 Node workers
+/// behind the dispatcher with a real redis-server, passes them with 12 clients on every
+/// worker (polling, then the websocket upgrade): the first client's message reaches them
+/// all, and, for the chat example, the participant count is the total.
+fn conversion_works(test: &'static str, app: &str, protocol: &str) {
+    support::npm_ci();
+    let chat = protocol == "chat";
+    let phases = |users: bool| {
+        let mut env = vec![("PROTOCOL", protocol), ("TRANSPORTS", "polling,websocket")];
+        if users {
+            env.push(("USERS", "1"));
+        }
+        env
+    };
+    let (before, before_addr) = unconverted(app);
+    let few: Vec<Ipv4Addr> = (0..4).map(client_ip).collect();
+    let clients = support::chat_clients(before_addr, &few, &phases(chat));
+    for (i, c) in clients.iter().enumerate() {
+        assert!(c.ok, "before the conversion: {c:?}");
+        assert_eq!(c.received, usize::from(i > 0 || !chat), "{c:?}");
+    }
+    drop(before);
+
+    let redis = support::Redis::start();
+    let node_path = node_path_with_the_package(test);
+    let (_dispatcher, addr) = node_workers(
+        test,
+        &[("REDIS_URL", &redis.url), ("NODE_PATH", &node_path)],
+        &[],
+        &format!("../converting/after/{app}"),
+    );
+    let ips = clients_on_every_worker();
+    let clients = support::chat_clients(addr, &ips, &phases(chat));
+    assert_broadcast_reached_everyone(
+        &format!("converting/after/{app}, 4 Node workers"),
+        &clients,
+        !chat,
+    );
+    for c in &clients {
+        assert_eq!(c.transport, "websocket", "{c:?}");
+        if chat {
+            assert_eq!(
+                c.users,
+                Some(ips.len()),
+                "the count in Redis is the total: {c:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn converted_http_app_broadcasts_to_every_worker() {
+    conversion_works("node-convert-http", "http-chat.js", "tutorial");
+}
+
+#[test]
+fn converted_express_app_broadcasts_to_every_worker() {
+    conversion_works("node-convert-express", "express-chat.js", "chat");
+}

@@ -263,3 +263,117 @@ pub fn session_summary(sessions: &[Session]) -> String {
     }
     text
 }
+
+/// A `redis-server` (Debian's package, installed when missing and we are root) on a
+/// loopback port of its own, with no persistence; stopped when dropped.
+pub struct Redis {
+    _process: crate::common::Running,
+    pub url: String,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let program =
+            debian_program("redis-server", "redis-server").unwrap_or_else(|err| panic!("{err}"));
+        // A free port, then redis binds it: another process may take it in between, so a
+        // start that fails on the address is tried again (bounded).
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let mut command = Command::new(&program);
+            command
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                // Its log to stderr, where Running collects it.
+                .args(["--logfile", "/dev/stderr"]);
+            let mut redis = crate::common::Running::spawn(command, "redis");
+            let started =
+                redis
+                    .log
+                    .wait_lines(&["Ready to accept connections"], 1, crate::common::PATIENCE);
+            if started.is_ok() {
+                return Redis {
+                    _process: redis,
+                    url: format!("redis://127.0.0.1:{port}"),
+                };
+            }
+            let status = redis.child.try_wait().unwrap();
+            assert!(
+                status.is_some() && redis.log.text().contains("in use"),
+                "redis-server did not start:\n{}",
+                redis.log.text()
+            );
+        }
+        panic!("redis-server found no free port in 5 tries");
+    }
+}
+
+/// One client's outcome, from a `client ...` line of tests/node/chat-clients.js.
+#[derive(Debug)]
+pub struct ChatClient {
+    pub ip: std::net::Ipv4Addr,
+    pub ok: bool,
+    /// From the app's `login`, where it says (`None` otherwise).
+    pub worker: Option<u32>,
+    pub client: String,
+    pub transport: String,
+    /// The largest participant count it saw (`None` for the tutorial protocol).
+    pub users: Option<usize>,
+    /// How many times the first client's message reached it.
+    pub received: usize,
+    pub ticks: Vec<u64>,
+    pub error: String,
+}
+
+/// Runs `tests/node/chat-clients.js` against `addr`, one real socket.io client per address
+/// in `ips`; `env` picks the protocol and phases (PROTOCOL, TRANSPORTS, USERS, TICKS).
+pub fn chat_clients(
+    addr: std::net::SocketAddr,
+    ips: &[std::net::Ipv4Addr],
+    env: &[(&str, &str)],
+) -> Vec<ChatClient> {
+    npm_ci();
+    let mut command = Command::new("node");
+    command
+        .arg(node_dir().join("chat-clients.js"))
+        .arg(format!("http://{addr}"))
+        .args(ips.iter().map(|ip| ip.to_string()))
+        .env("PHASE_MS", "20000")
+        .envs(env.iter().copied());
+    // Four phases, each bounded by PHASE_MS.
+    let out = run(command, Duration::from_secs(4 * 20 + 30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "{}\n{}", out.stdout, out.stderr);
+    let clients: Vec<ChatClient> = out
+        .stdout
+        .lines()
+        .filter(|line| line.starts_with("client "))
+        .map(|line| {
+            let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
+            let field = |name: &str| {
+                fields
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+                    .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+            };
+            ChatClient {
+                ip: field("ip").parse().unwrap(),
+                ok: field("ok") == "true",
+                worker: field("worker").parse().ok(),
+                client: field("client").to_owned(),
+                transport: field("transport").to_owned(),
+                users: field("users").parse().ok(),
+                received: field("received").parse().unwrap(),
+                ticks: field("ticks")
+                    .split(',')
+                    .filter_map(|t| t.parse().ok())
+                    .collect(),
+                error: error.to_owned(),
+            }
+        })
+        .collect();
+    assert_eq!(clients.len(), ips.len(), "{}", out.stdout);
+    clients
+}

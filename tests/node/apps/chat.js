@@ -3,8 +3,12 @@
 //
 //   sticky-dispatch --listen 127.0.0.1:8080 --workers 4 -- sticky-dispatch node-worker -- node tests/node/apps/chat.js
 //
-// What it serves:
-// - any path outside /socket.io/: the plain-text lines of the Rust demo,
+// and open http://127.0.0.1:8080/ in a browser. What it serves:
+// - `GET /` from a browser (`Accept: text/html`): a page (chat.html) that shows which
+//   worker served it and chats in a room, with the browser client socket.io serves itself
+//   at /socket.io/socket.io.js;
+// - any other path outside /socket.io/, and `/` for everyone else (curl): the plain-text
+//   lines of the Rust demo,
 //     worker=<index> pid=<pid> client=<ip>
 //     listener=<name> local=<addr:port>
 // - socket.io at /socket.io/, namespace /:
@@ -28,6 +32,7 @@
 'use strict';
 
 const cluster = require('node:cluster');
+const fs = require('node:fs');
 const http = require('node:http');
 const path = require('node:path');
 const { Server } = require('socket.io');
@@ -36,6 +41,8 @@ const sticky = require(path.join(__dirname, '..', '..', '..', 'node'));
 
 /** Room names and message texts longer than this are refused (it is a demo, not storage). */
 const MAX_TEXT = 1000;
+/** The page for browsers; {{WHO}} becomes the two lines of describe(). */
+const PAGE = fs.readFileSync(path.join(__dirname, 'chat.html'), 'utf8');
 
 const clusterPort = process.env.CHAT_CLUSTER_PORT;
 const readyDelay = Number(process.env.CHAT_READY_DELAY_MS || 0);
@@ -62,10 +69,25 @@ function describe(index, socket, client = socket.remoteAddress) {
   return `worker=${index} pid=${process.pid} client=${client || '-'}\nlistener=${listener} local=${local}\n`;
 }
 
+function escapeHtml(text) {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
+/** Whether the request asks for HTML (a browser), as the Rust demo decides. */
+function wantsHtml(req) {
+  return (req.headers.accept || '').split(',').some((kind) => kind.trim().startsWith('text/html'));
+}
+
 function serve(index) {
   const server = http.createServer((req, res) => {
+    const who = describe(index, req.socket);
+    if (req.url.split('?')[0] === '/' && wantsHtml(req)) {
+      res.setHeader('content-type', 'text/html; charset=utf-8');
+      res.end(PAGE.replace('{{WHO}}', escapeHtml(who)));
+      return;
+    }
     res.setHeader('content-type', 'text/plain; charset=utf-8');
-    res.end(describe(index, req.socket));
+    res.end(who);
   });
   const io = new Server(server);
 
