@@ -27,9 +27,8 @@ from typing import Any
 
 import redis.asyncio as redis
 import socketio
-from aiohttp import web
-
 import sticky_dispatch.aiohttp
+from aiohttp import web
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 TICK_SECONDS = float(os.environ.get("TICK_SECONDS", "10"))

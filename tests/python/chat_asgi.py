@@ -63,7 +63,12 @@ async def join(sid: str, room: str) -> str:
 
 @sio.event
 async def message(sid: str, data: dict[str, Any]) -> None:
-    out = {"room": data["room"], "text": data["text"], "from": sid, "worker": os.environ.get("STICKY_DISPATCH_INDEX")}
+    out = {
+        "room": data["room"],
+        "text": data["text"],
+        "from": sid,
+        "worker": os.environ.get("STICKY_DISPATCH_INDEX"),
+    }
     await sio.emit("message", out, room=data["room"])
 
 

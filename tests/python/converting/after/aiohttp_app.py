@@ -6,9 +6,8 @@ after/aiohttp_app.py (workers of sticky-dispatch); tests/python.rs runs the resu
 import os
 
 import socketio
-from aiohttp import web
-
 import sticky_dispatch.aiohttp
+from aiohttp import web
 
 sio = socketio.AsyncServer(
     async_mode="aiohttp",

@@ -8,9 +8,8 @@ import os
 from contextlib import asynccontextmanager
 
 import socketio
-from fastapi import FastAPI
-
 import sticky_dispatch.uvicorn
+from fastapi import FastAPI
 
 sio = socketio.AsyncServer(
     async_mode="asgi",
