@@ -1100,3 +1100,61 @@ fn converted_http_app_broadcasts_to_every_worker() {
 fn converted_express_app_broadcasts_to_every_worker() {
     conversion_works("node-convert-express", "express-chat.js", "chat");
 }
+
+/// A person's view of the Node quick start: headless Chromium (Debian's `chromium`)
+/// opens tests/node/apps/chat.js's page through the dispatcher, the page's socket.io client
+/// (from /socket.io/socket.io.js) joins its room, and a message typed and sent with Enter
+/// comes back from the worker. `tests/node/browser.js` drives it; the screenshot is
+/// `target/test-artifacts/node-chat.png`.
+#[test]
+#[ignore = "needs root (apt-get install chromium when missing) or chromium installed"]
+fn a_browser_chats_on_the_node_quick_start() {
+    let program =
+        support::debian_program("chromium", "chromium").unwrap_or_else(|why| panic!("{why}"));
+    support::npm_ci();
+    let (_dispatcher, addr) = node_workers("node-chat-browser", &[], &[], "chat.js");
+    let dir = scratch_dir("node-chat-browser");
+    let (_chromium, endpoint) = support::Chromium::start(&program, &dir);
+    let artifacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("node-chat.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let message = "hello from headless chromium to a Node worker";
+    let out = support::node(
+        "browser.js",
+        &[
+            endpoint,
+            format!("http://{addr}/?room=browser-test"),
+            screenshot.display().to_string(),
+            message.to_owned(),
+        ],
+        Duration::from_secs(120),
+    );
+    let seen = |key: &str| {
+        out.stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key}= in\n{}\n{}", out.stdout, out.stderr))
+            .to_owned()
+    };
+    println!("{}", out.stdout.trim_end());
+    println!("screenshot: {}", screenshot.display());
+    // Chromium connects from 127.0.0.1: the page and the socket.io session are both served
+    // by that client's worker.
+    let worker = format!("worker={}", expected(Ipv4Addr::LOCALHOST));
+    let who = seen("who");
+    assert!(who.starts_with(&format!("{worker} ")), "{who}");
+    assert!(who.ends_with(" client=127.0.0.1"), "{who}");
+    assert!(
+        seen("hello").starts_with(&format!("{worker} ")),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(seen("state"), "joined", "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(seen("echoed"), "true", "{}\n{}", out.stdout, out.stderr);
+    let png = std::fs::read(&screenshot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000);
+}

@@ -1,4 +1,5 @@
-// Drives headless Chromium over the DevTools protocol for tests/browser.rs:
+// Drives headless Chromium over the DevTools protocol for tests/browser.rs (the Rust demo's
+// page) and tests/node_worker.rs (the Node chat's page, tests/node/apps/chat.html):
 //
 //   node browser.js BROWSER_WS_URL PAGE_URL SCREENSHOT.png MESSAGE
 //
