@@ -30,6 +30,8 @@ const HOW_TO_START = [
   '  sticky-dispatch node-worker -- node app.js',
   'under systemd (ExecStart= of the worker unit, see docs/node.md), or in standalone mode:',
   '  sticky-dispatch --listen 127.0.0.1:8080 --workers 4 -- sticky-dispatch node-worker -- node app.js',
+  '(sticky-dispatch is the binary of the .deb or .rpm, or of `cargo install --path .` or',
+  '`cargo build --release` (target/release/sticky-dispatch) in its repository: see docs/node.md.)',
   'To serve without sticky-dispatch (development), pass listen(server, { fallbackPort: 8080 }).',
 ].join('\n');
 

@@ -32,6 +32,7 @@ test('plain `node app.js`: exits 1 saying how to start it', LIMIT, async () => {
   assert.match(out.stderr, /sticky-dispatch node-worker -- node app\.js/);
   assert.match(out.stderr, /sticky-dispatch --listen 127\.0\.0\.1:8080 --workers 4 -- sticky-dispatch node-worker -- node app\.js/);
   assert.match(out.stderr, /fallbackPort/);
+  assert.match(out.stderr, /cargo install --path \./, 'where the sticky-dispatch binary comes from');
 });
 
 test('an IPC channel that is not the bridge (no STICKY_DISPATCH_INDEX): exits 1', LIMIT, async (t) => {
