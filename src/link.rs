@@ -212,6 +212,8 @@ pub(crate) fn send_raw(sock: RawFd, datagram: &[u8], fd: Option<BorrowedFd<'_>>)
 
 /// Checks that `fd` received over a link (CHANNEL) is an AF_UNIX `SOCK_SEQPACKET` socket,
 /// and makes it non-blocking.
+// Only the dispatcher and the Node bridge read Node's channel.
+#[cfg(feature = "dispatcher")]
 pub(crate) fn check_seqpacket(fd: &OwnedFd) -> io::Result<()> {
     let kind = socket::getsockopt(fd, sockopt::SockType)?;
     if kind != SockType::SeqPacket || socket::getsockname::<UnixAddr>(fd.as_raw_fd()).is_err() {
@@ -229,6 +231,8 @@ pub(crate) fn check_seqpacket(fd: &OwnedFd) -> io::Result<()> {
 /// Receives one record now (`WouldBlock` if none), from a peer that is not a link (Node's
 /// IPC channel): fds that come with it are closed, and a record longer than `buf` is cut
 /// (`truncated`), not an error. A length of 0 means the peer closed.
+// Only the dispatcher and the Node bridge read Node's channel.
+#[cfg(feature = "dispatcher")]
 pub(crate) fn recv_record(sock: RawFd, buf: &mut [u8]) -> io::Result<Record> {
     let mut cmsg_space = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [io::IoSliceMut::new(buf)];
