@@ -905,51 +905,7 @@ fn a_held_socketio_long_poll_is_answered_before_the_worker_stops() {
 // ---------------------------------------------------------------------------------------
 // Cross-worker broadcast: python-socketio's AsyncRedisManager on a real redis-server
 
-/// A `redis-server` (Debian's package, installed when missing and root) on a loopback port
-/// of its own, with no persistence; stopped when dropped.
-struct Redis {
-    _process: Running,
-    url: String,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let program = support::debian_program("redis-server", "redis-server")
-            .unwrap_or_else(|err| panic!("{err}"));
-        // A free port, then redis binds it: another process may take it in between, so
-        // a start that fails on the address is tried again (bounded).
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let mut command = Command::new(&program);
-            command
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                // Its log to stderr, where Running collects it.
-                .args(["--logfile", "/dev/stderr"]);
-            let mut redis = Running::spawn(command, "redis");
-            let started = redis
-                .log
-                .wait_lines(&["Ready to accept connections"], 1, PATIENCE);
-            if started.is_ok() {
-                return Redis {
-                    _process: redis,
-                    url: format!("redis://127.0.0.1:{port}/0"),
-                };
-            }
-            let status = redis.child.try_wait().unwrap();
-            assert!(
-                status.is_some() && redis.log.text().contains("in use"),
-                "redis-server did not start:\n{}",
-                redis.log.text()
-            );
-        }
-        panic!("redis-server found no free port in 5 tries");
-    }
-}
+use support::Redis;
 
 /// One client's outcome, from a `client ...` line of tests/python/broadcast-clients.js.
 #[derive(Debug)]
