@@ -16,6 +16,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sticky_dispatch import wire  # noqa: E402
 
 VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors" / "wire-v1.json"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The adapter tests need aiohttp and uvicorn: missing, the run fails saying so,
+    rather than skipping them and passing untested."""
+    missing = [name for name in ("aiohttp", "uvicorn") if not _importable(name)]
+    if missing:
+        raise pytest.UsageError(
+            f"the adapter tests need {', '.join(missing)}: "
+            "pip install -r tests/python/requirements.txt -r tests/python/requirements-dev.txt"
+        )
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 TIMEOUT = 10.0
 
 

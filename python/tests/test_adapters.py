@@ -59,7 +59,6 @@ async def exercise(
 def test_aiohttp_run_app_shows_the_real_client(
     prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("aiohttp")
     from aiohttp import web
 
     import sticky_dispatch.aiohttp
@@ -79,7 +78,7 @@ def test_aiohttp_run_app_shows_the_real_client(
 
 
 def test_uvicorn_run_shows_the_real_client(prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    uvicorn = pytest.importorskip("uvicorn")
+    import uvicorn
 
     import sticky_dispatch.uvicorn
 

@@ -111,7 +111,6 @@ GET = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
 def test_aiohttp_run_app_takes_init_app_and_says_where_port_went(prefix: str) -> None:
     """python-socketio's examples end in ``web.run_app(init_app(), port=5000)``."""
-    pytest.importorskip("aiohttp")
     script = Script(
         """
         from aiohttp import web
@@ -152,7 +151,6 @@ def test_aiohttp_run_app_takes_init_app_and_says_where_port_went(prefix: str) ->
 
 
 def test_aiohttp_run_app_refuses_what_web_run_app_refuses(prefix: str) -> None:
-    pytest.importorskip("aiohttp")
     from aiohttp import web
 
     import sticky_dispatch.aiohttp
@@ -187,7 +185,6 @@ def create_app():
 def test_uvicorn_run_takes_import_strings_and_factories(
     prefix: str, tmp_path: Path, call: str
 ) -> None:
-    pytest.importorskip("uvicorn")
     (tmp_path / "asgiapp.py").write_text(UVICORN_APP)
     script = Script(
         f"""
@@ -248,7 +245,6 @@ sticky_dispatch.aiohttp.run_app(web.Application())
 def test_a_missing_or_bad_index_is_one_line_and_status_78(
     prefix: str, index: Optional[str], expected: str
 ) -> None:
-    pytest.importorskip("aiohttp")
     from sticky_dispatch.options import _own_cgroup, instance_from_cgroup
 
     if index is None and instance_from_cgroup(_own_cgroup()) is not None:
@@ -258,7 +254,6 @@ def test_a_missing_or_bad_index_is_one_line_and_status_78(
 
 
 def test_a_taken_link_socket_is_one_line_naming_socket_prefix(prefix: str) -> None:
-    pytest.importorskip("aiohttp")
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as squatter:
         squatter.bind("\0" + prefix + "1")
         status, _, err = Script(AIOHTTP_MAIN, prefix).finish()
@@ -274,7 +269,6 @@ def test_a_taken_link_socket_is_one_line_naming_socket_prefix(prefix: str) -> No
 def test_a_worker_nobody_links_to_says_so_once(prefix: str) -> None:
     """After NO_DISPATCHER_NOTICE (shortened here) without a link: one line saying how
     to start a dispatcher; it keeps waiting, and a link after that works."""
-    pytest.importorskip("aiohttp")
     script = Script(
         """
         from aiohttp import web
