@@ -106,3 +106,20 @@ impl Cli {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bridge waits for Node longer than Node's own drain default, so a Node app that
+    /// drains in its own time is not killed half way.
+    #[test]
+    fn the_bridge_stop_timeout_outlasts_the_apps_drain() {
+        let cli = Cli::try_parse_from(["sticky-dispatch", "node-worker", "--", "node", "app.js"])
+            .unwrap();
+        let Some(Action::NodeWorker { stop_timeout, .. }) = cli.action else {
+            panic!("parsed as {:?}", cli.action);
+        };
+        assert!(stop_timeout > crate::shared::APP_DRAIN_TIMEOUT);
+    }
+}

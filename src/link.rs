@@ -18,7 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 /// Enough backlog for a dispatcher and a few reconnecting peers; links are few and long-lived.
-const LISTEN_BACKLOG: i32 = 16;
+pub(crate) const LISTEN_BACKLOG: i32 = 16;
 
 /// The process at the other end of a link, as the kernel reports it (SO_PEERCRED).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

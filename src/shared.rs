@@ -18,6 +18,15 @@ pub const DEFAULT_SOCKET_PREFIX: &str = "sticky-dispatch/";
 /// How long either end waits for the other's HELLO once it has sent its own.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long an app that was told to drain (the Node package, the Python adapters) may
+/// finish its open requests before it exits anyway: their default, and what the Node
+/// bridge's `--stop-timeout` must leave room for.
+pub const APP_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// EX_CONFIG from sysexits.h: the exit status of a start refused for its configuration,
+/// which systemd's `RestartPreventExitStatus=78` does not restart.
+pub const EX_CONFIG: u8 = 78;
+
 /// The abstract socket name of worker `index`'s link: `{prefix}{index}`, without the
 /// leading '@' (that only marks the abstract namespace).
 pub fn link_socket_name(prefix: &str, index: u32) -> String {
@@ -170,6 +179,33 @@ pub async fn exchange_hello(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// tests/vectors/constants.json, which the Node and Python packages' tests read, holds
+    /// exactly the values defined here.
+    #[test]
+    fn the_shared_constants_file_matches_the_definitions() {
+        let file: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/vectors/constants.json")).unwrap();
+        let ms = |d: Duration| serde_json::Value::from(d.as_millis() as u64);
+        let expected = serde_json::json!({
+            "about": file["about"],
+            "env": {
+                "index": crate::worker::INDEX_ENV,
+                "socket_prefix": crate::worker::SOCKET_PREFIX_ENV,
+                "dispatcher_users": crate::worker::DISPATCHER_USERS_ENV,
+            },
+            "default_socket_prefix": DEFAULT_SOCKET_PREFIX,
+            "hello_timeout_ms": ms(HELLO_TIMEOUT),
+            "drain_answer_timeout_ms": ms(crate::worker::link::DRAIN_ANSWER_TIMEOUT),
+            "accept_queue": crate::worker::ACCEPT_QUEUE,
+            "first_read_timeout_ms": ms(crate::worker::FIRST_READ_TIMEOUT),
+            "link_backlog": crate::link::LISTEN_BACKLOG,
+            "no_dispatcher_notice_ms": ms(crate::worker::link::NO_DISPATCHER_HINT_AFTER),
+            "app_drain_timeout_ms": ms(APP_DRAIN_TIMEOUT),
+            "ex_config": EX_CONFIG,
+        });
+        assert_eq!(file, expected);
+    }
 
     #[test]
     fn users_resolve_from_names_and_uids() {

@@ -10,6 +10,7 @@ use listenfd::ListenFd;
 use sticky_dispatch::cli::{Action, Cli};
 use sticky_dispatch::config::{Overrides, Settings};
 use sticky_dispatch::dispatcher::{self, Control, HeldOver, Listener, Sockets};
+use sticky_dispatch::shared::EX_CONFIG;
 use sticky_dispatch::{logging, supervisor};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -17,10 +18,6 @@ use tracing::{error, info, warn};
 /// The `FileDescriptorName=` of the socket that serves `/metrics` and `/health`
 /// (systemd/sticky-dispatch-metrics.socket).
 const METRICS_SOCKET: &str = "metrics";
-
-/// EX_CONFIG from sysexits.h: systemd's unit uses `RestartPreventExitStatus=78`, so a bad
-/// configuration fails once instead of restart-looping.
-const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

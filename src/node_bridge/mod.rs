@@ -51,13 +51,11 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use self::channel::NodeChannel;
-use crate::shared::LinkError;
+// A missing or bad index is a configuration error: EX_CONFIG, not restarted by the units.
+use crate::shared::{LinkError, EX_CONFIG};
 use crate::worker::link::{AdmittedLink, LinkServer};
 use crate::worker::WorkerOptions;
 
-/// EX_CONFIG: a missing or bad index is a configuration error (the units'
-/// `RestartPreventExitStatus=78` stops a restart loop).
-const EX_CONFIG: u8 = 78;
 /// How many times per `--ack-timeout` the bridge looks at what Node has not read.
 const STALL_SAMPLES: u32 = 4;
 

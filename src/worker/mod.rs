@@ -47,7 +47,7 @@ pub use crate::shared::DEFAULT_SOCKET_PREFIX;
 
 /// Connections received but not yet taken by `accept()`. Beyond it the link stops reading,
 /// so the dispatcher keeps holding (and can re-send) what the app has not taken.
-const ACCEPT_QUEUE: usize = 256;
+pub(crate) const ACCEPT_QUEUE: usize = 256;
 
 /// What the dispatcher knows about a connection it handed over.
 #[derive(Clone, Debug, PartialEq, Eq)]
