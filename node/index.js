@@ -1,6 +1,6 @@
 'use strict';
-// sticky-dispatch for Node.js: serve the connections that `sticky-dispatch node-worker`
-// hands to this process over Node's own IPC channel.
+// sticky-dispatch for Node.js: serve the connections that the dispatcher hands to this
+// process over Node's own IPC channel.
 //
 //   const sticky = require('sticky-dispatch');
 //   sticky.listen(httpServer);            // instead of httpServer.listen(port)
@@ -18,11 +18,20 @@
 //   node -> sticky-dispatch  {stickyDispatch: 'synced', id, draining}
 //   node -> sticky-dispatch  {stickyDispatch: 'drain-request'}  this process was asked to stop
 //   sticky-dispatch -> node  {stickyDispatch: 'drain'}          no more connections will come
-// The full protocol is in docs/node.md.
+// The full protocol is in docs/node.md; every line of it, byte for byte, in
+// tests/vectors/node-ipc.json (node/test/node-ipc.test.js checks this file against it).
 
 const net = require('node:net');
 const { EventEmitter } = require('node:events');
 
+// --- Facts shared with the dispatcher -------------------------------------------------------
+// Defined here once. tests/vectors/constants.json publishes the dispatcher's values and
+// node/test/constants.test.js checks these against it (the package does not read it).
+
+/** The environment variable in which the bridge gives this worker its index. */
+const ENV_INDEX = 'STICKY_DISPATCH_INDEX';
+
+/** drainTimeout's default (ms): covers socket.io's 25 s long-poll. */
 const DEFAULT_DRAIN_TIMEOUT = 30000;
 
 const HOW_TO_START = [
@@ -49,7 +58,7 @@ function parseIndex(value) {
 }
 
 /** This worker's index (STICKY_DISPATCH_INDEX, set by the bridge), or null. */
-const index = parseIndex(process.env.STICKY_DISPATCH_INDEX);
+const index = parseIndex(process.env[ENV_INDEX]);
 
 function workerIndex() {
   return index;
@@ -67,7 +76,7 @@ function bridgeProblem() {
   // The bridge always sets STICKY_DISPATCH_INDEX; another parent (a test runner, a
   // process manager) that forked us would never send a connection, and we would hang.
   if (index === null) {
-    return 'this process has an IPC channel, but not from sticky-dispatch (STICKY_DISPATCH_INDEX is not set)';
+    return `this process has an IPC channel, but not from sticky-dispatch (${ENV_INDEX} is not set)`;
   }
   return null;
 }
@@ -132,13 +141,15 @@ function connectionInfo(socket) {
  * drain timeout).
  */
 class StickyServer extends EventEmitter {
-  constructor(server, listener, mode) {
+  constructor(server, listener, mode, session = null) {
     super();
     this.server = server;
     /** The dispatcher listener whose connections this server takes; null for all. */
     this.listener = listener;
     /** 'bridge', or 'fallback' when it listens on its own (not sticky). */
     this.mode = mode;
+    /** The process's WorkerSession in 'bridge' mode; null in 'fallback' mode. */
+    this._session = session;
     this.draining = false;
     this.sockets = new Set(); // connections handed to the server, until they close
     this.responses = new Set(); // HTTP responses in progress
@@ -168,7 +179,7 @@ class StickyServer extends EventEmitter {
         closeIdle(this);
       }
     } else {
-      bridge.stop('close');
+      this._session.stop('close');
     }
     return this.closed;
   }
@@ -264,26 +275,89 @@ function finishServer(sticky) {
   sticky._resolveClosed();
 }
 
-// --- The process-wide channel to sticky-dispatch ------------------------------------------
+// --- This process as a worker of the dispatcher ------------------------------------------
 
 /**
- * The state of this process toward sticky-dispatch (the bridge, then the dispatcher).
- * Phases: 'serving', 'stopping' (asked to stop; waiting for the dispatcher's drain),
- * 'draining' (no more connections; finishing), 'closed'.
+ * Node's IPC channel to sticky-dispatch, as a WorkerSession uses it: messages, 'disconnect'
+ * and the stop signals all come through `process`. The tests pass a fake one.
  */
-const bridge = {
-  phase: 'serving',
-  started: false,
-  readyScheduled: false,
-  servers: [],
-  drainTimeout: null,
-  deadline: null, // when the drain must be over (ms, Date.now()), from the first stop
-  stopTimer: null,
-  forceTimer: null,
-  exit: true,
+const processChannel = {
+  /** Sends one message (Node writes JSON.stringify(msg) + '\n'); a closed channel is not
+   * an error here ('disconnect' handles it). */
+  send(msg) {
+    if (!process.connected) return;
+    process.send(msg, (err) => {
+      if (err && process.connected) warnOnce(`send-${msg.stickyDispatch}`, `could not send to sticky-dispatch: ${err.message}`);
+    });
+  },
+  get connected() {
+    return process.connected;
+  },
+  on(event, listener) {
+    process.on(event, listener);
+  },
+  removeListener(event, listener) {
+    process.removeListener(event, listener);
+  },
+  disconnect() {
+    process.disconnect();
+  },
+  exit() {
+    process.exit();
+  },
+};
 
+/**
+ * This process as one worker of the dispatcher: the servers given to listen() and where
+ * the process is in its life, one state at a time. It speaks Node's IPC channel with
+ * sticky-dispatch: the bridge until `ready`, then the dispatcher (each new one `sync`s
+ * first). The messages are in docs/node.md and tests/vectors/node-ipc.json.
+ *
+ *   idle ──listen()──▶ serving ──stop()──▶ stopping ──drain()──▶ draining ──finish()──▶ closed
+ *                         ╰──────────────────drain()───────────────▲
+ *
+ * - idle: no listen() yet; nothing listens on the channel.
+ * - serving: takes connections. `ready` goes out once, after the tick of the first
+ *   listen() (the servers given in that tick are all in place by then).
+ * - stopping: asked to stop (SIGTERM, SIGINT, close()): `drain-request` sent. Still takes
+ *   connections (the dispatcher may have some in flight for us) until `drain` comes; at
+ *   the deadline (drainTimeout after the stop) it drains anyway.
+ * - draining: no more connections will come (`drain`, the channel closed, or the
+ *   deadline): the servers are closed and finish what they have until the deadline,
+ *   then whatever is still open is cut. A connection that still arrives is closed.
+ * - closed: every server has finished: the channel's listeners are removed and the
+ *   process exits (exit: false: lets go of the channel and the app exits by itself).
+ *
+ * A `sync` is answered with `synced` in serving (`draining: false`), stopping and
+ * draining (`draining: true`: a drain asked of the previous dispatcher is asked again).
+ */
+class WorkerSession {
+  constructor(channel = processChannel) {
+    this.channel = channel;
+    /** 'idle', 'serving', 'stopping', 'draining' or 'closed' (above). */
+    this.state = 'idle';
+    /** The StickyServers of the listen() calls, in order. */
+    this.servers = [];
+    // Process-wide settings from the listen() calls: the longest drain asked for; exit
+    // unless a caller said otherwise.
+    this.drainTimeout = null;
+    this.exit = true;
+    this.readySent = false;
+    // From stopping on: when the drain must be over (ms, Date.now()), from the first stop.
+    this.deadline = null;
+    // stopping: the deadline's drain; draining: the deadline's cut.
+    this.timer = null;
+    // stopping: why it was asked to stop (a signal's name, 'close'); from draining on: the
+    // drain's reason, as 'drain' was emitted with.
+    this.reason = null;
+    this.onMessage = (msg, socket) => this.message(msg, socket);
+    this.onDisconnect = () => this.drain('disconnect');
+    this.onSignal = (signal) => this.stop(signal);
+  }
+
+  /** listen(): idle or serving → serving. */
   add(sticky, options) {
-    if (this.phase !== 'serving') {
+    if (this.state !== 'idle' && this.state !== 'serving') {
       throw new Error('sticky-dispatch: listen() called after this process began to stop');
     }
     if (this.servers.some((s) => s.listener === sticky.listener)) {
@@ -294,14 +368,12 @@ const bridge = {
       );
     }
     this.servers.push(sticky);
-    // The process-wide settings: the longest drain asked for, and exit unless every
-    // caller said otherwise.
     if (options.drainTimeout !== undefined || this.drainTimeout === null) {
       this.drainTimeout = Math.max(this.drainTimeout ?? 0, options.drainTimeout ?? DEFAULT_DRAIN_TIMEOUT);
     }
     if (options.exit === false) this.exit = false;
     trackResponses(sticky);
-    this.start();
+    if (this.state === 'idle') this.serve();
     // Servers given in the same tick (say http and https) are all in place before the
     // single ready message; one given later only gets 'listening'.
     process.nextTick(() => {
@@ -309,31 +381,29 @@ const bridge = {
       this.sendReady();
       sticky._resolveListening();
     });
-  },
+  }
 
-  start() {
-    if (this.started) return;
-    this.started = true;
-    this.onMessage = (msg, socket) => this.message(msg, socket);
-    this.onDisconnect = () => this.drain('disconnect');
-    this.onSignal = (signal) => this.stop(signal);
+  /** idle → serving: listen on the channel. */
+  serve() {
+    this.state = 'serving';
     // A 'message' listener also keeps the IPC channel referenced, which keeps this
     // process alive: the servers have no listening socket of their own.
-    process.on('message', this.onMessage);
-    process.on('disconnect', this.onDisconnect);
+    this.channel.on('message', this.onMessage);
+    this.channel.on('disconnect', this.onDisconnect);
     // Under systemd (KillMode=control-group) node gets SIGTERM together with the bridge,
     // which passes on its own SIGTERM or SIGINT too: do not exit yet, the dispatcher may
     // have connections in flight for us. It answers the drain request with 'drain'.
-    process.on('SIGTERM', this.onSignal);
-    process.on('SIGINT', this.onSignal);
-  },
+    this.channel.on('SIGTERM', this.onSignal);
+    this.channel.on('SIGINT', this.onSignal);
+  }
 
   sendReady() {
-    if (this.readyScheduled) return;
-    this.readyScheduled = true;
-    send({ stickyDispatch: 'ready' });
-  },
+    if (this.readySent) return;
+    this.readySent = true;
+    this.channel.send({ stickyDispatch: 'ready' });
+  }
 
+  /** One message from the channel (Node core has already answered a handle's line). */
   message(msg, socket) {
     // The app may use the IPC channel too; ours are marked with `stickyDispatch`.
     if (!msg || typeof msg !== 'object' || typeof msg.stickyDispatch !== 'string') return;
@@ -345,13 +415,14 @@ const bridge = {
     } else if (msg.stickyDispatch === 'sync') {
       // A dispatcher took the channel (the first, or the next after a restart): it reads
       // nothing before this answer. A drain asked of its predecessor is asked again here.
-      send({ stickyDispatch: 'synced', id: msg.id, draining: this.phase !== 'serving' });
+      this.channel.send({ stickyDispatch: 'synced', id: msg.id, draining: this.state !== 'serving' });
     }
     // Anything else is from a newer sticky-dispatch: ignored.
-  },
+  }
 
+  /** A connection for one of the servers; closed once draining. */
   connection(msg, socket) {
-    if (this.phase === 'draining' || this.phase === 'closed') {
+    if (this.state === 'draining' || this.state === 'closed') {
       warnOnce('connection-after-drain', 'a connection arrived after the drain began: closed');
       socket.destroy();
       return;
@@ -371,26 +442,26 @@ const bridge = {
     const info = Object.freeze({ seq: msg.seq, peer, local, listener });
     infoBySocket.set(socket, info);
     handToServer(sticky, socket, info);
-  },
+  }
 
-  /** Asked to stop (signal, close()): tell the dispatcher, wait for its drain, bounded. */
+  /** serving → stopping (a signal, close()): ask the dispatcher to drain, bounded. */
   stop(reason) {
-    if (this.phase !== 'serving') return;
-    this.phase = 'stopping';
+    if (this.state !== 'serving') return;
+    this.state = 'stopping';
     this.deadline = Date.now() + this.drainTimeout;
-    send({ stickyDispatch: 'drain-request' });
-    // Fallback for a dispatcher that never answers: stop anyway at the deadline.
-    this.stopTimer = setTimeout(() => this.drain('timeout'), this.drainTimeout);
-    this.stopReason = reason;
-  },
+    this.channel.send({ stickyDispatch: 'drain-request' });
+    // Fallback for a dispatcher that never answers: drain anyway at the deadline.
+    this.timer = setTimeout(() => this.drain('timeout'), this.drainTimeout);
+    this.reason = reason;
+  }
 
-  /** No more connections will come: close the servers, finish what they have, exit. */
+  /** serving or stopping → draining: close the servers, let them finish what they have. */
   drain(reason) {
-    if (this.phase === 'draining' || this.phase === 'closed') return;
-    this.phase = 'draining';
-    clearTimeout(this.stopTimer);
+    if (this.state !== 'serving' && this.state !== 'stopping') return;
+    this.state = 'draining';
+    clearTimeout(this.timer);
     this.deadline ??= Date.now() + this.drainTimeout;
-    this.drainReason = reason;
+    this.reason = reason;
     for (const sticky of this.servers) {
       sticky.draining = true;
       sticky.emit('drain', reason);
@@ -401,41 +472,45 @@ const bridge = {
       // that have served one are closed now (closeServer, closeIdle).
       sticky.server.once('close', () => {
         finishServer(sticky);
-        this.maybeFinish();
+        this.finish();
       });
       closeServer(sticky.server);
       closeIdle(sticky);
     }
     const left = Math.max(0, this.deadline - Date.now());
-    this.forceTimer = setTimeout(() => this.cut(), left);
-    this.maybeFinish();
-  },
+    this.timer = setTimeout(() => this.cut(), left);
+    this.finish();
+  }
 
-  /** The drain timeout passed: cut whatever is still open. */
+  /** draining, at the deadline: cut whatever is still open. */
   cut() {
     for (const sticky of this.servers) {
       if (typeof sticky.server.closeAllConnections === 'function') sticky.server.closeAllConnections();
       for (const socket of sticky.sockets) socket.destroy();
       finishServer(sticky);
     }
-    this.maybeFinish();
-  },
+    this.finish();
+  }
 
-  maybeFinish() {
-    if (this.phase !== 'draining' || !this.servers.every((s) => s.finished)) return;
-    this.phase = 'closed';
-    clearTimeout(this.forceTimer);
-    process.removeListener('message', this.onMessage);
-    process.removeListener('disconnect', this.onDisconnect);
+  /** draining → closed once every server has finished: exit, or let go of the channel. */
+  finish() {
+    if (this.state !== 'draining' || !this.servers.every((s) => s.finished)) return;
+    this.state = 'closed';
+    clearTimeout(this.timer);
+    this.channel.removeListener('message', this.onMessage);
+    this.channel.removeListener('disconnect', this.onDisconnect);
     if (this.exit) {
       // After the 'close' handlers (and the promise reactions) of this turn have run.
-      setImmediate(() => process.exit());
-    } else if (process.connected) {
+      setImmediate(() => this.channel.exit());
+    } else if (this.channel.connected) {
       // The app exits by itself: let go of the channel that kept the process alive.
-      process.disconnect();
+      this.channel.disconnect();
     }
-  },
-};
+  }
+}
+
+/** The process's session: listen() adds its servers to it. */
+const session = new WorkerSession();
 
 /** Gives a connection to the server as net.Server's own accept path would. */
 function handToServer(sticky, socket, info) {
@@ -470,14 +545,6 @@ function handToServer(sticky, socket, info) {
   });
   sticky.emit('connection', socket, info);
   server.emit('connection', socket);
-}
-
-/** Sends to sticky-dispatch; a closed channel is not an error here ('disconnect' handles it). */
-function send(msg) {
-  if (!process.connected) return;
-  process.send(msg, (err) => {
-    if (err && process.connected) warnOnce(`send-${msg.stickyDispatch}`, `could not send to sticky-dispatch: ${err.message}`);
-  });
 }
 
 const warned = new Set();
@@ -545,8 +612,8 @@ function listen(server, options, callback) {
     server.listen(opts.fallbackPort, opts.fallbackHost);
     return sticky;
   }
-  const sticky = new StickyServer(server, opts.listener ?? null, 'bridge');
-  bridge.add(sticky, opts);
+  const sticky = new StickyServer(server, opts.listener ?? null, 'bridge', session);
+  session.add(sticky, opts);
   return sticky;
 }
 
@@ -556,3 +623,9 @@ exports.workerIndex = workerIndex;
 exports.connectionInfo = connectionInfo;
 exports.NoBridgeError = NoBridgeError;
 exports.DEFAULT_DRAIN_TIMEOUT = DEFAULT_DRAIN_TIMEOUT;
+
+// For the package's own tests (node/test), not part of the API: under a registered symbol,
+// out of Object.keys(), of ES modules' named exports and of the declarations.
+Object.defineProperty(exports, Symbol.for('sticky-dispatch.internals'), {
+  value: Object.freeze({ ENV_INDEX, DEFAULT_DRAIN_TIMEOUT, StickyServer, WorkerSession }),
+});

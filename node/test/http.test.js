@@ -7,6 +7,7 @@ const http = require('node:http');
 const path = require('node:path');
 const { FakeBridge } = require('./helpers/fake-bridge');
 const { get } = require('./helpers/client');
+const { ENV_INDEX } = require('./helpers/internals');
 
 const APP = path.join(__dirname, 'apps', 'http-app.js');
 
@@ -121,7 +122,7 @@ test('listen() rejects what is not a server', async () => {
 
 test('index is null outside the bridge', () => {
   // This test process has no STICKY_DISPATCH_INDEX (the runner does not set it).
-  assert.equal(process.env.STICKY_DISPATCH_INDEX, undefined);
+  assert.equal(process.env[ENV_INDEX], undefined);
   const sticky = require('..');
   assert.equal(sticky.index, null);
   assert.equal(sticky.workerIndex(), null);

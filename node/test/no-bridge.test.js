@@ -7,6 +7,7 @@ const { spawn } = require('node:child_process');
 const { once } = require('node:events');
 const { FakeBridge } = require('./helpers/fake-bridge');
 const { get } = require('./helpers/client');
+const { ENV_INDEX } = require('./helpers/internals');
 
 const APP = path.join(__dirname, 'apps', 'http-app.js');
 const LIMIT = { timeout: 20000 };
@@ -14,7 +15,7 @@ const LIMIT = { timeout: 20000 };
 /** `node app.js` as a user would run it: no IPC channel. */
 function runPlain(env = {}) {
   const child = spawn(process.execPath, [APP], {
-    env: { ...process.env, STICKY_DISPATCH_INDEX: '1', ...env },
+    env: { ...process.env, [ENV_INDEX]: '1', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   const out = { stdout: '', stderr: '' };
@@ -35,11 +36,14 @@ test('plain `node app.js`: exits 1 saying how to start it', LIMIT, async () => {
   assert.match(out.stderr, /cargo install --path \./, 'where the sticky-dispatch binary comes from');
 });
 
-test('an IPC channel that is not the bridge (no STICKY_DISPATCH_INDEX): exits 1', LIMIT, async (t) => {
+test(`an IPC channel that is not the bridge (no ${ENV_INDEX}): exits 1`, LIMIT, async (t) => {
   const bridge = new FakeBridge(APP, { index: null });
   t.after(() => bridge.close());
   assert.deepEqual(await bridge.exited, { code: 1, signal: null });
-  assert.match(bridge.stderr, /not from sticky-dispatch \(STICKY_DISPATCH_INDEX is not set\)/);
+  assert.ok(
+    bridge.stderr.includes(`not from sticky-dispatch (${ENV_INDEX} is not set)`),
+    `names the variable: ${bridge.stderr}`,
+  );
   assert.deepEqual(bridge.protocolMessages(), [], 'never told anyone it was ready');
 });
 
@@ -69,7 +73,7 @@ for (const [form, call] of [
 const server = require('node:http').createServer((req, res) => res.end('served'));
 ${call};`;
     const child = spawn(process.execPath, ['-e', source], {
-      env: { ...process.env, STICKY_DISPATCH_INDEX: '1' },
+      env: { ...process.env, [ENV_INDEX]: '1' },
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     t.after(() => child.kill('SIGKILL'));

@@ -9,6 +9,7 @@
 const { fork } = require('node:child_process');
 const net = require('node:net');
 const { once } = require('node:events');
+const { ENV_INDEX } = require('./internals');
 
 class FakeBridge {
   /**
@@ -17,8 +18,8 @@ class FakeBridge {
    */
   constructor(app, { env = {}, args = [], index = '3' } = {}) {
     const childEnv = { ...process.env, ...env };
-    if (index === null) delete childEnv.STICKY_DISPATCH_INDEX;
-    else childEnv.STICKY_DISPATCH_INDEX = index;
+    if (index === null) delete childEnv[ENV_INDEX];
+    else childEnv[ENV_INDEX] = index;
     this.child = fork(app, args, {
       serialization: 'json',
       env: childEnv,
