@@ -21,6 +21,7 @@ from .worker import LinkSocketInUse
 
 log = logging.getLogger("sticky_dispatch")
 
+# Checked against tests/vectors/constants.json by tests/test_constants.py.
 EX_CONFIG = 78
 """Exit status for a worker that cannot know who it is (no or a bad index): the
 dispatcher's own status for configuration errors (sysexits' EX_CONFIG)."""

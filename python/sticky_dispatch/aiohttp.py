@@ -30,16 +30,15 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.log import access_logger
 
-from ._handoff import Handoffs, serve_until_drained, socket_key
+from ._handoff import APP_DRAIN_TIMEOUT, Handoffs, serve_until_drained, socket_key
 from ._settings import clean_exit, warn_ignored
 from .options import WorkerOptions
 from .worker import default_logging
 
 log = logging.getLogger("sticky_dispatch")
 
-SHUTDOWN_TIMEOUT = 30.0
-"""Default bound on finishing requests in progress after a drain, in seconds: longer
-than socket.io's 25 s long-poll, shorter than systemd's default 90 s stop timeout."""
+SHUTDOWN_TIMEOUT = APP_DRAIN_TIMEOUT
+"""Default bound on finishing requests in progress after a drain, in seconds."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

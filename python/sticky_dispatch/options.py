@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Checked against tests/vectors/constants.json by tests/test_constants.py.
 INDEX_ENV = "STICKY_DISPATCH_INDEX"
 SOCKET_PREFIX_ENV = "STICKY_DISPATCH_SOCKET_PREFIX"
 DISPATCHER_USERS_ENV = "STICKY_DISPATCH_DISPATCHER_USERS"

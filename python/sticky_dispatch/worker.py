@@ -32,13 +32,22 @@ from typing import Any, Callable, Optional
 
 from . import wire
 from .notify import notify
-from .options import WorkerOptions
+from .options import SOCKET_PREFIX_ENV, WorkerOptions
 
 log = logging.getLogger("sticky_dispatch")
 
+# The facts the Rust and Node sides share are checked against tests/vectors/constants.json
+# by tests/test_constants.py: change them there first.
+HELLO_TIMEOUT = 2.0
+"""A dispatcher that links and sends no HELLO within this many seconds of ours is
+dropped: a silent peer would otherwise hold a session until the worker stops."""
 DRAIN_ANSWER_TIMEOUT = 10.0
-"""A dispatcher that does not answer DRAIN within this many seconds is not waited for:
-the worker is stopping, and systemd's stop timeout would kill it anyway."""
+"""A dispatcher that does not answer DRAIN within this many seconds (and send what it
+announced) is not waited for: the worker is stopping, and systemd's stop timeout would
+kill it anyway."""
+LINK_BACKLOG = 16
+"""Links waiting to be accepted on the link socket: enough for a dispatcher and a few
+reconnecting peers; links are few and long-lived."""
 ACCEPT_QUEUE = 256
 """Connections received but not yet taken by the application. Beyond it the link is not
 read, so the dispatcher keeps holding (and could re-send) what the app has not taken."""
@@ -165,7 +174,7 @@ class Worker:
         )
         try:
             listener.bind("\0" + self.options.socket_name)
-            listener.listen(16)
+            listener.listen(LINK_BACKLOG)
         except OSError as err:
             listener.close()
             name = self.options.socket_name
@@ -175,8 +184,7 @@ class Worker:
                     f"the link socket @{name} is in use: worker {self.index} is already "
                     "running, or another app on this host uses the same socket_prefix "
                     f"{self.options.socket_prefix!r}; give each app its own (socket_prefix "
-                    "in the dispatcher's config, STICKY_DISPATCH_SOCKET_PREFIX for its "
-                    "workers)",
+                    f"in the dispatcher's config, {SOCKET_PREFIX_ENV} for its workers)",
                 ) from err
             raise OSError(err.errno, f"could not bind the link socket @{name}: {err}") from err
         self._listener = listener
@@ -196,11 +204,12 @@ class Worker:
             "one that runs this command as its workers: sticky-dispatch --listen "
             "127.0.0.1:8080 --workers 4 -- %s (or, under systemd, systemctl start "
             "sticky-dispatch.socket); its socket_prefix must be %r, as here "
-            "(STICKY_DISPATCH_SOCKET_PREFIX)",
+            "(%s)",
             self.options.socket_name,
             NO_DISPATCHER_NOTICE,
             command,
             self.options.socket_prefix,
+            SOCKET_PREFIX_ENV,
         )
 
     def _linked(self) -> None:

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sticky_dispatch import wire  # noqa: E402
 
 VECTORS = Path(__file__).resolve().parents[2] / "tests" / "vectors" / "wire-v1.json"
+CONSTANTS = VECTORS.with_name("constants.json")
 
 
 def pytest_configure(config: pytest.Config) -> None:
