@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import enum
 import errno
 import logging
 import os
@@ -27,8 +28,9 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from . import wire
 from .notify import notify
@@ -237,6 +239,19 @@ class Worker:
         """Whether a drain has started."""
         return self._draining
 
+    def _is_draining(self) -> bool:
+        return self._draining
+
+    async def _deliver(self, batch: list[Connection]) -> None:
+        """Gives acknowledged connections to the app, in order."""
+        if self._on_connection is not None:
+            for conn in batch:
+                self._on_connection(conn)
+        else:
+            for conn in batch:
+                # Waits while the app is behind; meanwhile the link is not read.
+                await self._queue.put(conn)
+
     async def drained(self) -> None:
         """Resolves once a drain has finished and every connection was returned."""
         await self.start()
@@ -326,7 +341,13 @@ class Worker:
                     link.close()
                     continue
                 self._linked()
-                task = loop.create_task(_Session(self, link).run())
+                session = _Session(
+                    _SeqpacketLink(link, self._waiters),
+                    self.index,
+                    self._is_draining,
+                    self._deliver,
+                )
+                task = loop.create_task(session.run())
                 sessions.add(task)
                 task.add_done_callback(sessions.discard)
         except asyncio.CancelledError:
@@ -364,12 +385,248 @@ class Worker:
         return True
 
 
-class _Session:
-    """One link with one dispatcher."""
+class LinkState(enum.Enum):
+    """Where a link with one dispatcher stands; :class:`_Session` has the transitions."""
 
-    def __init__(self, worker: Worker, link: socket.socket) -> None:
-        self.worker = worker
+    HANDSHAKING = "handshaking"
+    """Our HELLO is sent; the dispatcher's is due within :data:`HELLO_TIMEOUT`."""
+    SERVING = "serving"
+    """CONNs arrive, are acknowledged, then go to the app."""
+    DRAIN_ASKED = "drain asked"
+    """The worker is stopping: DRAIN sent, DRAINED due within :data:`DRAIN_ANSWER_TIMEOUT`
+    (CONNs already on their way still arrive and are served)."""
+    DRAIN_ANSWERED = "drain answered"
+    """DRAINED named the last CONN: the link ends once it is received and acknowledged
+    (within the same deadline)."""
+    ORPHANED = "orphaned"
+    """The dispatcher died before our ACK: nobody will send what it sent again, so what
+    arrives goes to the app unacknowledged; nothing more is sent."""
+    CLOSED = "closed"
+    """Ended: by the dispatcher, the drain, a timeout or a protocol error."""
+
+
+class _Link(Protocol):
+    """What a session needs of its link socket (:class:`_SeqpacketLink`; tests fake it)."""
+
+    async def send(self, message: wire.Message) -> None: ...
+
+    def try_recv(self) -> Optional[tuple[bytes, list[int]]]:
+        """One datagram and its fds, or None if none is waiting; b"" when closed."""
+
+    async def wait_readable(self, timeout: Optional[float]) -> None:
+        """Returns when readable, when the worker starts draining, or after ``timeout``."""
+
+    def dispatcher_gone(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class _Session:
+    """One link with one dispatcher, as a state machine (:class:`LinkState`)::
+
+        HANDSHAKING --HELLO from the dispatcher, for our index---------> SERVING
+        SERVING     --the worker drains: ACK what came, send DRAIN-----> DRAIN_ASKED
+        DRAIN_ASKED --DRAINED(last)------------------------------------> DRAIN_ANSWERED
+        DRAIN_ANSWERED --CONN `last` received and acknowledged---------> CLOSED
+        SERVING, DRAIN_* --ACK fails and the dispatcher is gone--------> ORPHANED
+        ORPHANED    --end of link, or DRAINED's last CONN received-----> CLOSED
+        any         --end of link, timeout, protocol error-------------> CLOSED
+
+    A drain that starts while HANDSHAKING sends DRAIN as soon as the HELLO has come.
+    Its deadline runs from when the session first sees the drain, in every state but
+    ORPHANED. CONNs are taken in bursts (at most :data:`ACK_BURST`) and acknowledged with
+    one cumulative ACK before any of them reaches the app (:meth:`_acknowledge`).
+    """
+
+    def __init__(
+        self,
+        link: _Link,
+        index: int,
+        draining: Callable[[], bool],
+        deliver: Callable[[list[Connection]], Awaitable[None]],
+    ) -> None:
         self.link = link
+        self.index = index
+        self._draining = draining
+        self._deliver = deliver
+        self.state = LinkState.HANDSHAKING
+        self.last_seq = 0
+        """The last CONN received."""
+        self.acked = 0
+        """The last CONN acknowledged (or, ORPHANED, given to the app unacknowledged)."""
+        self.batch: list[Connection] = []
+        """Received, not yet acknowledged: never given to the app before their ACK."""
+        self.drain_until: Optional[int] = None
+        """From DRAINED: the link ends after this CONN."""
+        self._hello_deadline = 0.0
+        self._drain_deadline: Optional[float] = None
+        # The last receive found the link empty: after the ACK, wait for it to become
+        # readable rather than try again (one failed recvmsg per burst instead of two).
+        self._link_empty = False
+        self._loop = asyncio.get_running_loop()
+
+    async def run(self) -> None:
+        """Serves the link until it ends; logs why. Raises only CancelledError."""
+        try:
+            await self.link.send(wire.Hello(wire.Role.WORKER, self.index, os.getpid()))
+            self._hello_deadline = self._loop.time() + HELLO_TIMEOUT
+            while self.state is not LinkState.CLOSED:
+                await self._step()
+            log.debug("link closed")
+        except asyncio.CancelledError:
+            raise
+        except LinkError as err:
+            log.warning("link closed: %s", err)
+        except Exception as err:  # noqa: BLE001 - a bad link must never stop the app
+            log.warning("link closed: %s: %s", type(err).__name__, err)
+        finally:
+            self.state = LinkState.CLOSED
+            # Received but not acknowledged: the dispatcher still holds them and will
+            # re-send them on its next link, so they must not reach the app from here.
+            for conn in self.batch:
+                conn.socket.close()
+            self.batch.clear()
+            self.link.close()
+
+    async def _step(self) -> None:
+        """One turn: end a finished drain, start one, or receive (or wait for) a message."""
+        if self.drain_until is not None and self.last_seq >= self.drain_until:
+            await self._acknowledge()
+            self.state = LinkState.CLOSED
+            return
+        if self.state is not LinkState.ORPHANED and self._draining():
+            await self._on_worker_draining()
+        received = None
+        if not self._link_empty and self.last_seq - self.acked < ACK_BURST:
+            received = self.link.try_recv()
+            self._link_empty = received is None
+        if received is not None:
+            await self._on_datagram(*received)
+        elif self.last_seq != self.acked:
+            await self._acknowledge()
+        else:
+            await self._wait()
+
+    async def _on_worker_draining(self) -> None:
+        """The worker is stopping: starts the deadline (once), and asks for the drain
+        once SERVING (after the HELLO), having acknowledged what came before."""
+        if self._drain_deadline is None:
+            self._drain_deadline = self._loop.time() + DRAIN_ANSWER_TIMEOUT
+        if self.state is LinkState.SERVING:
+            await self._acknowledge()
+            if self.state is LinkState.SERVING:  # not orphaned by that ACK
+                await self.link.send(wire.Drain())
+                self.state = LinkState.DRAIN_ASKED
+
+    async def _on_datagram(self, data: bytes, fds: list[int]) -> None:
+        if not data:
+            _close_all(fds)
+            await self._on_end_of_link()
+            return
+        try:
+            message = wire.decode(data)
+        except wire.DecodeError as err:
+            _close_all(fds)
+            raise LinkError(str(err)) from None
+        if (
+            isinstance(message, wire.Conn)
+            and len(fds) == 1
+            and self.state is not LinkState.HANDSHAKING
+        ):
+            self._on_conn(message, fds[0])
+            return
+        _close_all(fds)
+        await self._acknowledge()
+        if isinstance(message, wire.Hello) and self.state is LinkState.HANDSHAKING:
+            self._on_hello(message)
+        elif isinstance(message, wire.Drained) and self.state in (
+            LinkState.DRAIN_ASKED,
+            LinkState.ORPHANED,  # the dead dispatcher's last words: nothing comes after
+        ):
+            log.debug("dispatcher confirmed the drain until=%d", message.last_seq)
+            self.drain_until = message.last_seq
+            if self.state is LinkState.DRAIN_ASKED:
+                self.state = LinkState.DRAIN_ANSWERED
+        else:
+            raise LinkError(
+                f"unexpected {type(message).__name__} with {len(fds)} fd(s) from the dispatcher"
+            )
+
+    def _on_hello(self, message: wire.Hello) -> None:
+        if message.role != wire.Role.DISPATCHER:
+            raise LinkError(f"HELLO from a {message.role.name.lower()}, not the dispatcher")
+        if message.index != self.index:
+            raise LinkError(
+                f"dispatcher addressed worker {message.index}, this is worker {self.index}"
+            )
+        log.info("link up dispatcher_pid=%d", message.pid)
+        self.state = LinkState.SERVING
+
+    def _on_conn(self, message: wire.Conn, fd: int) -> None:
+        if message.seq != self.last_seq + 1:
+            _close_all([fd])
+            raise LinkError(f"CONN {message.seq} after {self.last_seq}")
+        self.last_seq = message.seq
+        conn = _connection(fd, message)
+        if conn is not None:
+            self.batch.append(conn)
+
+    async def _on_end_of_link(self) -> None:
+        """The dispatcher closed the link. What it sent unacknowledged it sends again on
+        its next link, unless it died: then nobody will, and the app gets them."""
+        if self.last_seq != self.acked:
+            if self.state is not LinkState.ORPHANED and self.link.dispatcher_gone():
+                log.warning("the dispatcher died before our ACK: serving what it had sent")
+                self.state = LinkState.ORPHANED
+            if self.state is LinkState.ORPHANED:
+                await self._acknowledge()
+        self.state = LinkState.CLOSED
+
+    async def _wait(self) -> None:
+        """Waits for the link to become readable, until the state's deadline."""
+        if self.state is LinkState.HANDSHAKING:
+            deadline: Optional[float] = self._hello_deadline
+            reason = f"no HELLO from the dispatcher within {HELLO_TIMEOUT:g} s"
+        else:
+            deadline = self._drain_deadline
+            reason = f"no answer to DRAIN within {DRAIN_ANSWER_TIMEOUT} s"
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - self._loop.time()
+            if timeout <= 0:
+                raise LinkError(reason)
+        await self.link.wait_readable(timeout)
+        self._link_empty = False
+
+    async def _acknowledge(self) -> None:
+        """One cumulative ACK for the CONNs received in a burst, then they go to the
+        app: never before their ACK is sent (see the module docstring). If the ACK cannot
+        be sent because the dispatcher died, nobody will send these again (they left its
+        fd store when sent): ORPHANED, they go to the app all the same."""
+        if self.last_seq == self.acked:
+            return
+        if self.state is not LinkState.ORPHANED:
+            try:
+                await self.link.send(wire.Ack(self.last_seq))
+            except OSError as err:
+                if not self.link.dispatcher_gone():
+                    raise  # it lives: it sends them again on its next link
+                log.warning(
+                    "the dispatcher died before our ACK: serving what it had sent (%s)", err
+                )
+                self.state = LinkState.ORPHANED
+        self.acked = self.last_seq
+        await self._deliver(self.batch)
+        self.batch.clear()
+
+
+class _SeqpacketLink:
+    """The link socket of one session: sends, receives with fds, waits for readiness."""
+
+    def __init__(self, link: socket.socket, waiters: set[asyncio.Future[None]]) -> None:
+        self.sock = link
+        # Worker.drain() resolves these, to wake a session that waits for the link.
+        self._waiters = waiters
         # The dispatcher's pid in our pid namespace (SO_PEERCRED), to tell whether it died.
         self.peer_pid = _peer_pid(link)
         self.loop = asyncio.get_running_loop()
@@ -388,54 +645,44 @@ class _Session:
 
     def _unwatch(self) -> None:
         if self._watching:
-            self.loop.remove_reader(self.link.fileno())
+            self.loop.remove_reader(self.sock.fileno())
             self._watching = False
 
-    async def _wait_readable(self, timeout: Optional[float]) -> None:
+    async def wait_readable(self, timeout: Optional[float]) -> None:
         """Returns when the link is readable, a drain starts, or ``timeout`` passes."""
         if not self._watching:
-            self.loop.add_reader(self.link.fileno(), self._on_readable)
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
             self._watching = True
         wake: asyncio.Future[None] = self.loop.create_future()
         self._wake = wake
         timer = self.loop.call_later(timeout, _resolve, wake) if timeout is not None else None
-        self.worker._waiters.add(wake)
+        self._waiters.add(wake)
         try:
             await wake
         finally:
             self._wake = None
-            self.worker._waiters.discard(wake)
+            self._waiters.discard(wake)
             if timer is not None:
                 timer.cancel()
 
-    async def run(self) -> None:
-        try:
-            await self._serve()
-            log.debug("link closed")
-        except asyncio.CancelledError:
-            raise
-        except LinkError as err:
-            log.warning("link closed: %s", err)
-        except Exception as err:  # noqa: BLE001 - a bad link must never stop the app
-            log.warning("link closed: %s: %s", type(err).__name__, err)
-        finally:
-            self._unwatch()
-            self.link.close()
+    def close(self) -> None:
+        self._unwatch()
+        self.sock.close()
 
-    async def _send(self, message: wire.Message) -> None:
+    async def send(self, message: wire.Message) -> None:
         data = wire.encode(message)
         try:
             # A datagram goes whole or not at all; the link's buffer is nearly always free.
-            self.link.send(data)
+            self.sock.send(data)
         except BlockingIOError:
-            await self.loop.sock_sendall(self.link, data)
+            await self.loop.sock_sendall(self.sock, data)
 
-    def _try_recv(self) -> Optional[tuple[bytes, list[int]]]:
+    def try_recv(self) -> Optional[tuple[bytes, list[int]]]:
         """One datagram and its fds, or None if none is waiting. Fds come close-on-exec."""
         # Not socket.recv_fds: up to at least CPython 3.12 it drops its flags argument, and
         # without MSG_CMSG_CLOEXEC a client's fd would leak into processes the app spawns.
         try:
-            data, ancillary, flags, _ = self.link.recvmsg(
+            data, ancillary, flags, _ = self.sock.recvmsg(
                 wire.MAX_MESSAGE, _FDS_SPACE, socket.MSG_CMSG_CLOEXEC
             )
         except BlockingIOError:
@@ -449,128 +696,9 @@ class _Session:
             raise LinkError("a message or its fds were truncated")
         return data, list(fds)
 
-    async def _serve(self) -> None:
-        batch: list[Connection] = []
-        try:
-            await self._serve_link(batch)
-        finally:
-            # Received but not acknowledged: the dispatcher still holds them and will
-            # re-send them on its next link, so they must not reach the app from here.
-            for conn in batch:
-                conn.socket.close()
-
-    async def _serve_link(self, batch: list[Connection]) -> None:
-        worker = self.worker
-        loop = asyncio.get_running_loop()
-        await self._send(wire.Hello(wire.Role.WORKER, worker.index, os.getpid()))
-        said_hello = False
-        last_seq = 0
-        acked = 0
-        drain_until: Optional[int] = None  # set by DRAINED: stop after this CONN
-        drain_sent = False
-        deadline: Optional[float] = None  # while draining: give up on the dispatcher then
-
-        orphaned = False  # the dispatcher died: nobody to acknowledge to
-        # The last receive found the link empty: after the ACK, wait for it to become
-        # readable rather than try again (one failed recvmsg per burst instead of two).
-        link_empty = False
-
-        async def flush() -> None:
-            """One cumulative ACK for the CONNs received in a burst, then they go to the
-            app: never before their ACK is sent (see the module docstring). If the ACK
-            cannot be sent because the dispatcher died, nobody will send these again (they
-            left its fd store when sent): they go to the app all the same."""
-            nonlocal acked, orphaned
-            if last_seq == acked:
-                return
-            if not orphaned:
-                try:
-                    await self._send(wire.Ack(last_seq))
-                except OSError as err:
-                    if not _process_gone(self.peer_pid):
-                        raise  # it lives: it sends them again on its next link
-                    log.warning(
-                        "the dispatcher died before our ACK: serving what it had sent (%s)", err
-                    )
-                    orphaned = True
-            acked = last_seq
-            deliver = worker._on_connection
-            if deliver is not None:
-                for conn in batch:
-                    deliver(conn)
-            else:
-                for conn in batch:
-                    # Waits while the app is behind; meanwhile the link is not read.
-                    await worker._queue.put(conn)
-            batch.clear()
-
-        while True:
-            if drain_until is not None and last_seq >= drain_until:
-                await flush()
-                return
-            if worker.draining and not orphaned:
-                if deadline is None:
-                    deadline = loop.time() + DRAIN_ANSWER_TIMEOUT
-                if said_hello and not drain_sent:
-                    drain_sent = True
-                    await flush()
-                    await self._send(wire.Drain())
-            received = None
-            if not link_empty and last_seq - acked < ACK_BURST:
-                received = self._try_recv()
-                link_empty = received is None
-            if received is None:
-                if last_seq != acked:
-                    await flush()
-                    continue
-                timeout = None if deadline is None else deadline - loop.time()
-                if timeout is not None and timeout <= 0:
-                    raise LinkError(f"no answer to DRAIN within {DRAIN_ANSWER_TIMEOUT} s")
-                await self._wait_readable(timeout)
-                link_empty = False
-                continue
-            data, fds = received
-            if not data:
-                _close_all(fds)
-                if last_seq != acked and _process_gone(self.peer_pid):
-                    # It died right after sending these: serve them (see flush).
-                    log.warning("the dispatcher died before our ACK: serving what it had sent")
-                    orphaned = True
-                    await flush()
-                return  # the dispatcher closed the link
-            try:
-                message = wire.decode(data)
-            except wire.DecodeError as err:
-                _close_all(fds)
-                raise LinkError(str(err)) from None
-            if isinstance(message, wire.Conn) and said_hello and len(fds) == 1:
-                if message.seq != last_seq + 1:
-                    _close_all(fds)
-                    raise LinkError(f"CONN {message.seq} after {last_seq}")
-                last_seq = message.seq
-                conn = _connection(fds[0], message)
-                if conn is not None:
-                    batch.append(conn)
-                continue
-            _close_all(fds)
-            await flush()
-            if isinstance(message, wire.Hello) and not said_hello:
-                if message.role != wire.Role.DISPATCHER:
-                    raise LinkError(f"HELLO from a {message.role.name.lower()}, not the dispatcher")
-                if message.index != worker.index:
-                    raise LinkError(
-                        f"dispatcher addressed worker {message.index}, "
-                        f"this is worker {worker.index}"
-                    )
-                log.info("link up dispatcher_pid=%d", message.pid)
-                said_hello = True
-            elif isinstance(message, wire.Drained) and drain_sent:
-                log.debug("dispatcher confirmed the drain until=%d", message.last_seq)
-                drain_until = message.last_seq
-            else:
-                raise LinkError(
-                    f"unexpected {type(message).__name__} with {len(fds)} fd(s) from the dispatcher"
-                )
+    def dispatcher_gone(self) -> bool:
+        """Whether the dispatcher process has exited (unknown pids count as alive)."""
+        return _process_gone(self.peer_pid)
 
 
 class _HandedSocket(socket.socket):

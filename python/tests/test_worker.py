@@ -6,13 +6,14 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from dataclasses import replace
 
 import pytest
 from conftest import FakeDispatcher, TcpPair
 
 from sticky_dispatch import Worker, WorkerOptions, wire
-from sticky_dispatch.worker import Connection
+from sticky_dispatch.worker import HELLO_TIMEOUT, Connection
 
 
 async def started(prefix: str, **kwargs: object) -> Worker:
@@ -159,6 +160,39 @@ def test_out_of_order_sequence_and_wrong_index_are_refused(
         assert "CONN 2 after 0" in caplog.text
         assert "dispatcher addressed worker 5, this is worker 2" in caplog.text
         tcp.close()
+        await worker.close()
+
+    asyncio.run(main())
+
+
+def test_a_dispatcher_that_links_and_says_nothing_is_dropped_after_the_hello_timeout(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A silent peer would otherwise hold its session until the worker stops."""
+
+    async def main() -> None:
+        worker = await started(prefix)
+        with caplog.at_level(logging.WARNING, logger="sticky_dispatch"):
+            silent = await asyncio.to_thread(FakeDispatcher, prefix + "2")
+            assert await asyncio.to_thread(silent.recv) == wire.Hello(
+                wire.Role.WORKER, 2, os.getpid()
+            )
+            began = time.monotonic()
+            assert await asyncio.to_thread(silent.recv) is None  # closed by the worker
+            waited = time.monotonic() - began
+        assert HELLO_TIMEOUT - 0.1 <= waited < HELLO_TIMEOUT + 5, waited
+        assert f"link closed: no HELLO from the dispatcher within {HELLO_TIMEOUT:g} s" in (
+            caplog.text
+        )
+        silent.close()
+        # The worker still takes a dispatcher that does say HELLO.
+        dispatcher = await link(prefix)
+        tcp = TcpPair()
+        await asyncio.to_thread(dispatcher.send, wire.Conn(1, None, None, "x"), tcp.server.fileno())
+        assert await asyncio.to_thread(dispatcher.recv) == wire.Ack(1)
+        (await next_conn(worker)).socket.close()
+        tcp.close()
+        dispatcher.close()
         await worker.close()
 
     asyncio.run(main())
