@@ -3,16 +3,16 @@
 import type { EventEmitter } from 'node:events';
 import type { Server, Socket } from 'node:net';
 
-/** An address as the bridge reports it (Node's convention for `family`). */
+/** An address as the dispatcher reports it (Node's convention for `family`). */
 export interface Address {
   readonly address: string;
   readonly port: number;
   readonly family: 'IPv4' | 'IPv6';
 }
 
-/** What the bridge said about one connection. */
+/** What the dispatcher said about one connection when it handed it to this process. */
 export interface ConnectionInfo {
-  /** The dispatcher's sequence number of this connection on this worker's link. */
+  /** The dispatcher's sequence number of this connection on this process's IPC channel, from 1. */
   readonly seq: number;
   /** The real client; null when the dispatcher had no address for it. */
   readonly peer: Address | null;
@@ -25,7 +25,7 @@ export interface ConnectionInfo {
 export interface ListenOptions {
   /**
    * How long, in milliseconds, the drain may take before open connections are cut:
-   * from SIGTERM (or the bridge's drain) to exit. Default 30000. The process uses the
+   * from SIGTERM (or the dispatcher's drain) to exit. Default 30000. The process uses the
    * largest value given to any listen() call.
    */
   drainTimeout?: number;
@@ -64,6 +64,11 @@ export interface StickyServer<S extends Server = Server> extends EventEmitter {
   close(): Promise<void>;
 
   on(event: 'connection', listener: (socket: Socket, info: ConnectionInfo) => void): this;
+  /**
+   * 'drain': no more connections will come. reason 'bridge': sticky-dispatch said so (the
+   * dispatcher, or the bridge when no dispatcher is connected); 'disconnect': the IPC
+   * channel closed; 'timeout': no drain came within drainTimeout of the stop.
+   */
   on(event: 'drain', listener: (reason: 'bridge' | 'disconnect' | 'timeout' | undefined) => void): this;
   on(event: 'close', listener: () => void): this;
   on(event: string | symbol, listener: (...args: any[]) => void): this;
@@ -74,9 +79,10 @@ export interface StickyServer<S extends Server = Server> extends EventEmitter {
 }
 
 /**
- * Serves `server` with the connections the bridge hands to this process, instead of
- * `server.listen(port)`. Tells the bridge the app is ready, emits 'listening' on the
- * server, drains and exits when the bridge says so.
+ * Serves `server` with the connections the dispatcher hands to this process (over the IPC
+ * channel that `sticky-dispatch node-worker` set up), instead of `server.listen(port)`.
+ * Tells the bridge the app is ready, emits 'listening' on the server, drains and exits
+ * when sticky-dispatch says so.
  * @throws NoBridgeError when not started by `sticky-dispatch node-worker` and no fallbackPort.
  */
 export function listen<S extends Server>(server: S, options?: ListenOptions, callback?: () => void): StickyServer<S>;
@@ -86,7 +92,7 @@ export function listen<S extends Server>(server: S, callback: () => void): Stick
 export const index: number | null;
 export function workerIndex(): number | null;
 
-/** The bridge's details of the connection of `socket` (a net.Socket or its TLSSocket). */
+/** The dispatcher's details of the connection of `socket` (a net.Socket or its TLSSocket). */
 export function connectionInfo(socket: Socket): ConnectionInfo | undefined;
 
 export class NoBridgeError extends Error {

@@ -64,7 +64,7 @@ function workerIndex() {
   return index;
 }
 
-/** Why this process cannot take connections from the bridge, or null if it can. */
+/** Why this process cannot take connections from sticky-dispatch, or null if it can. */
 function bridgeProblem() {
   if (typeof process.send !== 'function' || !process.connected) {
     return 'this process has no IPC channel: it was not started by `sticky-dispatch node-worker`';
@@ -83,7 +83,7 @@ function bridgeProblem() {
 
 // --- Addresses --------------------------------------------------------------------------
 
-/** {address, port, family} from the bridge's message, checked; null if unusable. */
+/** {address, port, family} from a connection message, checked; null if unusable. */
 function checkedAddress(value) {
   if (!value || typeof value !== 'object') return null;
   const { address, port } = value;
@@ -104,7 +104,7 @@ function reporting(addr) {
 }
 
 /**
- * Makes the socket report the addresses the bridge gave: the real client (under PROXY
+ * Makes the socket report the addresses the dispatcher gave: the real client (under PROXY
  * protocol routing it is not the socket's own peer) and the local address it reached.
  *
  * The override sits on the socket's TCP handle, not on the net.Socket: net.Socket asks
@@ -123,8 +123,8 @@ function presentAddresses(socket, peer, local) {
 const infoBySocket = new WeakMap();
 
 /**
- * What the bridge said about the connection of `socket` ({seq, peer, local, listener}), or
- * undefined for a socket that did not come from the bridge. Accepts the TLSSocket that
+ * What the dispatcher said about the connection of `socket` ({seq, peer, local, listener}),
+ * or undefined for a socket that did not come from it. Accepts the TLSSocket that
  * tls.Server/https made of a connection too.
  */
 function connectionInfo(socket) {
@@ -230,8 +230,8 @@ function endResponses(sticky) {
  * Closes the server without letting Node close any connection: Node's http close()
  * (>= 19) also calls closeIdleConnections(), which, in the Node releases with
  * nodejs/node#63470, destroys a connection that has not sent its request yet. Here every
- * connection was handed over by the bridge, which acknowledged it upstream: its request
- * is on its way and must be served. closeIdle() closes the idle ones instead.
+ * connection was handed over by the dispatcher once it had accepted it: its request is
+ * on its way and must be served. closeIdle() closes the idle ones instead.
  */
 function closeServer(server, callback) {
   const own = Object.getOwnPropertyDescriptor(server, 'closeIdleConnections');
@@ -584,7 +584,7 @@ function checkOptions(options) {
 }
 
 /**
- * Serves `server` with the connections the bridge hands to this process. Replaces
+ * Serves `server` with the connections the dispatcher hands to this process. Replaces
  * `server.listen(port)`: calling it tells the bridge that the app is ready.
  *
  * Options: drainTimeout (ms, default 30000), listener (name of the dispatcher listener

@@ -1,5 +1,5 @@
 'use strict';
-// Stopping: the bridge's drain, SIGTERM to node, the IPC channel going away, the drain
+// Stopping: the dispatcher's drain, SIGTERM to node, the IPC channel going away, the drain
 // timeout. Every wait is for an event (a message, a response, an exit), never a sleep.
 const test = require('node:test');
 const assert = require('node:assert/strict');
@@ -152,7 +152,7 @@ test('SIGTERM to node: drain-request, still serving, exits after the drain', LIM
   const { bridge, port } = await started(t);
   bridge.child.kill('SIGTERM');
   await bridge.message((m) => m.stickyDispatch === 'drain-request');
-  // The bridge still had connections in flight for it: they are served.
+  // The dispatcher still had connections in flight for it: they are served.
   const res = await get(port, '/');
   assert.equal(res.status, 200);
   assert.equal(res.json.remoteAddress, '198.51.100.1');
@@ -162,7 +162,7 @@ test('SIGTERM to node: drain-request, still serving, exits after the drain', LIM
   assert.deepEqual(bridge.protocolMessages(), [{ stickyDispatch: 'ready' }, { stickyDispatch: 'drain-request' }]);
 });
 
-test('SIGTERM and no drain from the bridge: it stops at the drain timeout', LIMIT, async (t) => {
+test('SIGTERM and no drain from the dispatcher: it stops at the drain timeout', LIMIT, async (t) => {
   const { bridge } = await started(t, { APP_DRAIN_TIMEOUT: '300' });
   bridge.child.kill('SIGTERM');
   await bridge.message((m) => m.stickyDispatch === 'drain-request');

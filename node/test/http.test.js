@@ -101,7 +101,7 @@ test('several servers: each takes the connections of its listener', async (t) =>
   await assert.rejects(get(port, '/'), /socket hang up|ECONNRESET/);
 });
 
-test('close() asks the bridge to drain, like SIGTERM', async (t) => {
+test('close() asks the dispatcher to drain, like SIGTERM', async (t) => {
   const bridge = new FakeBridge(APP);
   t.after(() => bridge.close());
   await bridge.message((m) => m.stickyDispatch === 'ready');

@@ -15,7 +15,7 @@ const CHAT = path.join(TESTS_NODE, 'apps', 'chat.js');
 const CLIENTS = path.join(TESTS_NODE, 'socketio-clients.js');
 const installed = fs.existsSync(path.join(TESTS_NODE, 'node_modules', 'socket.io'));
 
-/** The client address the bridge reports for a real source 127.0.1.N: 198.51.100.N. */
+/** The client address the dispatcher reports for a real source 127.0.1.N: 198.51.100.N. */
 function reported(ip) {
   return `198.51.100.${ip.split('.')[3]}`;
 }

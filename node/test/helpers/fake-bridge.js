@@ -1,10 +1,13 @@
 'use strict';
-// Plays `sticky-dispatch node-worker` for the tests, over a real Node IPC channel.
+// Plays sticky-dispatch for the tests, over a real Node IPC channel: the bridge (it starts
+// node and reads `ready`) and the dispatcher (it hands connections and sends `drain`).
 //
 // fork() gives the child exactly what the bridge gives node: NODE_CHANNEL_FD with JSON
 // serialization. child.send(msg, socket) writes {"cmd":"NODE_HANDLE","type":"net.Socket",
-// "msg":{...}} with the socket's fd attached (SCM_RIGHTS): the bridge's wire format. Node's
-// sender also waits for each NODE_HANDLE_ACK before the next handle, as the bridge must.
+// "msg":{...}} with the socket's fd attached (SCM_RIGHTS): the dispatcher's wire format
+// (tests/vectors/node-ipc.json). Node's sender waits for each NODE_HANDLE_ACK before the
+// next handle; the dispatcher keeps up to 256 in flight, which the package cannot tell
+// apart. It sends no `sync`: the package's answer is tested in node-ipc.test.js.
 
 const { fork } = require('node:child_process');
 const net = require('node:net');
@@ -76,7 +79,7 @@ class FakeBridge {
     const seq = ++this.seq;
     const msg = { stickyDispatch: 'connection', seq, ...describe(seq, socket) };
     // A socket of a net.Server would make Node add a `key` and track it across both
-    // processes; the bridge sends none.
+    // processes; the dispatcher sends none.
     socket.server = null;
     this.child.send(msg, socket);
     return msg;
