@@ -26,13 +26,14 @@ SocketKey = tuple[str, int, str, int]
 """A connection's (peer host, peer port, local host, local port)."""
 
 # Checked against tests/vectors/constants.json by tests/test_constants.py.
-APP_DRAIN_TIMEOUT = 30.0
-"""How long the adapters let requests in progress finish once drained, by default
-(aiohttp's ``shutdown_timeout``, uvicorn's ``timeout_graceful_shutdown``): longer than
-socket.io's 25 s long-poll, shorter than systemd's default 90 s stop timeout."""
+SHUTDOWN_TIMEOUT = 30.0
+"""How long requests in progress may finish once the worker has drained, by default
+(aiohttp's ``shutdown_timeout``, uvicorn's ``timeout_graceful_shutdown``; constants.json's
+``app_drain_timeout_ms``): longer than socket.io's 25 s long-poll, shorter than systemd's
+default 90 s stop timeout. Not a part of the drain: the link is closed by then."""
 FIRST_READ_TIMEOUT = 5.0
-"""How long a drain waits for the server to start reading the last connections it was
-given: a client that connects and says nothing is not waited for longer."""
+"""How long, once drained, the adapters wait for the server to start reading the last
+connections it was given: a client that connects and says nothing is not waited for longer."""
 
 
 def socket_key(peer: object, local: object) -> Optional[SocketKey]:

@@ -30,15 +30,13 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.log import access_logger
 
-from ._handoff import APP_DRAIN_TIMEOUT, Handoffs, serve_until_drained, socket_key
+from ._handoff import SHUTDOWN_TIMEOUT as SHUTDOWN_TIMEOUT  # the default, public here too
+from ._handoff import Handoffs, serve_until_drained, socket_key
 from ._settings import clean_exit, warn_ignored
 from .options import WorkerOptions
 from .worker import default_logging
 
 log = logging.getLogger("sticky_dispatch")
-
-SHUTDOWN_TIMEOUT = APP_DRAIN_TIMEOUT
-"""Default bound on finishing requests in progress after a drain, in seconds."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -28,15 +28,13 @@ from typing import Any, Callable, Optional, Union
 
 import uvicorn
 
-from ._handoff import APP_DRAIN_TIMEOUT, Handoffs, serve_until_drained, socket_key
+from ._handoff import SHUTDOWN_TIMEOUT as SHUTDOWN_TIMEOUT  # the default, public here too
+from ._handoff import Handoffs, serve_until_drained, socket_key
 from ._settings import clean_exit, warn_ignored
 from .options import WorkerOptions
 from .worker import default_logging
 
 log = logging.getLogger("sticky_dispatch")
-
-SHUTDOWN_TIMEOUT = APP_DRAIN_TIMEOUT
-"""Default ``timeout_graceful_shutdown``, in seconds."""
 
 DISPATCHER_OWNS = frozenset(
     ("host", "port", "uds", "fd", "backlog", "workers", "reload", "reload_dirs")

@@ -1,6 +1,6 @@
 """The hand-off link's message format, version 1: pure encoding and decoding.
 
-Written from the sticky-dispatch README ("The hand-off link"), not from the Rust code,
+Written from the protocol's description (``docs/protocol.md``), not from the Rust code,
 so that the shared test vectors (``tests/vectors/wire-v1.json``) check two independent
 readings of the same text. Every message is one ``SOCK_SEQPACKET`` datagram of at most
 :data:`MAX_MESSAGE` bytes, integers big-endian: version byte, type byte, then the body.

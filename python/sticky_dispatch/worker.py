@@ -214,7 +214,7 @@ class Worker:
             SOCKET_PREFIX_ENV,
         )
 
-    def _linked(self) -> None:
+    def _cancel_no_dispatcher_notice(self) -> None:
         if self._no_dispatcher is not None:
             self._no_dispatcher.cancel()
             self._no_dispatcher = None
@@ -229,7 +229,7 @@ class Worker:
         if self._draining:
             return
         self._draining = True
-        self._linked()  # no notice any more
+        self._cancel_no_dispatcher_notice()
         for waiter in list(self._waiters):
             if not waiter.done():
                 waiter.set_result(None)
@@ -253,7 +253,7 @@ class Worker:
                 await self._queue.put(conn)
 
     async def drained(self) -> None:
-        """Resolves once a drain has finished and every connection was returned."""
+        """Resolves once a drain has finished and the app has every connection."""
         await self.start()
         await self._drained.wait()
 
@@ -299,8 +299,8 @@ class Worker:
                 item.socket.close()
         self._drained.set()
 
-    async def _wait_readable(self, sock: socket.socket, timeout: Optional[float] = None) -> None:
-        """Returns when ``sock`` is readable, a drain starts, or ``timeout`` passes."""
+    async def _wait_for_link(self, listener: socket.socket) -> None:
+        """Returns when a dispatcher connects to ``listener`` or a drain starts."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
 
@@ -308,17 +308,14 @@ class Worker:
             if not waiter.done():
                 waiter.set_result(None)
 
-        fd = sock.fileno()
+        fd = listener.fileno()
         loop.add_reader(fd, wake)
-        timer = loop.call_later(timeout, wake) if timeout is not None else None
         self._waiters.add(waiter)
         try:
             await waiter
         finally:
             self._waiters.discard(waiter)
             loop.remove_reader(fd)
-            if timer is not None:
-                timer.cancel()
 
     async def _serve_links(self, listener: socket.socket) -> None:
         """Accepts links until a drain starts, then waits for the links to finish."""
@@ -329,7 +326,7 @@ class Worker:
                 try:
                     link, _ = listener.accept()
                 except BlockingIOError:
-                    await self._wait_readable(listener)
+                    await self._wait_for_link(listener)
                     continue
                 except OSError as err:
                     # Typically EMFILE: back off instead of spinning.
@@ -340,8 +337,8 @@ class Worker:
                 if not self._admit(link):
                     link.close()
                     continue
-                self._linked()
-                session = _Session(
+                self._cancel_no_dispatcher_notice()
+                session = _LinkSession(
                     _SeqpacketLink(link, self._waiters),
                     self.index,
                     self._is_draining,
@@ -386,7 +383,7 @@ class Worker:
 
 
 class LinkState(enum.Enum):
-    """Where a link with one dispatcher stands; :class:`_Session` has the transitions."""
+    """Where a link with one dispatcher stands; :class:`_LinkSession` has the transitions."""
 
     HANDSHAKING = "handshaking"
     """Our HELLO is sent; the dispatcher's is due within :data:`HELLO_TIMEOUT`."""
@@ -421,7 +418,7 @@ class _Link(Protocol):
     def close(self) -> None: ...
 
 
-class _Session:
+class _LinkSession:
     """One link with one dispatcher, as a state machine (:class:`LinkState`)::
 
         HANDSHAKING --HELLO from the dispatcher, for our index---------> SERVING
@@ -456,7 +453,7 @@ class _Session:
         """The last CONN acknowledged (or, ORPHANED, given to the app unacknowledged)."""
         self.batch: list[Connection] = []
         """Received, not yet acknowledged: never given to the app before their ACK."""
-        self.drain_until: Optional[int] = None
+        self.final_seq: Optional[int] = None
         """From DRAINED: the link ends after this CONN."""
         self._hello_deadline = 0.0
         self._drain_deadline: Optional[float] = None
@@ -490,7 +487,7 @@ class _Session:
 
     async def _step(self) -> None:
         """One turn: end a finished drain, start one, or receive (or wait for) a message."""
-        if self.drain_until is not None and self.last_seq >= self.drain_until:
+        if self.final_seq is not None and self.last_seq >= self.final_seq:
             await self._acknowledge()
             self.state = LinkState.CLOSED
             return
@@ -544,7 +541,7 @@ class _Session:
             LinkState.ORPHANED,  # the dead dispatcher's last words: nothing comes after
         ):
             log.debug("dispatcher confirmed the drain until=%d", message.last_seq)
-            self.drain_until = message.last_seq
+            self.final_seq = message.last_seq
             if self.state is LinkState.DRAIN_ASKED:
                 self.state = LinkState.DRAIN_ANSWERED
         else:

@@ -35,7 +35,7 @@ COPIES: dict[str, tuple[list[str], Callable[[Any], Any]]] = {
     "no_dispatcher_notice_ms": (["sticky_dispatch.worker.NO_DISPATCHER_NOTICE"], _seconds),
     "app_drain_timeout_ms": (
         [
-            "sticky_dispatch._handoff.APP_DRAIN_TIMEOUT",
+            "sticky_dispatch._handoff.SHUTDOWN_TIMEOUT",
             "sticky_dispatch.aiohttp.SHUTDOWN_TIMEOUT",
             "sticky_dispatch.uvicorn.SHUTDOWN_TIMEOUT",
         ],

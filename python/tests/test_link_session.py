@@ -1,4 +1,4 @@
-"""The link session's state machine (worker._Session) on a fake link: no socket to a
+"""The link session's state machine (worker._LinkSession) on a fake link: no socket to a
 dispatcher, no process, every transition of worker.LinkState."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 
 from sticky_dispatch import wire
 from sticky_dispatch import worker as worker_module
-from sticky_dispatch.worker import ACK_BURST, Connection, LinkState, _Session
+from sticky_dispatch.worker import ACK_BURST, Connection, LinkState, _LinkSession
 
 INDEX = 2
 HELLO = wire.Hello(wire.Role.DISPATCHER, INDEX, 4321)
@@ -83,7 +83,7 @@ class Harness:
         self.link = FakeLink()
         self.draining = False
         self.sockets: list[socket.socket] = []
-        self.session = _Session(self.link, INDEX, lambda: self.draining, self._deliver)
+        self.session = _LinkSession(self.link, INDEX, lambda: self.draining, self._deliver)
         self.task = asyncio.get_running_loop().create_task(self.session.run())
 
     async def _deliver(self, batch: list[Connection]) -> None:
