@@ -1,14 +1,14 @@
-//! Microbenchmarks of the per-connection routing work: key from the peer IP, XXH64 of the
-//! key, jump consistent hash, and `Router::worker_for`.
+//! Microbenchmarks of the per-connection routing work: key from the peer IP, the 32-bit
+//! hash of the key, `Router::worker_for` (hash, bucket, table), and building a router
+//! (its bucket table).
 //!
 //! ```text
 //! cargo bench --bench routing
 //! ```
 //!
 //! Each measurement runs over 65536 fixed random inputs and criterion reports the time per
-//! input (see "thrpt"; divide "time" by 65536). So many, because the jump hash's loop exit
-//! depends on the input: over 1024 inputs repeated, the branch predictor learns them and
-//! the jump hash looks three times faster than it is for a stream of new clients.
+//! input (see "thrpt"; divide "time" by 65536). So many, because few inputs repeated let
+//! the branch predictor and the caches learn them: a stream of new clients is slower.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -17,7 +17,7 @@ use std::num::NonZeroU32;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sticky_dispatch::routing::{jump_consistent_hash, key_hash, Router, RoutingKey};
+use sticky_dispatch::routing::{key_hash, Router, RoutingKey};
 
 const INPUTS: usize = 1 << 16;
 
@@ -77,33 +77,28 @@ fn routing(c: &mut Criterion) {
         let keys: Vec<RoutingKey> = addresses.iter().map(|&ip| four.key(Some(ip))).collect();
         per_input(
             &mut group,
-            BenchmarkId::new("xxh64", family),
+            BenchmarkId::new("murmur3_be", family),
             &keys,
             |key| key_hash(key, 0),
         );
     }
     group.finish();
 
-    let hashes: Vec<u64> = {
-        let mut rng = SmallRng::seed_from_u64(3);
-        (0..INPUTS).map(|_| rng.random()).collect()
-    };
-    let mut group = c.benchmark_group("jump_consistent_hash");
-    group.throughput(Throughput::Elements(INPUTS as u64));
-    for workers in [1u32, 2, 4, 8, 16, 64, 1024] {
-        let buckets = NonZeroU32::new(workers).expect("non-zero");
-        per_input(
-            &mut group,
+    // Once per start or reload, and per call of the tests' expected_worker.
+    let mut group = c.benchmark_group("router_new");
+    for workers in [4u32, 64, 256, 4096] {
+        let workers = NonZeroU32::new(workers).expect("non-zero");
+        group.bench_with_input(
             BenchmarkId::from_parameter(workers),
-            &hashes,
-            |&hash| jump_consistent_hash(hash, buckets),
+            &workers,
+            |b, &workers| b.iter(|| Router::new(black_box(workers), 32, 64, 0)),
         );
     }
     group.finish();
 
     let mut group = c.benchmark_group("worker_for");
     group.throughput(Throughput::Elements(INPUTS as u64));
-    for workers in [1u32, 4, 16] {
+    for workers in [1u32, 4, 16, 64] {
         let router = router(workers);
         for (family, addresses) in &families {
             let keys: Vec<RoutingKey> = addresses.iter().map(|&ip| router.key(Some(ip))).collect();
@@ -120,7 +115,7 @@ fn routing(c: &mut Criterion) {
     // What the acceptor does per connection: the peer IP in, the worker index out.
     let mut group = c.benchmark_group("route");
     group.throughput(Throughput::Elements(INPUTS as u64));
-    for workers in [4u32, 16] {
+    for workers in [4u32, 16, 64] {
         let router = router(workers);
         for (family, addresses) in &families {
             per_input(

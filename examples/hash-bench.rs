@@ -1,5 +1,5 @@
-//! Hash benchmark: sticky-session's int31, sticky-cluster's djb2 and our XXH64 + jump
-//! consistent hash, on the same client addresses.
+//! Hash benchmark: sticky-session's int31, sticky-cluster's djb2 and our routing (a 32-bit
+//! MurmurHash3 to 4096 buckets and a bucket table), on the same client addresses.
 //!
 //! ```text
 //! cargo run --release --example hash-bench -- [WORKERS [ADDRESSES]]   (default 10 100000)
@@ -31,8 +31,10 @@
 //!   character from the last to the first `h = (h * 33) ^ c` in 32-bit arithmetic,
 //!   result as unsigned 32-bit. Worker: `hash % N`. The text is the address as Node
 //!   prints a peer address (dotted quad; RFC 5952 for IPv6), which Rust's `Display` gives.
-//! - **ours**: [`Router::key`] (IPv4-mapped to IPv4, /32 and /64 prefixes), XXH64 with
-//!   seed 0, jump consistent hash over N: exactly what the dispatcher does per connection.
+//! - **ours**: [`Router::key`] (IPv4-mapped to IPv4, /32 and /64 prefixes), MurmurHash3
+//!   over the key's big-endian words with seed 0, the top 12 bits as the bucket, the
+//!   bucket table of N: exactly what the dispatcher (and the kernel's BPF program) does
+//!   per connection.
 //! - **uniform random**: every address draws a worker at random. Not a hash: the scatter
 //!   that pure chance gives, to judge the others' deviation against.
 
@@ -196,7 +198,7 @@ impl Method {
             Method::Int31 => "int31 (sticky-session)",
             Method::Int31Dotted => "int31, sticky-cluster's bench input",
             Method::Djb2 => "djb2 (sticky-cluster)",
-            Method::Ours => "XXH64 + jump (ours)",
+            Method::Ours => "murmur3 + bucket table (ours)",
             Method::Random => "uniform random (reference)",
         }
     }

@@ -23,7 +23,8 @@
 //!   shared state and routing, metrics, the `/metrics` and `/health` listener, sd_notify
 //!   status, graceful shutdown, the fd store.
 //! - `status` — `sticky-dispatch status`: a running dispatcher's per-worker table.
-//! - `routing` — routing key, XXH64 hash, jump consistent hash, failover choice.
+//! - `routing` — routing key, hash, bucket table, failover choice; `routing::cbpf`, the
+//!   same mapping as a classic BPF program for the kernel.
 //! - `keysource` — keys from the first bytes a client sends: PROXY protocol, HTTP
 //!   `X-Forwarded-For`, cookie, query parameter (pure parsers).
 //! - `config` — figment layers validated into typed settings.
