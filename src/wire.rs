@@ -20,8 +20,8 @@
 //! dispatcher then hands that link's connections to Node directly, in Node's own dialect
 //! (`crate::node_ipc`), and the link itself only says, by closing, that the worker is gone.
 //!
-//! Sequence numbers count from 1 on each link. The README documents the same format for
-//! workers written in other languages; keep the two in step.
+//! Sequence numbers count from 1 on each link. docs/protocol.md documents the same format
+//! for workers written in other languages; keep the two in step.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 

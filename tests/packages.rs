@@ -55,6 +55,8 @@ const FILES: &[&str] = &[
     "/usr/share/man/man5/sticky-dispatch.toml.5.gz",
     "/usr/share/doc/sticky-dispatch/README.md",
     "/usr/share/doc/sticky-dispatch/operations.md",
+    "/usr/share/doc/sticky-dispatch/configuration.md",
+    "/usr/share/doc/sticky-dispatch/protocol.md",
 ];
 
 macro_rules! say {

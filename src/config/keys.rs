@@ -6,7 +6,7 @@
 //! [`Settings`] fields, the raw serde struct figment extracts (with its unknown-key check),
 //! the built-in defaults layer, how an environment variable is read for the key (from the
 //! raw type, [`RawValue::ENV`]), the reload logic, `check-config`'s output, and the
-//! documentation tables ([`KEYS`]: README, manual page). Adding a key is adding an entry
+//! documentation tables ([`KEYS`]: docs/configuration.md, manual page). Adding a key is adding an entry
 //! (and a line to the shipped `config/config.toml`, which a test holds to the table).
 
 use std::net::SocketAddr;

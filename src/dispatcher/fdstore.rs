@@ -22,7 +22,8 @@
 //! dispatcher for ever (a send timeout bounds it).
 
 use std::io::IoSlice;
-use std::os::fd::{AsFd, AsRawFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -31,7 +32,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::state::Held;
 use crate::routing::RoutingKey;
 use crate::wire::{Conn, Message};
 
@@ -42,6 +42,18 @@ const PREFIX: &str = "sd1.";
 const OLD_PREFIX: &str = "conn/";
 /// Listener names are cut to this many bytes in a name, to stay under 255 in all.
 const MAX_LISTENER: usize = 48;
+
+/// What a stored connection's name records about it: what the next instance needs to
+/// hold it as this one did.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Description<'a> {
+    pub(super) listener: &'a str,
+    pub(super) peer: Option<SocketAddr>,
+    pub(super) local: Option<SocketAddr>,
+    pub(super) key: &'a RoutingKey,
+    /// When it started waiting (its `pending_timeout` runs from here).
+    pub(super) since: Instant,
+}
 
 /// A client connection taken back from the fd store, to be routed again.
 #[derive(Debug)]
@@ -130,17 +142,20 @@ pub(super) struct Stored {
 }
 
 impl Stored {
-    /// Stores `held`'s fd under a name of its own. `None` if systemd could not be told
-    /// (logged); the connection is still served, only not kept across a crash.
-    pub(super) fn store(store: &Arc<FdStore>, held: &Held) -> Option<Stored> {
-        let name = name_for(held);
+    /// Stores connection `fd`, as `what` describes it, under a name of its own. `None` if
+    /// systemd could not be told (logged); the connection is still served, only not kept
+    /// across a crash.
+    pub(super) fn store(
+        store: &Arc<FdStore>,
+        fd: BorrowedFd<'_>,
+        what: &Description<'_>,
+    ) -> Option<Stored> {
+        let name = name_for(what);
         let state = format!("FDSTORE=1\nFDNAME={name}\n");
-        store
-            .send(&state, Some(held.stream.as_fd()))
-            .then(|| Stored {
-                name,
-                store: store.clone(),
-            })
+        store.send(&state, Some(fd)).then(|| Stored {
+            name,
+            store: store.clone(),
+        })
     }
 
     /// An entry a previous instance made, taken over by this one.
@@ -167,11 +182,11 @@ impl Drop for Stored {
 /// `sd1.<CONN in hex>.<key in hex>.<monotonic µs when it started waiting, hex>`. The
 /// CONN's sequence number holds our pid and a counter, so that names are unique across
 /// instances (an entry of a previous one may still be in the store).
-fn name_for(held: &Held) -> String {
+fn name_for(held: &Description<'_>) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let id =
         u64::from(std::process::id()) << 32 | u64::from(COUNTER.fetch_add(1, Ordering::Relaxed));
-    let mut listener: String = held.listener.to_string();
+    let mut listener: String = held.listener.to_owned();
     while listener.len() > MAX_LISTENER {
         listener.pop();
     }
@@ -196,8 +211,8 @@ fn name_for(held: &Held) -> String {
 #[derive(Debug, PartialEq)]
 pub(super) struct Restored {
     pub(super) key: Option<RoutingKey>,
-    pub(super) peer: Option<std::net::SocketAddr>,
-    pub(super) local: Option<std::net::SocketAddr>,
+    pub(super) peer: Option<SocketAddr>,
+    pub(super) local: Option<SocketAddr>,
     pub(super) listener: Arc<str>,
     /// How long it has waited already.
     pub(super) waited: Duration,
@@ -276,27 +291,20 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn held(listener: &str, key: RoutingKey) -> (Held, std::net::TcpListener) {
-        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .unwrap();
-        let held = Held::new(
-            stream,
-            Some("[2001:db8::7]:40000".parse().unwrap()),
-            Some("198.51.100.1:443".parse().unwrap()),
-            listener.into(),
+    fn held<'a>(listener: &'a str, key: &'a RoutingKey) -> Description<'a> {
+        Description {
+            listener,
+            peer: Some("[2001:db8::7]:40000".parse().unwrap()),
+            local: Some("198.51.100.1:443".parse().unwrap()),
             key,
-            permit,
-        );
-        (held, server)
+            since: Instant::now(),
+        }
     }
 
     #[test]
     fn names_carry_key_addresses_listener_and_waiting_time_and_fit_systemd() {
         let key = RoutingKey::from_token(b"session-42");
-        let (held, _server) = held("web", key);
+        let held = held("web", &key);
         let name = name_for(&held);
         assert!(name.len() <= 255, "{} bytes", name.len());
         assert!(
@@ -316,8 +324,9 @@ mod tests {
 
     #[test]
     fn long_listener_names_are_cut_to_fit() {
-        let (held, _server) = held(&"l".repeat(300), RoutingKey::from_token(b"x"));
-        let name = name_for(&held);
+        let key = RoutingKey::from_token(b"x");
+        let long = "l".repeat(300);
+        let name = name_for(&held(&long, &key));
         assert!(name.len() <= 255, "{} bytes", name.len());
         assert_eq!(parse(&name).unwrap().listener.len(), MAX_LISTENER);
     }

@@ -30,7 +30,6 @@ use tokio::time::{Instant, Interval};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
-use fdstore::Stored;
 use state::{Held, Phase, Shared};
 
 /// How often `STATUS=` is refreshed (only sent when it changed).
@@ -235,15 +234,8 @@ impl Dispatcher {
         let waiting = left.len() as u64;
         let mut stored = 0;
         for mut held in left {
-            let entry = match held.stored.take() {
-                Some(entry) => Some(entry),
-                None => self
-                    .shared
-                    .fd_store
-                    .as_ref()
-                    .and_then(|store| Stored::store(store, &held)),
-            };
-            if let Some(entry) = entry {
+            held.keep_safe(self.shared.fd_store.as_ref());
+            if let Some(entry) = held.stored.take() {
                 entry.keep();
                 stored += 1;
             }

@@ -1,5 +1,6 @@
-//! Slot: everything about one worker index — its queue of waiting connections, its link,
-//! and the connections sent but not yet acknowledged.
+//! Slot: everything about one worker index — its queue of waiting connections, its link
+//! and where that link is in its life ([`Lifecycle`]), and the connections sent but not
+//! yet acknowledged.
 //!
 //! A connection is in exactly one place: `pending` (waiting for the link or for room in
 //! the in-flight window), `unacked` (sent; the dispatcher still holds its fd), or gone
@@ -14,7 +15,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::fdstore::Stored;
 use super::metrics::TurnedAway;
 use super::state::{FailOver, Held, Phase, Queue, Shared, Throttle};
 use super::worker_link::{Event, WorkerLink};
@@ -28,9 +28,193 @@ const RECONNECT_MIN: Duration = Duration::from_millis(2);
 /// Bounds the reconnect backoff: a worker that comes back is found within this long.
 const RECONNECT_MAX: Duration = Duration::from_millis(100);
 const WARN_EVERY: Duration = Duration::from_secs(5);
-/// Times a connection is sent again after a Node worker got it without its fd (NACK: out
-/// of fds, typically), as Node's own `child.send` does; then it is closed.
-const MAX_REFUSALS: u8 = 3;
+/// Times a connection the worker sent back (a Node worker that got it without its fd:
+/// out of fds, typically) is sent again, as Node's own `child.send` does; then it is closed.
+const MAX_RESENDS: u8 = 3;
+
+/// Where a worker's link is in its life. The slot's transitions:
+///
+/// ```text
+/// Down --link up--> Up (link protocol) or Syncing (Node) --Ready--> Up --Drain--> Draining
+///   ^                                                                               |
+///   +------------------- link down (from Syncing, Up or Draining) -------------------+
+/// ```
+///
+/// Only `Up` takes connections: it is the worker's liveness, which failover and the
+/// metrics read. Generic over the link so that the transitions are tested without one.
+#[derive(Debug)]
+enum Lifecycle<L> {
+    /// No link; the next connect is at `retry.at`. Unavailable since `since`.
+    Down { since: Instant, retry: Retry },
+    /// Linked, but the worker cannot take connections yet (a Node worker before it
+    /// answered the sync).
+    Syncing { link: L, since: Instant },
+    /// Taking connections; `next_seq` numbers the next one sent; `want_writable`: the
+    /// last send found the socket full.
+    Up {
+        link: L,
+        next_seq: u64,
+        want_writable: bool,
+    },
+    /// The worker asked to drain (at `since`): nothing is sent after `last_seq`, and what
+    /// was sent may still be acknowledged.
+    Draining {
+        link: L,
+        last_seq: u64,
+        since: Instant,
+    },
+}
+
+/// When to try connecting again, and the backoff after that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Retry {
+    at: Instant,
+    backoff: Duration,
+}
+
+impl Retry {
+    fn now(now: Instant) -> Retry {
+        Retry {
+            at: now,
+            backoff: RECONNECT_MIN,
+        }
+    }
+
+    /// After a failed attempt at `now`; `patient`: the next one waits the longest.
+    fn after_failure(self, now: Instant, patient: bool) -> Retry {
+        let backoff = if patient { RECONNECT_MAX } else { self.backoff };
+        Retry {
+            at: now + backoff,
+            backoff: (backoff * 2).min(RECONNECT_MAX),
+        }
+    }
+}
+
+impl<L> Lifecycle<L> {
+    fn new(now: Instant) -> Lifecycle<L> {
+        Lifecycle::Down {
+            since: now,
+            retry: Retry::now(now),
+        }
+    }
+
+    fn is_up(&self) -> bool {
+        matches!(self, Lifecycle::Up { .. })
+    }
+
+    fn link_mut(&mut self) -> Option<&mut L> {
+        match self {
+            Lifecycle::Down { .. } => None,
+            Lifecycle::Syncing { link, .. }
+            | Lifecycle::Up { link, .. }
+            | Lifecycle::Draining { link, .. } => Some(link),
+        }
+    }
+
+    /// Since when the worker has not been taking connections; `None` while it is up.
+    fn unavailable_since(&self) -> Option<Instant> {
+        match self {
+            Lifecycle::Down { since, .. }
+            | Lifecycle::Syncing { since, .. }
+            | Lifecycle::Draining { since, .. } => Some(*since),
+            Lifecycle::Up { .. } => None,
+        }
+    }
+
+    /// The highest sequence number sent on this link (0: none).
+    fn sent_up_to(&self) -> u64 {
+        match self {
+            Lifecycle::Up { next_seq, .. } => next_seq - 1,
+            Lifecycle::Draining { last_seq, .. } => *last_seq,
+            Lifecycle::Down { .. } | Lifecycle::Syncing { .. } => 0,
+        }
+    }
+
+    /// When to try connecting, while down.
+    fn retry_at(&self) -> Option<Instant> {
+        match self {
+            Lifecycle::Down { retry, .. } => Some(retry.at),
+            _ => None,
+        }
+    }
+
+    /// A link came up: it takes connections at once (`ready`), or after [`Self::ready`].
+    fn linked(&mut self, link: L, ready: bool) {
+        let since = self.unavailable_since().unwrap_or_else(Instant::now);
+        *self = if ready {
+            Lifecycle::Up {
+                link,
+                next_seq: 1,
+                want_writable: false,
+            }
+        } else {
+            Lifecycle::Syncing { link, since }
+        };
+    }
+
+    /// The worker can take connections now. `false`: it was not waiting to.
+    fn ready(&mut self) -> bool {
+        self.replace_with(|state| match state {
+            Lifecycle::Syncing { link, .. } => (
+                Lifecycle::Up {
+                    link,
+                    next_seq: 1,
+                    want_writable: false,
+                },
+                true,
+            ),
+            other => (other, false),
+        })
+    }
+
+    /// The worker asked to drain at `now`: returns the last sequence number sent, or
+    /// `None` if it was not up (a second DRAIN, or one before the sync).
+    fn drain(&mut self, now: Instant) -> Option<u64> {
+        self.replace_with(|state| match state {
+            Lifecycle::Up { link, next_seq, .. } => (
+                Lifecycle::Draining {
+                    link,
+                    last_seq: next_seq - 1,
+                    since: now,
+                },
+                Some(next_seq - 1),
+            ),
+            other => (other, None),
+        })
+    }
+
+    /// The link is gone at `now`; returns it (`None` if there was none). A draining worker
+    /// stays unavailable since its drain; any other since now.
+    fn down(&mut self, now: Instant) -> Option<L> {
+        self.replace_with(|state| {
+            let (link, since) = match state {
+                Lifecycle::Down { .. } => return (state, None),
+                Lifecycle::Draining { link, since, .. } => (link, since),
+                Lifecycle::Syncing { link, .. } | Lifecycle::Up { link, .. } => (link, now),
+            };
+            let down = Lifecycle::Down {
+                since,
+                retry: Retry::now(now),
+            };
+            (down, Some(link))
+        })
+    }
+
+    /// A connect failed at `now` (`patient`: to an impostor, so wait the longest).
+    fn connect_failed(&mut self, now: Instant, patient: bool) {
+        if let Lifecycle::Down { retry, .. } = self {
+            *retry = retry.after_failure(now, patient);
+        }
+    }
+
+    fn replace_with<T>(&mut self, change: impl FnOnce(Self) -> (Self, T)) -> T {
+        let now = Instant::now();
+        let old = std::mem::replace(self, Lifecycle::new(now));
+        let (new, result) = change(old);
+        *self = new;
+        result
+    }
+}
 
 pub(super) struct Slot {
     index: u32,
@@ -42,16 +226,7 @@ pub(super) struct Slot {
     pending: Queue<Held>,
     /// Sent, by sequence number; the dispatcher still holds the fd (`in flight`).
     unacked: Queue<(u64, Held)>,
-    link: Option<WorkerLink>,
-    /// The worker asked to drain this link: send nothing more on it.
-    draining: bool,
-    next_seq: u64,
-    /// The last send found the socket buffer full.
-    want_writable: bool,
-    /// Since when the worker has not been taking connections.
-    down_since: Instant,
-    next_attempt: Instant,
-    backoff: Duration,
+    lifecycle: Lifecycle<WorkerLink>,
     /// Why the last connect attempt failed, to log each new reason once.
     last_failure: Option<String>,
     turned_away_warning: Throttle,
@@ -67,7 +242,6 @@ impl Slot {
         inbox: mpsc::UnboundedReceiver<Held>,
         phase: watch::Receiver<Phase>,
     ) -> Slot {
-        let now = Instant::now();
         Slot {
             index,
             name: link_socket_name(&shared.settings().socket_prefix, index),
@@ -76,13 +250,7 @@ impl Slot {
             shared,
             inbox,
             phase,
-            link: None,
-            draining: false,
-            next_seq: 1,
-            want_writable: false,
-            down_since: now,
-            next_attempt: now,
-            backoff: RECONNECT_MIN,
+            lifecycle: Lifecycle::new(Instant::now()),
             last_failure: None,
             turned_away_warning: Throttle::new(WARN_EVERY),
             out: Vec::with_capacity(wire::MAX_MESSAGE),
@@ -95,29 +263,21 @@ impl Slot {
     pub(super) async fn run(mut self) -> Vec<Held> {
         let mut buf = [0u8; wire::MAX_MESSAGE];
         loop {
-            // A Node channel out of the reactor is read whenever the slot wakes.
-            if let Some(link) = self.link.as_mut() {
-                let read = link.read_unwatched(&mut buf, &mut self.events);
+            // What a link not watched by the reactor has to say is read whenever we wake.
+            if let Some(link) = self.lifecycle.link_mut() {
+                let read = link.read_now(&mut buf, &mut self.events);
                 self.on_received(read);
             }
             self.send_pending();
-            let phase = *self.phase.borrow();
-            let idle = self.pending.is_empty() && self.unacked.is_empty() && self.inbox.is_empty();
-            let keep_for_next_start =
-                phase == Phase::Finishing && self.shared.fd_store.is_some() && !self.is_up();
-            if (phase >= Phase::Finishing && idle) || keep_for_next_start || phase == Phase::Abandon
-            {
+            self.shared.set_live(self.index, self.lifecycle.is_up());
+            if self.finished(*self.phase.borrow()) {
                 return self.leftovers();
             }
-            let pending_timeout = self.shared.settings().pending_timeout;
-            let expiry = self
-                .pending
-                .front()
-                .map(|held| held.since + pending_timeout);
+            let expiry = self.pending_expiry();
             let read_by = match self
-                .link
-                .as_mut()
-                .map(|link| link.settle(self.unacked.len()))
+                .lifecycle
+                .link_mut()
+                .map(|link| link.before_sleep(self.unacked.len()))
             {
                 Some(Ok(read_by)) => read_by,
                 Some(Err(err)) => {
@@ -126,26 +286,47 @@ impl Slot {
                 }
                 None => None,
             };
+            let want_writable = matches!(
+                self.lifecycle,
+                Lifecycle::Up {
+                    want_writable: true,
+                    ..
+                }
+            );
+            let retry_at = self.lifecycle.retry_at();
             tokio::select! {
                 Some(held) = self.inbox.recv() => self.arrive(held),
-                received = recv(self.link.as_ref(), &mut buf, &mut self.events) => {
+                received = next(self.lifecycle.link_mut(), &mut buf, &mut self.events, want_writable) => {
                     self.on_received(received);
                 }
-                ready = writable(self.link.as_ref()), if self.want_writable => {
-                    self.want_writable = false;
-                    if let Err(err) = ready {
-                        self.link_down(&err.to_string());
-                    }
-                }
-                _ = tokio::time::sleep_until(self.next_attempt), if self.link.is_none() => {
-                    self.connect().await;
-                }
+                _ = sleep_until(retry_at) => self.connect().await,
                 _ = sleep_until(expiry) => self.expire(),
                 // Read at the top of the loop.
                 _ = sleep_until(read_by) => {}
                 _ = self.phase.changed() => {}
             }
         }
+    }
+
+    /// Whether this slot's work is over in `phase`:
+    /// - `Abandon`: at once;
+    /// - `Finishing` (nothing new arrives): once nothing is held; or at once if the worker
+    ///   is not up and the fd store keeps what waits for the next instance.
+    fn finished(&self, phase: Phase) -> bool {
+        let idle = self.pending.is_empty() && self.unacked.is_empty() && self.inbox.is_empty();
+        match phase {
+            Phase::Running | Phase::Stopping => false,
+            Phase::Finishing => idle || (self.shared.fd_store.is_some() && !self.lifecycle.is_up()),
+            Phase::Abandon => true,
+        }
+    }
+
+    /// When the oldest waiting connection has waited `pending_timeout`.
+    fn pending_expiry(&self) -> Option<Instant> {
+        let pending_timeout = self.shared.settings().pending_timeout;
+        self.pending
+            .front()
+            .map(|held| held.since + pending_timeout)
     }
 
     /// At exit: what was never sent (kept if the fd store can), and letting go of what was
@@ -173,8 +354,11 @@ impl Slot {
 
     /// A new connection for this worker.
     fn arrive(&mut self, mut held: Held) {
-        let down_too_long =
-            !self.is_up() && self.down_since.elapsed() >= self.shared.settings().pending_timeout;
+        let pending_timeout = self.shared.settings().pending_timeout;
+        let down_too_long = self
+            .lifecycle
+            .unavailable_since()
+            .is_some_and(|since| since.elapsed() >= pending_timeout);
         if down_too_long {
             self.give_up(
                 held,
@@ -188,62 +372,68 @@ impl Slot {
                 "its worker's queue is full (max_pending)",
             );
         } else {
-            if !self.is_up() {
-                keep_safe(&self.shared, &mut held);
+            if !self.lifecycle.is_up() {
+                held.keep_safe(self.shared.fd_store.as_ref());
             }
             self.pending.push_back(held);
         }
     }
 
-    fn is_up(&self) -> bool {
-        self.link.as_ref().is_some_and(WorkerLink::is_ready) && !self.draining
-    }
-
     /// Sends waiting connections while the link is up and the in-flight window has room.
     fn send_pending(&mut self) {
         let max_in_flight = self.shared.settings().max_in_flight.get();
-        while self.is_up() && !self.want_writable && self.unacked.len() < max_in_flight {
-            let (Some(link), Some(held)) = (&self.link, self.pending.front()) else {
+        let Lifecycle::Up {
+            link,
+            next_seq,
+            want_writable,
+        } = &mut self.lifecycle
+        else {
+            return;
+        };
+        while !*want_writable && self.unacked.len() < max_in_flight {
+            let Some(held) = self.pending.front() else {
                 return;
             };
-            match link.try_send_conn(&mut self.out, self.next_seq, held) {
+            match link.try_send_conn(&mut self.out, *next_seq, held) {
                 Ok(()) => {
                     let mut held = self.pending.pop_front().expect("front exists");
                     // Sent: the worker has it (even if we die now, it reads the CONN), so
                     // the fd store must not give it to the next instance too.
                     held.stored = None;
-                    self.unacked.push_back((self.next_seq, held));
-                    self.next_seq += 1;
+                    self.unacked.push_back((*next_seq, held));
+                    *next_seq += 1;
                 }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.want_writable = true,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => *want_writable = true,
                 Err(err) => return self.link_down(&format!("send failed: {err}")),
             }
         }
     }
 
-    fn on_received(&mut self, received: Result<Option<&'static str>, LinkError>) {
-        match received {
-            Ok(None) => {}
-            Ok(Some(reason)) => return self.link_down(reason),
-            Err(err) => return self.link_down(&err.to_string()),
+    fn on_received(&mut self, received: Result<(), LinkError>) {
+        if let Err(err) = received {
+            return self.link_down(&err.to_string());
         }
         let mut events = std::mem::take(&mut self.events);
         let mut result = Ok(());
         for event in events.drain(..) {
-            result = self.on_event(event);
+            result = match event {
+                // Nothing after it is about this link.
+                Event::Closed(reason) => Err(reason.to_owned()),
+                event => self.on_event(event).map_err(|err| err.to_string()),
+            };
             if result.is_err() {
                 break;
             }
         }
         self.events = events;
-        if let Err(err) = result {
-            self.link_down(&err.to_string());
+        if let Err(reason) = result {
+            self.link_down(&reason);
         }
     }
 
     fn on_event(&mut self, event: Event) -> Result<(), LinkError> {
         match event {
-            Event::Acked(seq) if seq < self.next_seq => {
+            Event::Acked(seq) if seq <= self.lifecycle.sent_up_to() => {
                 let metrics = &self.shared.metrics;
                 let handed_off = &metrics.worker(self.index).handed_off;
                 let now = Instant::now();
@@ -255,71 +445,79 @@ impl Slot {
                 }
                 Ok(())
             }
-            Event::Refused(seq) => {
-                let Some((_, mut again)) = self.unacked.pop_front_if(|(sent, _)| *sent == seq)
-                else {
-                    return Err(LinkError::Protocol(format!(
-                        "Node refused connection {seq}, which is not the oldest in flight"
-                    )));
+            Event::Resend(seq) => self.resend(seq),
+            Event::Drain => {
+                let Some(last_seq) = self.lifecycle.drain(Instant::now()) else {
+                    return Err(LinkError::Protocol(
+                        "a DRAIN while not taking connections".into(),
+                    ));
                 };
-                again.refused += 1;
-                if again.refused > MAX_REFUSALS {
-                    warn!(index = self.index, peer = ?again.peer, "Node got a connection without its fd {MAX_REFUSALS} times (out of fds?): closing it");
-                    self.shared
-                        .metrics
-                        .worker(self.index)
-                        .turned_away(TurnedAway::Refused);
-                } else {
-                    debug!(
-                        index = self.index,
-                        seq, "Node got a connection without its fd: sending it again"
-                    );
-                    self.pending.push_front(again);
-                }
-                Ok(())
-            }
-            Event::Drain if !self.draining => {
-                self.draining = true;
-                self.down_since = Instant::now();
-                self.shared.set_live(self.index, false);
-                let last_seq = self.next_seq - 1;
                 info!(
                     index = self.index,
                     last_seq, "worker is draining: holding its new connections"
                 );
-                let link = self.link.as_ref().expect("the event came from the link");
+                let link = self.lifecycle.link_mut().expect("draining has a link");
                 link.send_drained(&mut self.out, last_seq)
                     .map_err(LinkError::from)
             }
-            Event::Synced => {
+            Event::Ready => {
+                if !self.lifecycle.ready() {
+                    return Err(LinkError::Protocol("ready twice".into()));
+                }
                 info!(
                     index = self.index,
                     "Node worker in step: taking connections"
                 );
-                self.shared.set_live(self.index, true);
+                Ok(())
+            }
+            Event::Writable => {
+                if let Lifecycle::Up { want_writable, .. } = &mut self.lifecycle {
+                    *want_writable = false;
+                }
                 Ok(())
             }
             other => Err(LinkError::Protocol(format!("unexpected {other:?}"))),
         }
     }
 
+    /// The worker sent connection `seq` back: it waits again at the front, up to
+    /// [`MAX_RESENDS`] times.
+    fn resend(&mut self, seq: u64) -> Result<(), LinkError> {
+        let Some((_, mut again)) = self.unacked.pop_front_if(|(sent, _)| *sent == seq) else {
+            return Err(LinkError::Protocol(format!(
+                "the worker sent back connection {seq}, which is not the oldest in flight"
+            )));
+        };
+        again.resent += 1;
+        if again.resent > MAX_RESENDS {
+            warn!(index = self.index, peer = ?again.peer, "the worker sent a connection back {MAX_RESENDS} times (out of fds?): closing it");
+            self.shared
+                .metrics
+                .worker(self.index)
+                .turned_away(TurnedAway::Refused);
+        } else {
+            debug!(
+                index = self.index,
+                seq, "the worker sent a connection back: sending it again"
+            );
+            self.pending.push_front(again);
+        }
+        Ok(())
+    }
+
     /// The link is gone: what was not acknowledged waits again, in order, at the front.
     fn link_down(&mut self, reason: &str) {
-        let was_draining = self.draining;
-        self.link = None;
-        self.draining = false;
-        self.want_writable = false;
-        self.shared.set_live(self.index, false);
-        if !was_draining {
-            self.down_since = Instant::now();
+        if self.lifecycle.down(Instant::now()).is_none() {
+            return; // already down (a second reason for the same loss)
         }
+        self.shared.set_live(self.index, false);
         let resend = self.unacked.len();
         while let Some((_, held)) = self.unacked.pop_back() {
             self.pending.push_front(held);
         }
         // Everything held now waits for a worker that is down.
         for held in self.pending.iter_mut() {
-            keep_safe(&self.shared, held);
+            held.keep_safe(self.shared.fd_store.as_ref());
         }
         let metrics = self.shared.metrics.worker(self.index);
         metrics.resent.inc_by(resend as u64);
@@ -340,27 +538,24 @@ impl Slot {
                 "worker link down"
             );
         }
-        self.backoff = RECONNECT_MIN;
-        self.next_attempt = Instant::now();
     }
 
     async fn connect(&mut self) {
-        match self.open_link().await {
+        let opened =
+            WorkerLink::open(&self.name, self.index, &self.shared.settings().worker_users).await;
+        match opened {
             Ok(link) => {
-                let resend = self.pending.len();
+                let ready = link.is_ready();
                 info!(
                     index = self.index,
-                    worker_pid = link.pid,
+                    worker_pid = link.pid(),
                     socket = %format!("@{}", self.name),
-                    waiting = resend,
-                    node = !link.is_ready(),
+                    waiting = self.pending.len(),
+                    node = !ready,
                     "worker link up"
                 );
-                // A Node worker is live once in step (`Event::Synced`).
-                self.shared.set_live(self.index, link.is_ready());
-                self.link = Some(link);
-                self.next_seq = 1;
-                self.backoff = RECONNECT_MIN;
+                // A Node worker takes connections once in step (`Event::Ready`).
+                self.lifecycle.linked(link, ready);
                 self.last_failure = None;
                 self.shared.metrics.worker(self.index).link_up.inc();
             }
@@ -373,20 +568,10 @@ impl Slot {
                     warn!(index = self.index, socket = %format!("@{}", self.name), %err, "refused the worker link");
                 }
                 self.last_failure = Some(reason);
-                self.next_attempt = Instant::now() + self.backoff;
-                self.backoff = (self.backoff * 2).min(RECONNECT_MAX);
+                let impostor = matches!(err, LinkError::Impostor { .. });
+                self.lifecycle.connect_failed(Instant::now(), impostor);
             }
         }
-    }
-
-    /// Connects, checks who listens, and exchanges HELLOs.
-    async fn open_link(&mut self) -> Result<WorkerLink, LinkError> {
-        let opened =
-            WorkerLink::open(&self.name, self.index, &self.shared.settings().worker_users).await;
-        if let Err(LinkError::Impostor { .. }) = opened {
-            self.backoff = RECONNECT_MAX;
-        }
-        opened
     }
 
     /// Connections that waited `pending_timeout` follow `on_worker_down`.
@@ -427,28 +612,14 @@ impl Slot {
     }
 }
 
-/// `held` waits for a worker that is down: into the fd store with it (once), so that it
-/// outlives a crash of the dispatcher.
-fn keep_safe(shared: &Shared, held: &mut Held) {
-    if let (Some(store), None) = (&shared.fd_store, &held.stored) {
-        held.stored = Stored::store(store, held);
-    }
-}
-
-async fn recv(
-    link: Option<&WorkerLink>,
+async fn next(
+    link: Option<&mut WorkerLink>,
     buf: &mut [u8],
     events: &mut Vec<Event>,
-) -> Result<Option<&'static str>, LinkError> {
+    want_writable: bool,
+) -> Result<(), LinkError> {
     match link {
-        Some(link) => link.recv(buf, events).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn writable(link: Option<&WorkerLink>) -> io::Result<()> {
-    match link {
-        Some(link) => link.writable().await,
+        Some(link) => link.next(buf, events, want_writable).await,
         None => std::future::pending().await,
     }
 }
@@ -457,5 +628,99 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Life = Lifecycle<&'static str>;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_protocol_worker_is_up_at_once_and_drains() {
+        let start = Instant::now();
+        let mut life = Life::new(start);
+        assert!(!life.is_up());
+        assert_eq!(life.unavailable_since(), Some(start));
+        assert_eq!(life.retry_at(), Some(start));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        life.linked("link", true);
+        assert!(life.is_up());
+        assert_eq!(life.unavailable_since(), None);
+        assert_eq!(life.sent_up_to(), 0);
+        if let Lifecycle::Up { next_seq, .. } = &mut life {
+            *next_seq = 6; // five sent
+        }
+        assert_eq!(life.sent_up_to(), 5);
+        let drained_at = Instant::now();
+        assert_eq!(life.drain(drained_at), Some(5));
+        assert!(!life.is_up());
+        assert_eq!(life.sent_up_to(), 5, "ACKs up to the drain still count");
+        assert_eq!(life.drain(drained_at), None, "a second DRAIN is refused");
+        assert_eq!(life.link_mut(), Some(&mut "link"));
+        // Down after a drain: unavailable since the drain, not since the link went.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(life.down(Instant::now()), Some("link"));
+        assert_eq!(life.unavailable_since(), Some(drained_at));
+        assert_eq!(life.retry_at(), Some(Instant::now()), "reconnect at once");
+        assert_eq!(life.down(Instant::now()), None, "down once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_worker_syncs_before_it_is_up() {
+        let start = Instant::now();
+        let mut life = Life::new(start);
+        tokio::time::advance(Duration::from_millis(5)).await;
+        life.linked("node", false);
+        assert!(matches!(life, Lifecycle::Syncing { .. }));
+        assert!(!life.is_up());
+        assert_eq!(
+            life.unavailable_since(),
+            Some(start),
+            "still unavailable since down"
+        );
+        assert_eq!(life.drain(Instant::now()), None, "no DRAIN before the sync");
+        assert!(life.ready());
+        assert!(life.is_up());
+        assert!(!life.ready(), "ready once");
+        // Down from Up: unavailable since now.
+        let now = Instant::now();
+        assert_eq!(life.down(now), Some("node"));
+        assert_eq!(life.unavailable_since(), Some(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reconnects_back_off_up_to_the_bound() {
+        let start = Instant::now();
+        let mut life = Life::new(start);
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            let now = Instant::now();
+            life.connect_failed(now, false);
+            delays.push(life.retry_at().unwrap() - now);
+        }
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(
+            delays,
+            [
+                ms(2),
+                ms(4),
+                ms(8),
+                ms(16),
+                ms(32),
+                ms(64),
+                ms(100),
+                ms(100)
+            ]
+        );
+        // An impostor: the longest wait at once.
+        let mut life = Life::new(start);
+        life.connect_failed(start, true);
+        assert_eq!(life.retry_at(), Some(start + RECONNECT_MAX));
+        // No retries while linked.
+        life.linked("link", true);
+        life.connect_failed(start, false);
+        assert_eq!(life.retry_at(), None);
     }
 }

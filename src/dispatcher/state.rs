@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use prometheus::IntGauge;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
-use super::fdstore::{FdStore, Stored};
+use super::fdstore::{Description, FdStore, Stored};
 use super::metrics::{Metrics, Totals};
 use crate::config::{OnWorkerDown, Settings};
 use crate::routing::{Router, RoutingKey};
@@ -42,8 +43,8 @@ pub(super) struct Held {
     pub(super) since: Instant,
     /// Already sent to a failover worker once: it is not bounced again.
     pub(super) failed_over: bool,
-    /// Times a Node worker got it without its fd (NACK).
-    pub(super) refused: u8,
+    /// Times a worker sent it back ([`Event::Resend`](super::worker_link::Event::Resend)).
+    pub(super) resent: u8,
     /// Its entry in systemd's fd store while it waits for a worker that is down.
     pub(super) stored: Option<Stored>,
     /// Its share of `max_connections`, given back when the connection is let go.
@@ -69,10 +70,28 @@ impl Held {
             accepted: now,
             since: now,
             failed_over: false,
-            refused: 0,
+            resent: 0,
             stored: None,
             _permit: permit,
         }
+    }
+}
+
+impl Held {
+    /// Into systemd's fd store with it (once), so that it outlives a crash of the
+    /// dispatcher while it waits for a worker that is down.
+    pub(super) fn keep_safe(&mut self, store: Option<&Arc<FdStore>>) {
+        let (Some(store), None) = (store, &self.stored) else {
+            return;
+        };
+        let what = Description {
+            listener: &self.listener,
+            peer: self.peer,
+            local: self.local,
+            key: &self.key,
+            since: self.since,
+        };
+        self.stored = Stored::store(store, std::os::fd::AsFd::as_fd(&self.stream), &what);
     }
 }
 
@@ -84,6 +103,9 @@ pub(super) struct Shared {
     pub(super) fd_store: Option<Arc<FdStore>>,
     pub(super) router: Router,
     slots: Box<[mpsc::UnboundedSender<Held>]>,
+    /// Per worker: whether it takes connections (its slot's lifecycle is `Up`). The slot
+    /// sets it; failover reads it, and the `worker_up` gauge shows it.
+    live: Box<[AtomicBool]>,
     /// Counts, gauges (among them which workers are up) and the hand-off time.
     pub(super) metrics: Metrics,
 }
@@ -105,6 +127,7 @@ impl Shared {
                 current.hash_seed,
             ),
             slots: slots.into(),
+            live: (0..workers.get()).map(|_| AtomicBool::new(false)).collect(),
             metrics: Metrics::new(workers.get(), listeners),
             settings,
             fd_store,
@@ -156,11 +179,14 @@ impl Shared {
 
     /// Whether worker `index`'s link is up and it takes connections.
     pub(super) fn is_live(&self, index: u32) -> bool {
-        self.metrics.worker(index).up.get() == 1
+        self.live[index as usize].load(Ordering::Relaxed)
     }
 
+    /// Worker `index`'s slot says whether it takes connections.
     pub(super) fn set_live(&self, index: u32, live: bool) {
-        self.metrics.worker(index).up.set(i64::from(live));
+        if self.live[index as usize].swap(live, Ordering::Relaxed) != live {
+            self.metrics.worker(index).up.set(i64::from(live));
+        }
     }
 
     pub(super) fn status_line(&self) -> String {
