@@ -2,8 +2,9 @@
 //! file descriptors passed as SCM_RIGHTS.
 //!
 //! Nearly all of the crate's `unsafe` is here (the rest is one line in `supervisor`):
-//! adopting the raw fds that `accept4` and `recvmsg` hand us as `OwnedFd`s, and
-//! registering owned sockets with tokio. Each block says why it is sound.
+//! adopting the raw fds that `accept4` and `recvmsg` hand us as `OwnedFd`s,
+//! registering owned sockets with tokio, and attaching the kernel's routing program to a
+//! reuseport group (`setsockopt` with a pointer). Each block says why it is sound.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -300,6 +301,45 @@ pub fn unread_by_peer(sock: BorrowedFd<'_>) -> io::Result<usize> {
     // fd is open for the call (borrowed).
     unsafe { ioctl::siocoutq(sock.as_raw_fd(), &mut queued) }?;
     Ok(queued.max(0) as usize)
+}
+
+/// Attaches `program` to the SO_REUSEPORT group `socket` belongs to
+/// (`SO_ATTACH_REUSEPORT_CBPF`): from then on the kernel hands each new connection to the
+/// group's socket at the index the program returns (see [`crate::routing::cbpf`]). The
+/// program belongs to the group: it outlives `socket`, and attaching another replaces it.
+/// Needs no privilege.
+#[cfg(feature = "dispatcher")]
+pub fn attach_reuseport_cbpf(
+    socket: BorrowedFd<'_>,
+    program: &[crate::routing::cbpf::Instruction],
+) -> io::Result<()> {
+    use crate::routing::cbpf::Instruction;
+    use nix::libc::{sock_filter, sock_fprog};
+    // Instruction is #[repr(C)] with the same fields in the same order as sock_filter.
+    const _: () = assert!(std::mem::size_of::<Instruction>() == std::mem::size_of::<sock_filter>());
+    const _: () =
+        assert!(std::mem::align_of::<Instruction>() == std::mem::align_of::<sock_filter>());
+    let len = u16::try_from(program.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "BPF program too long"))?;
+    let fprog = sock_fprog {
+        len,
+        // The kernel only reads through it (the field is *mut in C's declaration).
+        filter: program.as_ptr().cast::<sock_filter>().cast_mut(),
+    };
+    // SAFETY: `fprog` points at `program`, `len` instructions of sock_filter's layout
+    // (checked above), and both live until the call returns; the kernel copies the program
+    // and checks it before attaching. The fd is open for the call (borrowed).
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            socket.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_ATTACH_REUSEPORT_CBPF,
+            std::ptr::addr_of!(fprog).cast(),
+            std::mem::size_of::<sock_fprog>() as nix::libc::socklen_t,
+        )
+    };
+    Errno::result(rc)?;
+    Ok(())
 }
 
 /// Whether a link error means "the worker is not there (yet)", as opposed to a real fault.
