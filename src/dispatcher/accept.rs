@@ -18,8 +18,11 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
+use super::held::Held;
+use super::hub::Hub;
 use super::metrics::ListenerMetrics;
-use super::state::{Held, Phase, Shared, Throttle};
+use super::phase::Phase;
+use super::throttle::Throttle;
 use super::{keyed, Listener};
 use crate::config::KeySource;
 
@@ -35,7 +38,7 @@ pub(super) struct Acceptor {
     /// The local address when the listener is bound to one address; `None` for a wildcard
     /// bind, where each connection's own address must be asked for.
     fixed_local: Option<SocketAddr>,
-    shared: Arc<Shared>,
+    shared: Arc<Hub>,
     permits: Arc<Semaphore>,
     /// The routing key comes from what the client sends: read it in a task of its own.
     keyed: bool,
@@ -45,7 +48,7 @@ pub(super) struct Acceptor {
 impl Acceptor {
     pub(super) fn new(
         listener: Listener,
-        shared: Arc<Shared>,
+        shared: Arc<Hub>,
         permits: Arc<Semaphore>,
     ) -> io::Result<Acceptor> {
         let address = listener.socket.local_addr()?;

@@ -14,8 +14,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::held::Held;
+use super::hub::Hub;
 use super::metrics::KeyFailure;
-use super::state::{Held, Shared};
 use crate::config::{KeySource, Settings};
 use crate::keysource::{self, HttpKey, HttpKeySource, Parsed};
 use crate::routing::RoutingKey;
@@ -53,7 +54,7 @@ struct Found {
 }
 
 /// Reads the key of `conn` and routes it; closes it if the key does not come in time.
-pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
+pub(super) async fn route(shared: Arc<Hub>, conn: Unkeyed) {
     let settings = shared.settings();
     let Unkeyed {
         stream,
@@ -86,7 +87,7 @@ pub(super) async fn route(shared: Arc<Shared>, conn: Unkeyed) {
     debug!(%peer, index, "routed by {}", settings.routing_key);
 }
 
-fn closed(shared: &Shared, listener: &Arc<str>, peer: SocketAddr, err: KeyError) {
+fn closed(shared: &Hub, listener: &Arc<str>, peer: SocketAddr, err: KeyError) {
     let reason = match err {
         KeyError::Timeout => KeyFailure::Timeout,
         KeyError::Closed => KeyFailure::Closed,
@@ -99,7 +100,7 @@ fn closed(shared: &Shared, listener: &Arc<str>, peer: SocketAddr, err: KeyError)
 
 async fn find_key(
     socket: &AsyncFd<std::net::TcpStream>,
-    shared: &Shared,
+    shared: &Hub,
     settings: &Settings,
     peer: SocketAddr,
 ) -> Result<Found, KeyError> {

@@ -2,21 +2,28 @@
 //!
 //! [`run`] starts the roles, one module each: `accept` (a task per listener), `keyed` (a
 //! task per connection whose key comes from what it sends), `slot` (a task per worker
-//! index: the waiting queue, the link, acknowledgements), `fdstore` (connections kept
-//! across a restart); `state` holds what they share (the held connection, the routing
-//! decision, counters and the queues that keep them). Here: the status reporter, reload,
-//! and the shutdown sequence. Every accepted connection holds a
+//! index: its lifecycle, waiting queue and acknowledgements) speaking to its worker
+//! through `worker_link` (one module per dialect), `fdstore` (connections kept across a
+//! restart), `observe` (`/metrics` and `/health`). What they share: `hub` (settings,
+//! routing decisions, liveness, metrics), `held` (a connection until its worker has it),
+//! `phase` (the lifecycle every task watches), `queue` (a queue that keeps its gauge),
+//! `throttle` (log throttling). Here: the status reporter, reload, and the shutdown
+//! sequence. Every accepted connection holds a
 //! permit of a semaphore sized `max_connections` until its worker acknowledges it, so
 //! memory and fds stay bounded: when the permits run out the acceptors pause and the
 //! kernel backlog holds.
 
 mod accept;
 mod fdstore;
+mod held;
+mod hub;
 mod keyed;
 mod metrics;
 mod observe;
+mod phase;
+mod queue;
 mod slot;
-mod state;
+mod throttle;
 mod worker_link;
 
 pub use fdstore::{is_stored_connection, HeldOver};
@@ -30,7 +37,9 @@ use tokio::time::{Instant, Interval};
 use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
-use state::{Held, Phase, Shared};
+use held::Held;
+use hub::Hub;
+use phase::Phase;
 
 /// How often `STATUS=` is refreshed (only sent when it changed).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -136,7 +145,7 @@ pub async fn run(
 
 /// The running tasks, and the senders that steer them.
 struct Dispatcher {
-    shared: Arc<Shared>,
+    shared: Arc<Hub>,
     settings: watch::Sender<Arc<Settings>>,
     phase: watch::Sender<Phase>,
     acceptors: JoinSet<()>,
@@ -159,7 +168,7 @@ impl Dispatcher {
         let permits = Arc::new(Semaphore::new(connection_budget(&settings)));
         let (settings, settings_rx) = watch::channel(Arc::new(settings));
         let names: Vec<Arc<str>> = sockets.listeners.iter().map(|l| l.name.clone()).collect();
-        let shared = Arc::new(Shared::new(
+        let shared = Arc::new(Hub::new(
             settings_rx,
             fdstore::FdStore::connect(),
             inboxes,
@@ -286,7 +295,7 @@ struct Status {
 }
 
 impl Status {
-    fn ready(shared: &Shared) -> Status {
+    fn ready(shared: &Hub) -> Status {
         let line = shared.status_line();
         notify(&[
             sd_notify::NotifyState::Ready,
@@ -307,7 +316,7 @@ impl Status {
         self.tick.tick().await;
     }
 
-    fn refresh(&mut self, shared: &Shared) {
+    fn refresh(&mut self, shared: &Hub) {
         let line = shared.status_line();
         if line != self.line {
             self.line = line;
@@ -349,7 +358,7 @@ fn connection_budget(settings: &Settings) -> usize {
 /// the key it had (which may have come from a PROXY or HTTP header), with the real client
 /// address, keeping the time they have waited. They stay in the store until sent or
 /// closed, so that a second crash does not lose them either.
-fn take_back(shared: &Shared, permits: &Arc<Semaphore>, held_over: Vec<HeldOver>) {
+fn take_back(shared: &Hub, permits: &Arc<Semaphore>, held_over: Vec<HeldOver>) {
     if held_over.is_empty() {
         return;
     }

@@ -19,7 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use super::state::{Phase, Shared, Throttle};
+use super::hub::Hub;
+use super::phase::Phase;
+use super::throttle::Throttle;
 
 /// Scrapers and health checkers served at once; a few are expected, dozens is a fault.
 pub(super) const MAX_CONNECTIONS: usize = 32;
@@ -37,7 +39,7 @@ const METRICS_TYPE: &str = prometheus::TEXT_FORMAT;
 /// `/health` says "stopping" until the end).
 pub(super) async fn serve(
     listener: std::net::TcpListener,
-    shared: Arc<Shared>,
+    shared: Arc<Hub>,
     phase: watch::Receiver<Phase>,
 ) {
     let address = listener
@@ -100,7 +102,7 @@ pub(super) async fn serve(
 
 fn answer(
     request: &Request<Incoming>,
-    shared: &Shared,
+    shared: &Hub,
     phase: &watch::Receiver<Phase>,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -132,7 +134,7 @@ fn answer(
 
 /// Healthy while running with at least `health_min_workers` workers up; the reason in
 /// words either way.
-pub(super) fn health(shared: &Shared, phase: Phase) -> (bool, String) {
+pub(super) fn health(shared: &Hub, phase: Phase) -> (bool, String) {
     if phase >= Phase::Stopping {
         return (false, "stopping".into());
     }

@@ -15,8 +15,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::held::Held;
+use super::hub::{FailOver, Hub};
 use super::metrics::TurnedAway;
-use super::state::{FailOver, Held, Phase, Queue, Shared, Throttle};
+use super::phase::Phase;
+use super::queue::Queue;
+use super::throttle::Throttle;
 use super::worker_link::{Event, WorkerLink};
 use crate::link;
 use crate::shared::{link_socket_name, LinkError};
@@ -219,7 +223,7 @@ impl<L> Lifecycle<L> {
 pub(super) struct Slot {
     index: u32,
     name: String,
-    shared: Arc<Shared>,
+    shared: Arc<Hub>,
     inbox: mpsc::UnboundedReceiver<Held>,
     phase: watch::Receiver<Phase>,
     /// Waiting for the link or for room in the in-flight window (`waiting` in `STATUS=`).
@@ -238,7 +242,7 @@ pub(super) struct Slot {
 impl Slot {
     pub(super) fn new(
         index: u32,
-        shared: Arc<Shared>,
+        shared: Arc<Hub>,
         inbox: mpsc::UnboundedReceiver<Held>,
         phase: watch::Receiver<Phase>,
     ) -> Slot {

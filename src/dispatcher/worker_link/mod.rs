@@ -17,7 +17,7 @@ use std::io;
 
 use tokio::time::Instant;
 
-use super::state::Held;
+use super::held::Held;
 use crate::link::LinkStream;
 use crate::shared::{exchange_hello, LinkError};
 use crate::wire::Role;

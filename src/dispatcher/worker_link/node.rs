@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::Event;
-use crate::dispatcher::state::Held;
+use crate::dispatcher::held::Held;
 use crate::link::{self, LinkStream};
 use crate::node_ipc::{self, FromNode};
 use crate::shared::{LinkError, HELLO_TIMEOUT};

@@ -5,7 +5,7 @@ use std::io;
 use std::os::fd::AsFd;
 
 use super::Event;
-use crate::dispatcher::state::Held;
+use crate::dispatcher::held::Held;
 use crate::link::{LinkStream, Received};
 use crate::shared::LinkError;
 use crate::wire::{Conn, Message};
