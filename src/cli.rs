@@ -30,7 +30,7 @@ pub struct Cli {
     )]
     pub config: Option<PathBuf>,
 
-    /// Listen on ADDR (e.g. 127.0.0.1:8080, [::1]:8080, localhost:8080: every address
+    /// Listen on ADDR (e.g. 127.0.0.1:8080, `[::1]:8080`, localhost:8080: every address
     /// the name resolves to) instead of taking sockets from systemd (repeatable)
     #[arg(long, global = true, value_name = "ADDR")]
     pub listen: Vec<String>,

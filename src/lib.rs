@@ -12,13 +12,15 @@
 //!
 //! - [`worker`] — the worker library: [`worker::WorkerListener`] yields
 //!   `(TcpStream, ClientInfo)` and implements `axum::serve::Listener`; [`worker::link`]
-//!   is the link underneath, for workers that acknowledge later (a bridge to another
-//!   process).
-//! - [`shared`] — what both ends of the link know: the socket name, the allowed users and
-//!   their parsing, the HELLO exchange, the link's error type.
+//!   is the link underneath, for workers that decide when they are ready or acknowledge
+//!   (the Node bridge).
+//! - [`shared`] — what both ends of the link know (and the Node and Python packages,
+//!   through tests/vectors/constants.json): the socket names, the allowed users and their
+//!   parsing, the HELLO exchange, the link's error type, the shared timeouts.
 //! - [`wire`] — the hand-off link's message format (pure encode/decode).
 //! - [`link`] — the link's socket: abstract `SOCK_SEQPACKET`, SCM_RIGHTS, SO_PEERCRED;
-//!   nearly all the crate's `unsafe`.
+//!   most of the crate's `unsafe` (the rest, at each spawn, is in `supervisor` and
+//!   `node_bridge`, each block with its SAFETY note).
 //! - `dispatcher` — accept loops, one slot per worker (queue, link, acknowledgements),
 //!   shared state and routing, metrics, the `/metrics` and `/health` listener, sd_notify
 //!   status, graceful shutdown, the fd store.
@@ -30,8 +32,9 @@
 //! - `config` — figment layers validated into typed settings.
 //! - `supervisor` — standalone mode: spawn and restart the workers (one `unsafe` line: the
 //!   parent-death signal set between fork and exec).
-//! - `node_bridge` — `sticky-dispatch node-worker -- node app.js`: a worker that hands
-//!   each connection to a Node.js process over Node's own IPC channel.
+//! - `node_bridge` — `sticky-dispatch node-worker -- node app.js`: starts Node with its
+//!   IPC channel and passes that channel to the dispatcher, which hands each connection
+//!   to Node directly; `node_ipc` — the lines of Node's IPC dialect.
 //! - `logging` — journald when under systemd, stderr otherwise.
 //! - `cli`, `manual` — the daemon's command line, and the manual pages generated from it
 //!   and from the configuration keys.

@@ -1,7 +1,8 @@
 //! The hand-off link's socket: AF_UNIX `SOCK_SEQPACKET` in the abstract namespace, with
 //! file descriptors passed as SCM_RIGHTS.
 //!
-//! Nearly all of the crate's `unsafe` is here (the rest is one line in `supervisor`):
+//! Most of the crate's `unsafe` is here (the rest: the `pre_exec` hooks of `supervisor`
+//! and `node_bridge::node`, and restoring a signal's default action in the latter):
 //! adopting the raw fds that `accept4` and `recvmsg` hand us as `OwnedFd`s,
 //! registering owned sockets with tokio, and attaching the kernel's routing program to a
 //! reuseport group (`setsockopt` with a pointer). Each block says why it is sound.
@@ -51,7 +52,7 @@ pub struct Received {
     pub fd: Option<OwnedFd>,
 }
 
-/// One record received from a peer that is not a link ([`recv_record`]).
+/// One record received from a peer that is not a link (`recv_record`).
 #[derive(Debug)]
 pub struct Record {
     /// Bytes of the record in the buffer; 0 means the peer closed.

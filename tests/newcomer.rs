@@ -198,3 +198,17 @@ fn listen_takes_a_host_name_and_a_typo_gets_a_suggestion() {
         "{message}"
     );
 }
+
+#[test]
+fn the_node_bridge_refuses_the_dispatchers_flags() {
+    let output = Command::new(DISPATCHER)
+        .args(["node-worker", "--workers", "4", "--", "node", "app.js"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(78));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains("--listen, --workers and --metrics-listen are the dispatcher's"),
+        "{message}"
+    );
+}

@@ -1,6 +1,6 @@
 //! The worker's lower-level link API (`worker::link`), as a worker that acknowledges late
-//! uses it (the Node bridge): a connection received but not acknowledged when the link
-//! breaks comes again on the next link; an acknowledged one is the worker's.
+//! uses it: a connection received but not acknowledged when the link breaks comes again
+//! on the next link; an acknowledged one is the worker's.
 
 mod common;
 

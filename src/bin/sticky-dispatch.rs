@@ -27,6 +27,14 @@ fn main() -> ExitCode {
         stop_timeout,
     }) = &cli.action
     {
+        if !cli.listen.is_empty() || cli.workers.is_some() || !cli.metrics_listen.is_empty() {
+            eprintln!(
+                "sticky-dispatch node-worker: --listen, --workers and --metrics-listen are the \
+                 dispatcher's: the bridge is one worker, whose index comes from \
+                 STICKY_DISPATCH_INDEX or its unit's instance name"
+            );
+            return ExitCode::from(EX_CONFIG);
+        }
         let timeouts = sticky_dispatch::node_bridge::Timeouts {
             ack: *ack_timeout,
             stop: *stop_timeout,

@@ -111,8 +111,9 @@ enum End {
     Code(u8),
 }
 
+/// Where the bridge is with its Node process (not the dispatcher's `Phase`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
+enum Stage {
     /// Node started; waiting for it to say ready.
     Starting,
     /// Link socket bound, READY=1 sent.
@@ -127,7 +128,7 @@ struct Bridge {
     node: Child,
     node_pid: u32,
     channel: NodeChannel,
-    phase: Phase,
+    stage: Stage,
     server: Option<LinkServer>,
     /// The dispatcher link that has the channel: at most one task.
     link: JoinSet<Result<(), LinkError>>,
@@ -174,7 +175,7 @@ async fn run(options: WorkerOptions, timeouts: Timeouts, command: Vec<OsString>)
         node,
         node_pid,
         channel,
-        phase: Phase::Starting,
+        stage: Stage::Starting,
         server: None,
         link: JoinSet::new(),
         stall: None,
@@ -190,7 +191,7 @@ async fn run(options: WorkerOptions, timeouts: Timeouts, command: Vec<OsString>)
             status = bridge.node.wait() => return bridge.node_exited(status),
             _ = term.recv() => bridge.stop("SIGTERM"),
             _ = int.recv() => bridge.stop("SIGINT"),
-            ready = bridge.channel.ready(), if bridge.phase == Phase::Starting => match ready {
+            ready = bridge.channel.ready(), if bridge.stage == Stage::Starting => match ready {
                 Ok(true) => bridge.ready(),
                 Ok(false) => bridge.unreachable("Node closed its IPC channel before it was ready"),
                 Err(err) => bridge.unreachable(&format!("reading Node's channel failed: {err}")),
@@ -204,7 +205,7 @@ async fn run(options: WorkerOptions, timeouts: Timeouts, command: Vec<OsString>)
                 }
             },
             Some(done) = bridge.link.join_next() => bridge.link_down(done),
-            _ = stall_check.tick(), if bridge.phase == Phase::Serving => bridge.check_node(),
+            _ = stall_check.tick(), if bridge.stage == Stage::Serving => bridge.check_node(),
             _ = sleep_until(deadline) => bridge.kill_node("did not exit", &format!(
                 "Node did not exit within {:?} of being told to stop (or of closing its channel): killing it",
                 bridge.timeouts.stop
@@ -239,7 +240,7 @@ impl Bridge {
             ],
         );
         self.server = Some(server);
-        self.phase = Phase::Serving;
+        self.stage = Stage::Serving;
     }
 
     /// A dispatcher connected: it gets the channel, unless another one has it.
@@ -276,7 +277,7 @@ impl Bridge {
             Ok(Err(err)) => warn!(%err, "link closed"),
             Err(err) => warn!(%err, "link task failed"),
         }
-        if self.phase == Phase::Stopping {
+        if self.stage == Stage::Stopping {
             // Nobody left to answer Node's drain request.
             self.tell_node_to_drain();
         }
@@ -284,7 +285,7 @@ impl Bridge {
 
     /// SIGTERM or SIGINT: stop taking links and tell Node, which drains with the dispatcher.
     fn stop(&mut self, why: &str) {
-        if self.phase == Phase::Stopping {
+        if self.stage == Stage::Stopping {
             debug!(why, "already stopping");
             return;
         }
@@ -296,8 +297,8 @@ impl Bridge {
                 sd_notify::NotifyState::Status("draining"),
             ],
         );
-        let was_serving = self.phase == Phase::Serving;
-        self.phase = Phase::Stopping;
+        let was_serving = self.stage == Stage::Serving;
+        self.stage = Stage::Stopping;
         // Free the name now: a replacement may bind it while Node finishes.
         self.server = None;
         self.signal_node(Signal::SIGTERM);
@@ -324,7 +325,7 @@ impl Bridge {
             // The link goes too: the dispatcher re-sends what Node had not acknowledged.
             self.server = None;
             self.link.abort_all();
-            self.phase = Phase::Stopping;
+            self.stage = Stage::Stopping;
             return self.exit_by("Node closed its IPC channel", self.timeouts.stop);
         }
         let unread = match self.channel.unread_by_node() {
@@ -359,16 +360,16 @@ impl Bridge {
             error!(%status, node_pid = self.node_pid, why, "Node killed; exiting with status 1");
             return End::Code(1);
         }
-        match self.phase {
-            Phase::Starting => {
+        match self.stage {
+            Stage::Starting => {
                 error!(%status, node_pid = self.node_pid, "Node exited before it was ready")
             }
-            Phase::Serving => warn!(
+            Stage::Serving => warn!(
                 %status,
                 node_pid = self.node_pid,
                 "Node exited; the bridge exits too (the dispatcher re-sends what Node had not acknowledged)"
             ),
-            Phase::Stopping => info!(%status, node_pid = self.node_pid, "Node exited"),
+            Stage::Stopping => info!(%status, node_pid = self.node_pid, "Node exited"),
         }
         End::Node(status)
     }

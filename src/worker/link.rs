@@ -1,7 +1,7 @@
 //! The worker's end of the link, one level below [`WorkerListener`]: for a worker that
-//! must decide itself when a connection is acknowledged or when it is ready, such as a
-//! bridge that passes each connection on to another process and acknowledges it only
-//! once that process has it.
+//! must decide itself when a connection is acknowledged or when it is ready. The Node
+//! bridge uses it to bind only once Node is ready, and to hand its link's connections
+//! over to Node (with CHANNEL) instead of receiving them.
 //!
 //! [`LinkServer::bind`] binds the link socket (and says nothing to systemd: send
 //! `READY=1` when the whole worker is ready). [`LinkServer::accept`] admits a dispatcher
