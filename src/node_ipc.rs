@@ -57,8 +57,9 @@ pub enum FromNode {
 const ACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_ACK\"}";
 const NACK_LINE: &[u8] = b"{\"cmd\":\"NODE_HANDLE_NACK\"}";
 
-/// `{"stickyDispatch":"drain"}`, with its newline.
-pub const DRAIN_LINE: &[u8] = b"{\"stickyDispatch\":\"drain\"}\n";
+/// `{"stickyDispatch":"drain"}`, with its newline: the answer to Node's `drain-request`
+/// (in the link protocol, DRAINED answers DRAIN).
+pub const DRAIN_ANSWER_LINE: &[u8] = b"{\"stickyDispatch\":\"drain\"}\n";
 
 /// Classifies one line (without its newline).
 pub fn classify(line: &[u8]) -> FromNode {
@@ -149,6 +150,97 @@ fn encode_addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
+
+    /// tests/vectors/node-ipc.json, which node/test/node-ipc.test.js reads too.
+    fn vectors() -> Value {
+        serde_json::from_str(include_str!("../tests/vectors/node-ipc.json")).unwrap()
+    }
+
+    fn message<'v>(list: &'v Value, name: &str) -> &'v Value {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no {name:?} in the vectors"))
+    }
+
+    /// What `classify` made of a line, in the vector file's words.
+    fn kind(line: FromNode) -> Value {
+        match line {
+            FromNode::Ack => serde_json::json!({"kind": "ack"}),
+            FromNode::Nack => serde_json::json!({"kind": "nack"}),
+            FromNode::Ready => serde_json::json!({"kind": "ready"}),
+            FromNode::DrainRequest => serde_json::json!({"kind": "drain-request"}),
+            FromNode::Synced { id, draining } => {
+                serde_json::json!({"kind": "synced", "id": id, "draining": draining})
+            }
+            FromNode::Other(_) => serde_json::json!({"kind": "other"}),
+        }
+    }
+
+    fn line_of(example: &Value) -> &[u8] {
+        let line = example["line"].as_str().unwrap().as_bytes();
+        line.strip_suffix(b"\n")
+            .expect("a vector line ends in a newline")
+    }
+
+    #[test]
+    fn the_lines_we_write_are_the_vectors() {
+        let vectors = vectors();
+        let to_node = &vectors["to_node"];
+        let connection = message(to_node, "connection");
+        let mut out = Vec::new();
+        for example in connection["examples"].as_array().unwrap() {
+            let encode = &example["encode"];
+            let addr = |field: &str| encode[field].as_str().map(|a| a.parse().unwrap());
+            encode_connection(
+                &mut out,
+                encode["seq"].as_u64().unwrap(),
+                addr("peer"),
+                addr("local"),
+                encode["listener"].as_str().unwrap(),
+            );
+            assert_eq!(
+                std::str::from_utf8(&out).unwrap(),
+                example["line"],
+                "{encode}"
+            );
+        }
+        for example in message(to_node, "sync")["examples"].as_array().unwrap() {
+            encode_sync(&mut out, example["encode"]["id"].as_str().unwrap());
+            assert_eq!(std::str::from_utf8(&out).unwrap(), example["line"]);
+        }
+        let drain = &message(to_node, "drain")["examples"][0]["line"];
+        assert_eq!(std::str::from_utf8(DRAIN_ANSWER_LINE).unwrap(), drain);
+    }
+
+    #[test]
+    fn the_lines_we_read_are_classified_as_the_vectors_say() {
+        let vectors = vectors();
+        let mut checked = 0;
+        let from_node = vectors["from_node"].as_array().unwrap().iter();
+        let more = ["from_node_also_accepted", "from_node_ignored"]
+            .iter()
+            .map(|group| &vectors[*group]);
+        for group in from_node.chain(more) {
+            for example in group["examples"].as_array().unwrap() {
+                assert_eq!(
+                    kind(classify(line_of(example))),
+                    example["classify"],
+                    "{example}"
+                );
+                checked += 1;
+            }
+        }
+        for example in vectors["from_node_records"]["examples"].as_array().unwrap() {
+            let record = example["record"].as_str().unwrap().as_bytes();
+            let kinds: Vec<Value> = lines(record).map(kind).collect();
+            assert_eq!(Value::from(kinds), example["classify"]);
+            checked += 1;
+        }
+        assert!(checked >= 15, "only {checked} vectors");
+    }
 
     #[test]
     fn connection_lines_are_what_node_expects() {

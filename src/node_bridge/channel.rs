@@ -117,7 +117,7 @@ impl NodeChannel {
     /// Tells Node that no more connections will come, when no dispatcher is there to.
     pub(super) fn send_drain(&self) -> io::Result<()> {
         let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
-        socket::send(self.fd.as_raw_fd(), node_ipc::DRAIN_LINE, flags)?;
+        socket::send(self.fd.as_raw_fd(), node_ipc::DRAIN_ANSWER_LINE, flags)?;
         Ok(())
     }
 }
@@ -146,7 +146,7 @@ mod tests {
         assert!(ours.unread_by_node().unwrap() > 0);
         let mut buf = [0u8; 64];
         let len = node.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..len], node_ipc::DRAIN_LINE);
+        assert_eq!(&buf[..len], node_ipc::DRAIN_ANSWER_LINE);
         assert_eq!(ours.unread_by_node().unwrap(), 0);
         ours.stop_reading();
         assert!(!ours.node_closed());

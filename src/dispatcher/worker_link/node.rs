@@ -123,7 +123,7 @@ impl NodeLink {
     }
 
     pub(super) fn send_drained(&mut self) -> io::Result<()> {
-        link::send_raw(self.channel.as_raw_fd(), node_ipc::DRAIN_LINE, None)
+        link::send_raw(self.channel.as_raw_fd(), node_ipc::DRAIN_ANSWER_LINE, None)
     }
 
     /// Watches the channel when nothing is in flight (or it is syncing); otherwise returns
@@ -428,7 +428,7 @@ mod tests {
         link.send_drained().unwrap();
         let mut line = [0u8; 64];
         let len = node.recv(&mut line).unwrap();
-        assert_eq!(&line[..len], node_ipc::DRAIN_LINE);
+        assert_eq!(&line[..len], node_ipc::DRAIN_ANSWER_LINE);
 
         drop(node);
         events.clear();
