@@ -204,7 +204,16 @@ mod tests {
             "app_drain_timeout_ms": ms(APP_DRAIN_TIMEOUT),
             "ex_config": EX_CONFIG,
         });
-        assert_eq!(file, expected);
+        for (key, value) in expected.as_object().unwrap() {
+            assert_eq!(
+                &file[key], value,
+                "tests/vectors/constants.json `{key}` differs from its Rust definition"
+            );
+        }
+        assert_eq!(
+            file.as_object().unwrap().len(),
+            expected.as_object().unwrap().len()
+        );
     }
 
     #[test]

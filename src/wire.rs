@@ -50,7 +50,8 @@ pub enum Role {
 }
 
 impl Role {
-    fn byte(self) -> u8 {
+    /// The role's byte in a HELLO.
+    pub fn byte(self) -> u8 {
         match self {
             Role::Dispatcher => 0,
             Role::Worker => 1,
@@ -58,7 +59,8 @@ impl Role {
         }
     }
 
-    fn from_byte(byte: u8) -> Option<Role> {
+    /// The role a HELLO's byte names, if any.
+    pub fn from_byte(byte: u8) -> Option<Role> {
         [Role::Dispatcher, Role::Worker, Role::NodeWorker]
             .into_iter()
             .find(|role| role.byte() == byte)
@@ -123,6 +125,18 @@ pub enum DecodeError {
 }
 
 impl Message {
+    /// The message type's name, as the protocol documentation spells it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "HELLO",
+            Message::Conn(_) => "CONN",
+            Message::Ack { .. } => "ACK",
+            Message::Drain => "DRAIN",
+            Message::Drained { .. } => "DRAINED",
+            Message::Channel => "CHANNEL",
+        }
+    }
+
     /// Encodes into `out` (cleared first), ready to send as one datagram.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();

@@ -61,6 +61,7 @@ fn message(fields: &Value) -> Message {
             role: match fields.get_field("role").text() {
                 "dispatcher" => Role::Dispatcher,
                 "worker" => Role::Worker,
+                "node_worker" => Role::NodeWorker,
                 other => panic!("role {other}"),
             },
             index: fields.get_field("index").number().try_into().unwrap(),
@@ -76,6 +77,7 @@ fn message(fields: &Value) -> Message {
             seq: fields.get_field("seq").number(),
         },
         "DRAIN" => Message::Drain,
+        "CHANNEL" => Message::Channel,
         "DRAINED" => Message::Drained {
             last_seq: fields.get_field("last_seq").number(),
         },
@@ -109,11 +111,44 @@ fn every_valid_vector_encodes_and_decodes_exactly() {
         );
     }
     assert_eq!(
-        types.into_iter().collect::<Vec<_>>(),
-        ["ACK", "CONN", "DRAIN", "DRAINED", "HELLO"],
+        types,
+        types_in_the_code(),
         "every message type has a vector"
     );
     println!("{} valid vectors agree", valid.len());
+}
+
+/// The message types `wire` knows, from the code itself: every type byte whose bare
+/// header decodes, or is refused for its body rather than its type.
+fn types_in_the_code() -> std::collections::BTreeSet<String> {
+    use sticky_dispatch::wire::DecodeError;
+    (0..=u8::MAX)
+        .filter_map(
+            |kind| match Message::decode(&[sticky_dispatch::wire::VERSION, kind]) {
+                Ok(message) => Some(message.kind().to_owned()),
+                Err(DecodeError::Malformed(name)) => Some(name.to_owned()),
+                Err(_) => None,
+            },
+        )
+        .collect()
+}
+
+#[test]
+fn every_hello_role_has_a_vector() {
+    let vectors = vectors();
+    let in_vectors: std::collections::BTreeSet<u8> = vectors
+        .get_field("valid")
+        .items()
+        .iter()
+        .filter_map(|vector| match message(vector.get_field("message")) {
+            Message::Hello { role, .. } => Some(role.byte()),
+            _ => None,
+        })
+        .collect();
+    let in_code: std::collections::BTreeSet<u8> = (0..=u8::MAX)
+        .filter(|b| Role::from_byte(*b).is_some())
+        .collect();
+    assert_eq!(in_vectors, in_code);
 }
 
 #[test]

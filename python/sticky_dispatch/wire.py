@@ -19,7 +19,7 @@ VERSION = 1
 MAX_MESSAGE = 512
 """No valid message is longer: a receive buffer of this size never truncates one."""
 
-HELLO, CONN, ACK, DRAIN, DRAINED = 1, 2, 3, 4, 5
+HELLO, CONN, ACK, DRAIN, DRAINED, CHANNEL = 1, 2, 3, 4, 5, 6
 
 Address = tuple[str, int]
 """``(host, port)`` as Python's sockets spell an IPv4 peer; IPv6 hosts are compressed."""
@@ -30,6 +30,8 @@ class Role(IntEnum):
 
     DISPATCHER = 0
     WORKER = 1
+    NODE_WORKER = 2
+    """A ``node-worker`` bridge: it sends CHANNEL next (this package never does)."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,23 @@ class Drained:
     last_seq: int
 
 
-Message = Union[Hello, Conn, Ack, Drain, Drained]
+@dataclass(frozen=True)
+class Channel:
+    """A ``node-worker`` bridge passes its Node.js process's IPC channel (one fd beside it)
+    to the dispatcher. Decoded here so the codec is whole; a Python worker never sends it,
+    and the dispatcher never sends it to a worker."""
 
-_NAMES = {HELLO: "HELLO", CONN: "CONN", ACK: "ACK", DRAIN: "DRAIN", DRAINED: "DRAINED"}
+
+Message = Union[Hello, Conn, Ack, Drain, Drained, Channel]
+
+_NAMES = {
+    HELLO: "HELLO",
+    CONN: "CONN",
+    ACK: "ACK",
+    DRAIN: "DRAIN",
+    DRAINED: "DRAINED",
+    CHANNEL: "CHANNEL",
+}
 
 
 class DecodeError(ValueError):
@@ -102,6 +118,8 @@ def encode(message: Message) -> bytes:
         return struct.pack(">BBQ", VERSION, ACK, message.seq)
     if isinstance(message, Drain):
         return bytes([VERSION, DRAIN])
+    if isinstance(message, Channel):
+        return bytes([VERSION, CHANNEL])
     return struct.pack(">BBQ", VERSION, DRAINED, message.last_seq)
 
 
@@ -204,13 +222,15 @@ def decode(data: bytes) -> Message:
     message: Message
     if kind == HELLO:
         role = r.take(1)[0]
-        if role not in (0, 1):
+        if role not in set(Role):
             raise DecodeError(f"malformed HELLO message: role {role}")
         message = Hello(Role(role), r.unpack(">I"), r.unpack(">I"))
     elif kind == ACK:
         message = Ack(r.unpack(">Q"))
     elif kind == DRAIN:
         message = Drain()
+    elif kind == CHANNEL:
+        message = Channel()
     else:
         message = Drained(r.unpack(">Q"))
     r.end()

@@ -31,6 +31,8 @@ def _message(fields: dict[str, Any]) -> wire.Message:
         return wire.Ack(fields["seq"])
     if kind == "DRAIN":
         return wire.Drain()
+    if kind == "CHANNEL":
+        return wire.Channel()
     assert kind == "DRAINED", kind
     return wire.Drained(fields["last_seq"])
 
