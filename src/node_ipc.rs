@@ -98,6 +98,54 @@ pub fn lines(record: &[u8]) -> impl Iterator<Item = FromNode> + '_ {
         .map(classify)
 }
 
+/// How a [`read_lines`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReadEnd {
+    /// Everything waiting was read.
+    Empty,
+    /// The callback asked to stop: the rest of that record is dropped, later records stay
+    /// in the channel.
+    Stopped,
+    /// Node is gone: why.
+    Closed(&'static str),
+}
+
+/// Reads, without waiting, every record a Node channel (`channel`, non-blocking) has
+/// waiting, and gives each line to `each` until it breaks. The one reader of Node's
+/// channel, for the dispatcher and the bridge alike. A record longer than `buf` is the
+/// app's own `process.send()` (ours are short): skipped.
+pub fn read_lines(
+    channel: std::os::fd::RawFd,
+    buf: &mut [u8],
+    mut each: impl FnMut(FromNode) -> std::ops::ControlFlow<()>,
+) -> std::io::Result<ReadEnd> {
+    use std::io::ErrorKind;
+    loop {
+        let record = match crate::link::recv_record(channel, buf) {
+            Ok(record) => record,
+            Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(ReadEnd::Empty),
+            Err(err) if err.kind() == ErrorKind::Interrupted => continue,
+            // Node died with lines unread.
+            Err(err) if err.kind() == ErrorKind::ConnectionReset => {
+                return Ok(ReadEnd::Closed("Node's IPC channel was reset (Node died)"))
+            }
+            Err(err) => return Err(err),
+        };
+        if record.len == 0 {
+            return Ok(ReadEnd::Closed("Node closed its IPC channel"));
+        }
+        if record.truncated {
+            tracing::debug!(len = record.len, "a long message from Node ignored");
+            continue;
+        }
+        for line in lines(&buf[..record.len]) {
+            if each(line).is_break() {
+                return Ok(ReadEnd::Stopped);
+            }
+        }
+    }
+}
+
 /// `{"stickyDispatch":"sync","id":ID}\n` into `out` (cleared first). `id` is plain ASCII.
 pub fn encode_sync(out: &mut Vec<u8>, id: &str) {
     out.clear();
@@ -183,6 +231,49 @@ mod tests {
         let line = example["line"].as_str().unwrap().as_bytes();
         line.strip_suffix(b"\n")
             .expect("a vector line ends in a newline")
+    }
+
+    #[test]
+    fn the_channel_reader_reads_every_line_skips_long_records_and_sees_the_close() {
+        use std::ops::ControlFlow;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::net::UnixDatagram;
+        let (ours, theirs) = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        )
+        .unwrap();
+        let node = UnixDatagram::from(theirs);
+        node.send(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n{\"stickyDispatch\":\"ready\"}\n")
+            .unwrap();
+        node.send(&[b'x'; 100]).unwrap(); // longer than the buffer: the app's own
+        node.send(b"{\"stickyDispatch\":\"drain-request\"}\n")
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let mut seen = Vec::new();
+        let end = read_lines(ours.as_raw_fd(), &mut buf, |line| {
+            let ready = line == FromNode::Ready;
+            seen.push(line);
+            if ready {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        assert_eq!(end.unwrap(), ReadEnd::Stopped);
+        assert_eq!(seen, [FromNode::Ack, FromNode::Ready]);
+        seen.clear();
+        let end = read_lines(ours.as_raw_fd(), &mut buf, |line| {
+            seen.push(line);
+            ControlFlow::Continue(())
+        });
+        assert_eq!(end.unwrap(), ReadEnd::Empty);
+        assert_eq!(seen, [FromNode::DrainRequest]);
+        drop(node);
+        let end = read_lines(ours.as_raw_fd(), &mut buf, |_| ControlFlow::Continue(()));
+        assert_eq!(end.unwrap(), ReadEnd::Closed("Node closed its IPC channel"));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! Node), tells Node to drain when no dispatcher can, and watches that Node keeps reading.
 
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType};
@@ -16,7 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tracing::debug;
 
-use crate::node_ipc::{self, FromNode};
+use crate::node_ipc::{self, FromNode, ReadEnd};
 
 /// What the bridge reads before `ready`: ours are short; longer records are the app's.
 const MAX_RECORD: usize = 4096;
@@ -61,32 +62,17 @@ impl NodeChannel {
         let mut buf = [0u8; MAX_RECORD];
         loop {
             let mut guard = reading.readable().await?;
-            loop {
-                match crate::link::recv_record(self.fd.as_raw_fd(), &mut buf) {
-                    Ok(record) if record.len == 0 => return Ok(false),
-                    Ok(record) if record.truncated => {
-                        debug!(
-                            len = record.len,
-                            "a long message from Node before ready ignored"
-                        )
-                    }
-                    Ok(record) => {
-                        for line in node_ipc::lines(&buf[..record.len]) {
-                            match line {
-                                FromNode::Ready => return Ok(true),
-                                other => {
-                                    debug!(line = ?other, "message from Node before ready ignored")
-                                }
-                            }
-                        }
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        guard.clear_ready();
-                        break;
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    Err(err) => return Err(err),
+            let end = node_ipc::read_lines(self.fd.as_raw_fd(), &mut buf, |line| match line {
+                FromNode::Ready => ControlFlow::Break(()),
+                other => {
+                    debug!(line = ?other, "message from Node before ready ignored");
+                    ControlFlow::Continue(())
                 }
+            })?;
+            match end {
+                ReadEnd::Stopped => return Ok(true),
+                ReadEnd::Closed(_) => return Ok(false),
+                ReadEnd::Empty => guard.clear_ready(),
             }
         }
     }

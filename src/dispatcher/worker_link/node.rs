@@ -18,6 +18,7 @@
 //! ([`NodeSession`], which holds what the lines mean, apart from the I/O).
 
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -30,7 +31,7 @@ use tracing::debug;
 use super::Event;
 use crate::dispatcher::held::Held;
 use crate::link::{self, LinkStream};
-use crate::node_ipc::{self, FromNode};
+use crate::node_ipc::{self, FromNode, ReadEnd};
 use crate::shared::{LinkError, HELLO_TIMEOUT};
 use crate::wire::{self, Message};
 
@@ -189,31 +190,15 @@ impl NodeLink {
 
     /// Reads every record waiting in the channel.
     fn read_available(&mut self, buf: &mut [u8], events: &mut Vec<Event>) -> Result<(), LinkError> {
-        loop {
-            let record = match link::recv_record(self.channel.as_raw_fd(), buf) {
-                Ok(record) => record,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                // Node died with lines unread.
-                Err(err) if err.kind() == io::ErrorKind::ConnectionReset => {
-                    events.push(Event::Closed("Node's IPC channel was reset (Node died)"));
-                    return Ok(());
-                }
-                Err(err) => return Err(err.into()),
-            };
-            if record.len == 0 {
-                events.push(Event::Closed("Node closed its IPC channel"));
-                return Ok(());
-            }
-            if record.truncated {
-                // Ours are short: this is the app's own process.send().
-                debug!(len = record.len, "a long message from Node ignored");
-                continue;
-            }
-            for line in node_ipc::lines(&buf[..record.len]) {
-                self.session.heard(line, events);
-            }
+        let session = &mut self.session;
+        let end = node_ipc::read_lines(self.channel.as_raw_fd(), buf, |line| {
+            session.heard(line, events);
+            ControlFlow::Continue(())
+        })?;
+        if let ReadEnd::Closed(reason) = end {
+            events.push(Event::Closed(reason));
         }
+        Ok(())
     }
 }
 
