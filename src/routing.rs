@@ -51,8 +51,8 @@
 //!    `N` is the configured worker count: a worker being down never changes
 //!    it, so its clients come back to it.
 //!
-//! Version 1 (until 0.x: XXH64 and a jump consistent hash) sent clients to
-//! other workers: upgrading moves clients once.
+//! Version 1 (0.1: XXH64, then a jump consistent hash over N) sent clients
+//! to other workers: upgrading from it moves clients once.
 //!
 //! # Failover (optional)
 //!
@@ -242,7 +242,7 @@ pub fn bucket_table(workers: NonZeroU32) -> Box<[u16; BUCKETS]> {
 }
 
 /// Routes clients to one of a fixed number of workers.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Router {
     /// Configured worker count; liveness never changes it.
     workers: NonZeroU32,
@@ -254,6 +254,18 @@ pub struct Router {
     seed: u64,
     /// [`bucket_table`] of `workers`, shared by the clones.
     table: Arc<[u16; BUCKETS]>,
+}
+
+// Not derived: the table would print its 4096 entries.
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("workers", &self.workers)
+            .field("ipv4_prefix", &self.ipv4_prefix)
+            .field("ipv6_prefix", &self.ipv6_prefix)
+            .field("seed", &self.seed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Router {

@@ -5,9 +5,11 @@
 //! The kernel runs it for each new connection to a reuseport group and hands the
 //! connection to the socket at the index it returns, so worker `k`'s listening socket
 //! must be the group's `k`-th (the group's order is the order the sockets started
-//! listening). Its input is the packet: it reads the IP version at `SKF_NET_OFF`, then
+//! listening; an index beyond the group's size makes the kernel fall back to its own
+//! hash, so a group must have at least `N` sockets). Its input is the packet: it reads the IP version at `SKF_NET_OFF`, then
 //! the IPv4 source address (offset 12) or the IPv6 one (offsets 8 to 20; an IPv4-mapped
-//! one is read as the IPv4 address it carries, like [`RoutingKey::from_ip`] does).
+//! one is read as the IPv4 address it carries, like
+//! [`RoutingKey::from_ip`](super::RoutingKey::from_ip) does).
 //!
 //! # Shape of the program
 //!
