@@ -270,3 +270,92 @@ fn a_connection_still_sending_its_proxy_header_at_stop_is_served() {
     );
     assert!(alone.dispatcher.wait().success());
 }
+
+/// 2,000 slow clients under `routing_key = "cookie"`, each having sent a few hundred
+/// bytes of a request head and nothing more: the dispatcher holds them all, at a cost
+/// that follows what they sent (≤ 3 KiB each), not `key_max_bytes` (8 KiB).
+#[test]
+fn thousands_of_held_heads_cost_what_they_sent() {
+    const HELD: usize = 2000;
+    const MAX_PER_HELD: u64 = 3 * 1024;
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    assert!(
+        hard > HELD as u64 + 200,
+        "the fd limit {hard} is too low for {HELD} clients"
+    );
+
+    let (dispatcher, addr) = standalone(
+        "held-heads",
+        2,
+        &[
+            ("STICKY_DISPATCH_ROUTING_KEY", "cookie"),
+            ("STICKY_DISPATCH_KEY_NAME", "io"),
+            ("STICKY_DISPATCH_KEY_TIMEOUT", "5m"),
+        ],
+    );
+    dispatcher.log.wait_count(&["worker link up"], 2);
+    // A whole request is answered: the dispatcher has routed everything accepted before it
+    // (its tasks run in order on one thread), so memory is measured after that.
+    let canary = |n: u32| {
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: test\r\nCookie: io=canary{n}\r\nConnection: close\r\n\r\n"
+        );
+        send(client_ip(n), addr, request.as_bytes()).expect("a whole request is answered")
+    };
+    canary(0);
+    let pid = dispatcher.pid();
+    let before = status_kib(pid, "VmRSS").unwrap();
+    let head = b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: test\r\nUser-Agent: a-slow-client\r\nAccept: */*\r\n";
+    assert!(head.len() < 1024);
+    let held: Vec<TcpStream> = (0..HELD)
+        .map(|_| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.write_all(head).unwrap();
+            stream
+        })
+        .collect();
+    canary(1);
+    let after = status_kib(pid, "VmRSS").unwrap();
+    let per_held = after.saturating_sub(before) * 1024 / HELD as u64;
+    eprintln!(
+        "{HELD} held heads of {} bytes: dispatcher RSS {before} KiB -> {after} KiB, {per_held} bytes each",
+        head.len()
+    );
+    assert!(
+        per_held <= MAX_PER_HELD,
+        "{per_held} bytes per held connection (at most {MAX_PER_HELD})"
+    );
+    // A head longer than the first peek buffer is still read whole: a cookie after 3,000
+    // bytes of other headers routes a request where the same cookie goes in a short head,
+    // from another client address (10 cookies: by the address, they would scatter).
+    for n in 0..10 {
+        let request = |padding: &str| {
+            format!(
+                "GET / HTTP/1.1\r\nHost: test\r\nX-Padding: {padding}\r\nCookie: io=long{n}\r\nConnection: close\r\n\r\n"
+            )
+        };
+        let short = send(client_ip(10 + n), addr, request("").as_bytes()).unwrap();
+        let long = send(
+            client_ip(30 + n),
+            addr,
+            request(&"p".repeat(3000)).as_bytes(),
+        )
+        .expect("a long head is answered");
+        assert_eq!(
+            long.worker, short.worker,
+            "cookie io=long{n} past the first buffer"
+        );
+    }
+    // Each still gets its answer once it finishes its head.
+    for mut stream in held.into_iter().take(3) {
+        stream
+            .write_all(b"Cookie: io=late\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    }
+}

@@ -21,6 +21,11 @@ use crate::config::{KeySource, Settings};
 use crate::keysource::{self, HttpKey, HttpKeySource, Parsed};
 use crate::routing::RoutingKey;
 
+/// The first peek buffer of a connection whose key comes from its bytes. It doubles, up
+/// to `key_max_bytes`, only when what the client sent fills it: a held connection costs
+/// what it sent, not `key_max_bytes` (thousands of slow clients must stay cheap).
+const FIRST_PEEK: usize = 512;
+
 /// A connection whose key is not known yet.
 pub(super) struct Unkeyed {
     pub(super) stream: std::net::TcpStream,
@@ -118,7 +123,7 @@ async fn find_key(
         KeySource::Cookie => Some(HttpKeySource::Cookie(settings.key_name.clone())),
         KeySource::Query => Some(HttpKeySource::Query(settings.key_name.clone())),
     };
-    let mut buf = vec![0u8; settings.key_max_bytes];
+    let mut buf = vec![0u8; FIRST_PEEK.min(settings.key_max_bytes)];
     loop {
         let mut ready = socket.readable().await?;
         let seen = match ready.get_inner().peek(&mut buf) {
@@ -130,7 +135,13 @@ async fn find_key(
             }
             Err(err) => return Err(err.into()),
         };
-        let full = seen == buf.len();
+        if seen == buf.len() && buf.len() < settings.key_max_bytes {
+            // More may be waiting: look again with room for it before parsing.
+            let bigger = (buf.len() * 2).min(settings.key_max_bytes);
+            buf.resize(bigger, 0);
+            continue;
+        }
+        let full = seen == settings.key_max_bytes;
         match &http {
             None => match keysource::proxy_header(&buf[..seen]) {
                 Parsed::Complete(header) => {
