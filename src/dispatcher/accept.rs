@@ -157,3 +157,49 @@ fn is_resource_shortage(err: &io::Error) -> bool {
         Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatcher::testing::hub;
+
+    #[test]
+    fn only_a_lack_of_resources_pauses_accepting() {
+        for errno in [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM] {
+            assert!(is_resource_shortage(&io::Error::from(errno)), "{errno}");
+        }
+        for errno in [Errno::ECONNABORTED, Errno::EPROTO, Errno::EPERM] {
+            assert!(!is_resource_shortage(&io::Error::from(errno)), "{errno}");
+        }
+    }
+
+    /// A client's connection reaches the slot of its key, with its address and the
+    /// listener's, and is counted; a stop ends the acceptor.
+    #[tokio::test]
+    async fn a_connection_goes_to_its_slot_with_its_addresses() {
+        let (hub, mut inboxes) = hub(3, &[]);
+        let shared = Arc::new(hub);
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = socket.local_addr().unwrap();
+        let listener = Listener {
+            name: "web".into(),
+            socket,
+        };
+        let acceptor =
+            Acceptor::new(listener, shared.clone(), Arc::new(Semaphore::new(8))).unwrap();
+        let (phase, phase_rx) = watch::channel(Phase::Running);
+        let running = tokio::spawn(acceptor.run(phase_rx));
+
+        let client = std::net::TcpStream::connect(address).unwrap();
+        let peer = client.local_addr().unwrap();
+        let index = shared.router.worker_for(&shared.peer_key(Some(peer)));
+        let held = inboxes[index as usize].recv().await.unwrap();
+        assert_eq!((held.peer, held.local), (Some(peer), Some(address)));
+        assert_eq!(&*held.listener, "web");
+        assert_eq!(shared.metrics.listener(&"web".into()).accepted.get(), 1);
+
+        phase.send_replace(Phase::Stopping);
+        running.await.unwrap();
+        drop(held);
+    }
+}

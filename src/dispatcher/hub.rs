@@ -146,39 +146,7 @@ pub(super) enum FailOver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Overrides;
-
-    /// A hub for `workers` workers with `vars` as configuration, and each slot's inbox.
-    fn hub(workers: u32, vars: &[(&str, &str)]) -> (Hub, Vec<mpsc::UnboundedReceiver<Held>>) {
-        let empty = std::env::temp_dir().join(format!("sd-hub-test-{}.toml", std::process::id()));
-        std::fs::write(&empty, "").unwrap();
-        let overrides = Overrides {
-            config_path: Some(empty),
-            workers: Some(workers),
-            ..Overrides::default()
-        };
-        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        let settings = Settings::load(&overrides, vars).unwrap();
-        // No reloads here: the receiver keeps the last value once the sender is gone.
-        let (_, settings) = watch::channel(Arc::new(settings));
-        let (inboxes, receivers) = (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-        (
-            Hub::new(settings, None, inboxes, &["web".into()]),
-            receivers,
-        )
-    }
-
-    /// A held connection from `ip` (a real loopback stream, which it owns).
-    fn held(hub: &Hub, ip: &str) -> Held {
-        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
-        let peer: SocketAddr = format!("{ip}:40000").parse().unwrap();
-        let permit = Arc::new(tokio::sync::Semaphore::new(1))
-            .try_acquire_owned()
-            .unwrap();
-        let key = hub.peer_key(Some(peer));
-        Held::new(stream, Some(peer), None, "web".into(), key, permit)
-    }
+    use crate::dispatcher::testing::{held, hub};
 
     #[test]
     fn a_connection_goes_to_the_slot_of_its_keys_worker() {

@@ -185,3 +185,101 @@ async fn find_key(
         ready.clear_ready();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatcher::testing::hub;
+    use std::io::Write;
+    use tokio::sync::Semaphore;
+
+    /// A connected pair on loopback: the dispatcher's end (as accepted) and the client's.
+    fn accepted() -> (Unkeyed, std::net::TcpStream) {
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let (stream, peer) = server.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let permit = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let conn = Unkeyed {
+            stream,
+            peer,
+            local: None,
+            listener: "web".into(),
+            permit,
+            accepted: Instant::now(),
+        };
+        (conn, client)
+    }
+
+    #[tokio::test]
+    async fn a_cookie_sent_in_pieces_routes_by_its_value_and_nothing_is_consumed() {
+        let cookie = [
+            ("STICKY_DISPATCH_ROUTING_KEY", "cookie"),
+            ("STICKY_DISPATCH_KEY_NAME", "io"),
+        ];
+        let (hub, mut inboxes) = hub(4, &cookie);
+        let shared = Arc::new(hub);
+        let (conn, mut client) = accepted();
+        let routing = tokio::spawn(route(shared.clone(), conn));
+        let head = b"GET / HTTP/1.1\r\nHost: t\r\nCookie: a=1; io=abc\r\n\r\n";
+        client.write_all(&head[..20]).unwrap();
+        tokio::task::yield_now().await;
+        client.write_all(&head[20..]).unwrap();
+        routing.await.unwrap();
+        let key = RoutingKey::from_token(b"abc");
+        let index = shared.router.worker_for(&key);
+        let mut held = inboxes[index as usize]
+            .try_recv()
+            .expect("routed by the cookie");
+        assert_eq!(held.key, key);
+        let mut peeked = vec![0u8; head.len()];
+        held.stream.set_nonblocking(false).unwrap();
+        held.stream.read_exact(&mut peeked).unwrap();
+        assert_eq!(peeked, head, "the worker reads the whole request");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_client_is_closed_after_key_timeout_and_counted() {
+        let vars = [
+            ("STICKY_DISPATCH_ROUTING_KEY", "cookie"),
+            ("STICKY_DISPATCH_KEY_NAME", "io"),
+        ];
+        let (hub, mut inboxes) = hub(2, &vars);
+        let shared = Arc::new(hub);
+        let (conn, _client) = accepted();
+        route(shared.clone(), conn).await;
+        assert!(inboxes.iter_mut().all(|inbox| inbox.try_recv().is_err()));
+        let text = shared.metrics.encode();
+        assert!(
+            text.contains(
+                "sticky_dispatch_key_read_failures_total{listener=\"web\",reason=\"timeout\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_header_is_consumed_and_gives_the_real_client() {
+        let (hub, mut inboxes) = hub(4, &[("STICKY_DISPATCH_ROUTING_KEY", "proxy-protocol")]);
+        let shared = Arc::new(hub);
+        let (conn, mut client) = accepted();
+        client
+            .write_all(b"PROXY TCP4 203.0.113.9 192.0.2.1 40000 443\r\nGET / HTTP/1.1\r\n\r\n")
+            .unwrap();
+        route(shared.clone(), conn).await;
+        let real: SocketAddr = "203.0.113.9:40000".parse().unwrap();
+        let index = shared.router.worker_for(&shared.peer_key(Some(real)));
+        let mut held = inboxes[index as usize]
+            .try_recv()
+            .expect("routed by the real client");
+        assert_eq!(held.peer, Some(real));
+        assert_eq!(held.local, Some("192.0.2.1:443".parse().unwrap()));
+        let mut rest = [0u8; 18];
+        held.stream.set_nonblocking(false).unwrap();
+        held.stream.read_exact(&mut rest).unwrap();
+        assert_eq!(
+            &rest, b"GET / HTTP/1.1\r\n\r\n",
+            "the header is gone, the request is not"
+        );
+    }
+}

@@ -23,6 +23,8 @@ mod observe;
 mod phase;
 mod queue;
 mod slot;
+#[cfg(test)]
+mod testing;
 mod throttle;
 mod worker_link;
 
