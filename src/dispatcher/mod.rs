@@ -2,7 +2,7 @@
 //!
 //! [`run`] starts the roles, one module each: `accept` (a task per listener), `keyed` (a
 //! task per connection whose key comes from what it sends), `slot` (a task per worker
-//! index: its lifecycle, waiting queue and acknowledgements) speaking to its worker
+//! index: its waiting queue and acknowledgements, and its link's `lifecycle`) speaking to its worker
 //! through `worker_link` (one module per dialect), `fdstore` (connections kept across a
 //! restart), `observe` (`/metrics` and `/health`). What they share: `hub` (settings,
 //! routing decisions, liveness, metrics), `held` (a connection until its worker has it),
@@ -18,6 +18,7 @@ mod fdstore;
 mod held;
 mod hub;
 mod keyed;
+mod lifecycle;
 mod metrics;
 mod observe;
 mod phase;
