@@ -10,84 +10,13 @@ mod common;
 mod support;
 
 use std::net::Ipv4Addr;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
 const WORKERS: u32 = 4;
 const MESSAGE: &str = "hello from headless chromium";
-
-/// Chromium and everything it started (its own process group), killed when dropped.
-struct Chromium {
-    child: Child,
-}
-
-impl Drop for Chromium {
-    fn drop(&mut self) {
-        let group = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
-    }
-}
-
-impl Chromium {
-    /// Starts headless Chromium with a fresh profile in `dir`; returns it and its DevTools
-    /// browser endpoint (`ws://127.0.0.1:PORT/devtools/browser/ID`).
-    fn start(program: &Path, dir: &Path) -> (Chromium, String) {
-        let profile = dir.join("profile");
-        let _ = std::fs::remove_dir_all(&profile);
-        std::fs::create_dir_all(&profile).unwrap();
-        let log = std::fs::File::create(dir.join("chromium.log")).unwrap();
-        let child = Command::new(program)
-            .args([
-                "--headless",
-                // Root has no user namespace sandbox to drop into.
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--no-default-browser-check",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-                // Loopback only: no background fetches; anything not on 127.0.0.0/8 would go
-                // to a dead proxy and no other name resolves, so nothing leaves the machine.
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-pings",
-                "--proxy-server=http://127.0.0.1:9",
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-                "about:blank",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("chromium starts");
-        let chromium = Chromium { child };
-        // Chromium writes the port it took and the browser's path once it listens.
-        let active = profile.join("DevToolsActivePort");
-        let deadline = Instant::now() + PATIENCE * 3;
-        let endpoint = loop {
-            let text = std::fs::read_to_string(&active).unwrap_or_default();
-            if let [port, path, ..] = text.lines().collect::<Vec<_>>()[..] {
-                break format!("ws://127.0.0.1:{port}{path}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "chromium wrote no DevToolsActivePort; its log:\n{}",
-                std::fs::read_to_string(dir.join("chromium.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (chromium, endpoint)
-    }
-}
 
 /// `target/test-artifacts/`.
 fn artifacts_dir() -> PathBuf {
@@ -118,7 +47,7 @@ fn a_browser_chats_through_the_dispatcher() {
         .log
         .wait_count(&["worker link up"], WORKERS as usize);
     let dir = scratch_dir("browser");
-    let (_chromium, endpoint) = Chromium::start(&chromium_program, &dir);
+    let (_chromium, endpoint) = support::Chromium::start(&chromium_program, &dir);
     let screenshot = artifacts_dir().join("browser.png");
     let _ = std::fs::remove_file(&screenshot);
     let out = support::node(

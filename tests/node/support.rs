@@ -379,7 +379,7 @@ pub fn chat_clients(
 }
 
 /// Headless Chromium and everything it started (its own process group), killed when
-/// dropped. (The same as tests/browser.rs's, for the Node chat's page in tests/node_worker.rs.)
+/// dropped: for the demo's page (tests/browser.rs) and the Node chat's (tests/node_worker.rs).
 pub struct Chromium {
     child: std::process::Child,
 }
