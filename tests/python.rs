@@ -1157,3 +1157,273 @@ fn the_chat_serves_a_page_a_browser_can_open() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// #22: a graceful restart keeps a worker's clients waiting no longer than the new
+// process takes to start, also after socket.io clients used it
+
+/// One request of [`TimedLoad`]: when it started, how long its connection waited for the
+/// answer, and the answer.
+struct Timed {
+    started: Instant,
+    waited: Duration,
+    answer: Result<Answer, String>,
+}
+
+/// Threads of new connections (one request each) from `clients`, recording how long each
+/// waited; bounded by `MAX_EACH` requests per thread and `MAX_TIME`.
+struct TimedLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::Mutex<Vec<Timed>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl TimedLoad {
+    const MAX_EACH: usize = 20_000;
+    const MAX_TIME: Duration = Duration::from_secs(120);
+    /// Above the longest wait before the fix (the adapters' 30 s shutdown timeout), so
+    /// that such a wait is measured, not counted as a failure.
+    const REPLY_TIMEOUT: Duration = Duration::from_secs(45);
+
+    fn start(to: SocketAddr, clients: &[Ipv4Addr]) -> TimedLoad {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let begun = Instant::now();
+        let threads = clients
+            .iter()
+            .map(|&client| {
+                let (stop, done) = (stop.clone(), done.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..Self::MAX_EACH {
+                        if stop.load(Ordering::Relaxed) || begun.elapsed() > Self::MAX_TIME {
+                            break;
+                        }
+                        let started = Instant::now();
+                        let answer = request_within(client.into(), to, Self::REPLY_TIMEOUT);
+                        let waited = started.elapsed();
+                        done.lock().unwrap().push(Timed {
+                            started,
+                            waited,
+                            answer,
+                        });
+                    }
+                })
+            })
+            .collect();
+        TimedLoad {
+            stop,
+            done,
+            threads,
+        }
+    }
+
+    /// Waits (bounded) until `n` requests started after `since` have been answered by a
+    /// process other than `not_pid`.
+    fn wait_answered_after(&self, since: Instant, not_pid: i32, n: usize) {
+        let deadline = Instant::now() + PATIENCE * 3;
+        loop {
+            let count = self
+                .done
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|t| t.started >= since)
+                .filter(|t| t.answer.as_ref().is_ok_and(|a| a.pid != not_pid))
+                .count();
+            if count >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {count} of {n} requests answered by the new process"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(mut self) -> Vec<Timed> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            thread.join().expect("load thread");
+        }
+        std::mem::take(&mut *self.done.lock().unwrap())
+    }
+}
+
+impl Drop for TimedLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `GET /slow?ms=…` from `from`: returns once the app has sent `started` (the request is
+/// in progress), with a thread that reads the rest and returns the whole response.
+fn slow_request(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    ms: u64,
+) -> std::thread::JoinHandle<Result<String, String>> {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(from.into(), 0).into())
+        .unwrap();
+    socket.connect_timeout(&to.into(), PATIENCE).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        stream,
+        "GET /slow?ms={ms} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains("started") {
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("closed before started: {}", String::from_utf8_lossy(&text)),
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(err) => panic!("slow request: {err}"),
+        }
+    }
+    std::thread::spawn(move || {
+        stream
+            .read_to_end(&mut text)
+            .map_err(|err| format!("{err} after {}", String::from_utf8_lossy(&text)))?;
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    })
+}
+
+/// How many socket.io clients of worker 3 (half websocket, half polling).
+const RESTART_SOCKETIO_CLIENTS: usize = 8;
+
+/// SIGTERM to worker 3 (standalone, 4 workers) after socket.io clients used it (`stay`:
+/// they are still connected), with HTTP clients of worker 3 making new connections all
+/// along and a request in progress: no new connection waits longer than the new process
+/// takes to start (old exit → new "worker link up") plus 1 s, and in any case under 5 s;
+/// the request in progress finishes; connected socket.io clients reconnect to the new
+/// process.
+fn restart_waits_only_for_start_up(test: &'static str, app: &str, stay: bool) {
+    let (dispatcher, addr) = python_standalone(test, app, &[]);
+    let log = &dispatcher.0.log;
+    let victim = 3;
+    let up = log.wait_for(&["worker link up", "index=3"]);
+    let pid: i32 = log_field(&up, "worker_pid").unwrap();
+    let ups = log.count(&["worker link up", "index=3"]);
+    let clients = clients_of(victim, WORKERS, RESTART_SOCKETIO_CLIENTS + 5);
+    let (socketio_ips, rest) = clients.split_at(RESTART_SOCKETIO_CLIENTS);
+    let (http_ips, slow_ip) = (&rest[..4], rest[4]);
+
+    support::npm_ci();
+    let mut command = Command::new("node");
+    command
+        .arg(python_support::repo().join("tests/python/restart-clients.js"))
+        .arg(format!("http://{addr}"))
+        .arg(if stay { "stay" } else { "leave" })
+        .args(socketio_ips.iter().map(|ip| ip.to_string()))
+        .env("NODE_PATH", support::node_dir().join("node_modules"));
+    let mut socketio = Running::spawn(command, "restart-clients");
+    if stay {
+        socketio
+            .log
+            .wait_count(&["connected ip="], RESTART_SOCKETIO_CLIENTS);
+    } else {
+        socketio.log.wait_for(&["left clients="]);
+        assert!(socketio.wait().success(), "{}", socketio.log.text());
+    }
+
+    let load = TimedLoad::start(addr, http_ips);
+    load.wait_answered_after(Instant::now(), 0, 20);
+    let slow = slow_request(slow_ip, addr, 500);
+    let terminated = Instant::now();
+    kill(pid, Signal::SIGTERM);
+    let limit = Duration::from_secs(60);
+    let exit_line = log
+        .wait_lines(&["worker exited; restarting", "index=3"], 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let exited = Instant::now();
+    log.wait_lines(&["worker link up", "index=3"], ups + 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let new_up = Instant::now();
+    load.wait_answered_after(new_up, pid, 20);
+    let timed = load.stop();
+    let slow = slow.join().unwrap();
+    let reconnected = if stay {
+        socketio
+            .log
+            .wait_lines(&["reconnected ip="], RESTART_SOCKETIO_CLIENTS, limit)
+            .map(|_| socketio.log.count(&["reconnected ip="]))
+            .unwrap_or_else(|_| socketio.log.count(&["reconnected ip="]))
+    } else {
+        0
+    };
+
+    let start_up = new_up - exited;
+    let longest = timed.iter().map(|t| t.waited).max().unwrap_or_default();
+    let over_1s = timed
+        .iter()
+        .filter(|t| t.waited > Duration::from_secs(1))
+        .count();
+    let failed: Vec<&String> = timed.iter().filter_map(|t| t.answer.as_ref().err()).collect();
+    let socketio_case = if stay {
+        "connected through the restart"
+    } else {
+        "had used it and left"
+    };
+    println!(
+        "{app}, {RESTART_SOCKETIO_CLIENTS} socket.io clients {socketio_case}: SIGTERM -> old \
+         exit {:.2?}, new process start-up {start_up:.2?}; {} requests, longest wait \
+         {longest:.2?}, {over_1s} waited > 1 s, {} failed; request in progress: {}; \
+         socket.io clients reconnected: {reconnected}/{}",
+        exited - terminated,
+        timed.len(),
+        failed.len(),
+        if slow.as_ref().is_ok_and(|s| s.contains("finished")) {
+            "finished"
+        } else {
+            "NOT finished"
+        },
+        if stay { RESTART_SOCKETIO_CLIENTS } else { 0 },
+    );
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    let slow = slow.unwrap_or_else(|err| panic!("the request in progress failed: {err}"));
+    assert!(
+        slow.starts_with("HTTP/1.1 200") && slow.contains("finished"),
+        "the request in progress finished: {slow:?}; {exit_line}"
+    );
+    assert!(
+        longest <= start_up + Duration::from_secs(1) && longest < Duration::from_secs(5),
+        "longest wait {longest:?}, new process start-up {start_up:?}"
+    );
+    if stay {
+        assert_eq!(
+            reconnected,
+            RESTART_SOCKETIO_CLIENTS,
+            "every socket.io client reconnected to the new process:\n{}",
+            socketio.log.text()
+        );
+    }
+}
+
+#[test]
+fn aiohttp_restart_after_socketio_clients_left_waits_only_for_start_up() {
+    restart_waits_only_for_start_up("py-aiohttp-restart-left", AIOHTTP_APP, false);
+}
+
+#[test]
+fn aiohttp_restart_with_socketio_clients_connected_waits_only_for_start_up() {
+    restart_waits_only_for_start_up("py-aiohttp-restart-stay", AIOHTTP_APP, true);
+}
+
+#[test]
+fn asgi_restart_after_socketio_clients_left_waits_only_for_start_up() {
+    restart_waits_only_for_start_up("py-asgi-restart-left", ASGI_APP, false);
+}
+
+#[test]
+fn asgi_restart_with_socketio_clients_connected_waits_only_for_start_up() {
+    restart_waits_only_for_start_up("py-asgi-restart-stay", ASGI_APP, true);
+}

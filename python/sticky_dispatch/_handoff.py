@@ -10,6 +10,14 @@ before the drain ended may not have been read yet although its client has sent a
 it must not be closed as idle. The adapters mark each connection when a request starts on
 it (looked up by its peer and local addresses, as the servers see them) and wait (bounded)
 until every handed-over connection has started a request or closed.
+
+What the servers' graceful shutdown cannot tell apart either: a request that will finish
+on its own from one that stays open as long as the client does. A WebSocket, or a
+socket.io (engine.io) long-poll, is answered at the session's next ping (25 s) or never
+(the client is gone), and the server waits for it until its shutdown timeout: the old
+process runs on, and the worker's clients wait at the dispatcher until it has exited. The
+adapters end these held requests when the app shuts down (:class:`HeldRequests`), so that
+only ordinary requests are waited for.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .options import WorkerOptions
 from .worker import Connection, Worker, log
@@ -92,6 +100,49 @@ class Handoffs:
                 await asyncio.wait_for(self._all_read.wait(), min(0.05, deadline - loop.time()))
             except asyncio.TimeoutError:
                 pass
+
+
+def is_held(method: str, query_string: str, upgrade: Optional[str]) -> bool:
+    """Whether a request stays open until its client or the server ends it: a WebSocket
+    upgrade, or an engine.io long-poll (socket.io's polling transport: ``GET`` with
+    ``transport=polling`` and a session id)."""
+    if upgrade is not None and upgrade.lower() == "websocket":
+        return True
+    if method != "GET" or "transport=polling" not in query_string:
+        return False
+    return "sid=" in query_string
+
+
+class HeldRequests:
+    """The held requests in progress (see :func:`is_held`), by the task that serves each.
+
+    :meth:`end` cancels them, and any that starts later: engine.io answers a cancelled
+    long-poll with an error and closes a cancelled WebSocket, and socket.io clients
+    reconnect from either (to the restarted worker); the app's ``disconnect`` handlers run.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._ended = False
+
+    def started(self, task: Optional[asyncio.Task[Any]]) -> None:
+        """Records the task serving a held request (removed once it is done)."""
+        if task is None:
+            return
+        if self._ended:
+            task.cancel()
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def end(self) -> int:
+        """Cancels every held request, and those that start from now on; returns how many
+        were in progress."""
+        self._ended = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
 
 
 async def serve_until_drained(

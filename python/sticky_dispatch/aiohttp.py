@@ -13,8 +13,10 @@ Connections come from the dispatcher instead of a listening socket; ``request.re
 the real client (also when the dispatcher consumed a PROXY header). ``READY=1`` goes to
 systemd after the app's startup hooks ran. SIGTERM (or SIGINT) drains: every connection
 handed over is served, then the app is shut down as ``web.run_app`` would, waiting up to
-``shutdown_timeout`` seconds for requests in progress (a socket.io long-poll holds one for
-up to its ``ping_interval``, 25 s by default).
+``shutdown_timeout`` seconds for requests in progress; WebSockets and socket.io long-polls,
+which would hold the process until the session's next ping or the timeout, are ended
+first (an ``on_shutdown`` hook cancels their ``request.task``), and the socket.io clients
+reconnect to the restarted worker.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.log import access_logger
 
 from ._handoff import SHUTDOWN_TIMEOUT as SHUTDOWN_TIMEOUT  # the default, public here too
-from ._handoff import Handoffs, serve_until_drained, socket_key
+from ._handoff import Handoffs, HeldRequests, is_held, serve_until_drained, socket_key
 from ._settings import clean_exit, warn_ignored
 from .options import WorkerOptions
 from .worker import default_logging
@@ -41,16 +43,29 @@ log = logging.getLogger("sticky_dispatch")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _first_request_middleware(handoffs: Handoffs) -> Callable[..., Awaitable[web.StreamResponse]]:
+def _first_request_middleware(
+    handoffs: Handoffs, held: HeldRequests
+) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def first_request(request: web.Request, handler: Handler) -> web.StreamResponse:
         transport = request.transport
         if transport is not None:
             peer, local = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
             handoffs.request_started(socket_key(peer, local))
+        if is_held(request.method, request.query_string, request.headers.get("Upgrade")):
+            held.started(request.task)
         return await handler(request)
 
     return first_request
+
+
+def _end_held_requests(held: HeldRequests) -> Callable[[web.Application], Awaitable[None]]:
+    async def end_held_requests(app: web.Application) -> None:
+        ended = held.end()
+        if ended:
+            log.info("ended %d WebSocket or long-poll requests: their clients reconnect", ended)
+
+    return end_held_requests
 
 
 async def serve_app(
@@ -73,9 +88,11 @@ async def serve_app(
     options = options if options is not None else WorkerOptions.from_env()
     if inspect.isawaitable(app):
         app = await app  # as web.run_app(init_app()) does
-    handoffs = Handoffs()
+    handoffs, held = Handoffs(), HeldRequests()
     # First: a request has started once any middleware runs.
-    app.middlewares.insert(0, _first_request_middleware(handoffs))
+    app.middlewares.insert(0, _first_request_middleware(handoffs, held))
+    # First: the app's own hooks may wait for its sessions to end.
+    app.on_shutdown.insert(0, _end_held_requests(held))
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, **runner_kwargs)
     await runner.setup()
     try:

@@ -14,8 +14,9 @@ and ``Server.shutdown`` for the graceful end. Tested with uvicorn 0.54; the pack
 ``uvicorn<0.55`` for that reason.
 
 ``scope["client"]`` is the real client (also when the dispatcher consumed a PROXY header);
-SIGTERM drains like the aiohttp adapter, then in-flight requests get
-``timeout_graceful_shutdown`` seconds (default here 30 s, for socket.io's 25 s long-polls).
+SIGTERM drains like the aiohttp adapter: WebSockets and socket.io long-polls are ended
+(their tasks cancelled; socket.io clients reconnect to the restarted worker), then other
+requests in progress get ``timeout_graceful_shutdown`` seconds (default here 30 s).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 import uvicorn
 
 from ._handoff import SHUTDOWN_TIMEOUT as SHUTDOWN_TIMEOUT  # the default, public here too
-from ._handoff import Handoffs, serve_until_drained, socket_key
+from ._handoff import Handoffs, HeldRequests, is_held, serve_until_drained, socket_key
 from ._settings import clean_exit, warn_ignored
 from .options import WorkerOptions
 from .worker import default_logging
@@ -48,15 +49,24 @@ ASGIApp = Callable[..., Any]
 
 class FirstRequests:
     """ASGI middleware: tells the drain which handed-over connections a request has
-    started on (``scope["client"]`` is already the client the dispatcher reported)."""
+    started on (``scope["client"]`` is already the client the dispatcher reported), and
+    records WebSockets and long-polls (uvicorn runs each request in a task of its own) so
+    that the shutdown can end them."""
 
-    def __init__(self, app: ASGIApp, handoffs: Handoffs) -> None:
+    def __init__(self, app: ASGIApp, handoffs: Handoffs, held: HeldRequests) -> None:
         self.app = app
         self.handoffs = handoffs
+        self.held = held
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> Any:
-        if scope.get("type") in ("http", "websocket"):
+        kind = scope.get("type")
+        if kind in ("http", "websocket"):
             self.handoffs.request_started(socket_key(scope.get("client"), scope.get("server")))
+            query = scope.get("query_string", b"")
+            if kind == "websocket" or is_held(
+                str(scope.get("method", "")), query.decode("latin-1"), None
+            ):
+                self.held.started(asyncio.current_task())
         return await self.app(scope, receive, send)
 
 
@@ -67,9 +77,9 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
     server = uvicorn.Server(config)
     if not config.loaded:
         config.load()
-    handoffs = Handoffs()
+    handoffs, held = Handoffs(), HeldRequests()
     # Outermost: a request has started once any middleware runs.
-    config.loaded_app = FirstRequests(config.loaded_app, handoffs)
+    config.loaded_app = FirstRequests(config.loaded_app, handoffs, held)
     server.lifespan = config.lifespan_class(config)
     await server.startup(sockets=[])
     if server.should_exit:
@@ -85,6 +95,9 @@ async def serve(config: uvicorn.Config, *, options: Optional[WorkerOptions] = No
 
         # config.ssl: made by config.load() from ssl_keyfile=/ssl_certfile=, as uvicorn does.
         await serve_until_drained(handoffs, protocol, options, "ASGI app", config.ssl)
+        ended = held.end()
+        if ended:
+            log.info("ended %d WebSocket or long-poll requests: their clients reconnect", ended)
     finally:
         server.should_exit = True
         await ticks

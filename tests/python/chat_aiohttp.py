@@ -12,6 +12,7 @@ or, to a browser (Accept: text/html), a chat page.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from typing import Any
@@ -46,7 +47,20 @@ async def client_js(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path)
 
 
+async def slow(request: web.Request) -> web.StreamResponse:
+    """``GET /slow?ms=N``: ``started``, then after N ms ``finished`` (a request in
+    progress for the restart tests)."""
+    response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await response.prepare(request)
+    await response.write(b"started\n")
+    await asyncio.sleep(int(request.query.get("ms", "500")) / 1000)
+    await response.write(b"finished\n")
+    await response.write_eof()
+    return response
+
+
 app.router.add_get("/", index)
+app.router.add_get("/slow", slow)
 app.router.add_get("/socket.io.min.js", client_js)
 
 

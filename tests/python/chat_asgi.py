@@ -8,15 +8,23 @@ Same protocol (and page) as chat_aiohttp.py; the client address is ``scope["clie
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import socketio
 import uvicorn
 from common import chat_page, client_js_path, direct_socket, wants_html, who
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 
 # CHAT_PING_INTERVAL: a long-poll is held up to this long (socket.io's default 25 s);
 # the drain test shortens it.
@@ -36,6 +44,19 @@ async def index(request: Request) -> Response:
     server = request.scope.get("server")
     text = f"{who(client)}\nlistener=asgi local={server[0] if server else '-'}\n"
     return PlainTextResponse(text)
+
+
+@api.get("/slow")
+async def slow(ms: int = 500) -> Response:
+    """``started``, then after ``ms`` ms ``finished`` (a request in progress for the
+    restart tests)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"started\n"
+        await asyncio.sleep(ms / 1000)
+        yield b"finished\n"
+
+    return StreamingResponse(body(), media_type="text/plain")
 
 
 @api.get("/socket.io.min.js")
