@@ -268,6 +268,22 @@ function socketsBetweenRequests(server) {
   return new Set(list.idle().map((parser) => parser.socket));
 }
 
+/**
+ * Emits the server's 'close' at the drain, not after its last connection as net.Server
+ * would: the server takes no more connections, and what is attached to it stops now.
+ * engine.io (socket.io) listens to it and closes every session: a websocket gets a close
+ * frame, a long-poll in progress is answered with engine.io's `close` packet, and the
+ * clients reconnect, through the dispatcher, to the next process. Left open, these
+ * sessions keep their connections busy until the drain timeout (a long-poll is answered
+ * every 25 s, a websocket never ends), and the worker's new process cannot start until
+ * this one exits. Ordinary requests in progress are not affected. Once only: with no
+ * connection open, net's own close() (closeServer) emits it on the next tick.
+ */
+function announceClose(sticky) {
+  const server = sticky.server;
+  if (server._connections > 0) server.emit('close');
+}
+
 function finishServer(sticky) {
   if (sticky.finished) return;
   sticky.finished = true;
@@ -466,19 +482,26 @@ class WorkerSession {
       sticky.draining = true;
       sticky.emit('drain', reason);
       endResponses(sticky);
-      // net.Server.close() emits 'close' now if the server has no connection left,
-      // otherwise handToServer() does once the last one has closed. Every connection
-      // handed over serves its request(s) first: only the idle keep-alive connections
-      // that have served one are closed now (closeServer, closeIdle).
-      sticky.server.once('close', () => {
-        finishServer(sticky);
-        this.finish();
-      });
+      // Every connection handed over serves its request(s) first: only the idle
+      // keep-alive connections that have served one are closed now (closeServer,
+      // closeIdle). Then what is attached to the server is told it closes
+      // (announceClose): socket.io ends its sessions.
       closeServer(sticky.server);
       closeIdle(sticky);
+      announceClose(sticky);
     }
     const left = Math.max(0, this.deadline - Date.now());
     this.timer = setTimeout(() => this.cut(), left);
+    // A server with no connection open finishes on the next tick, after net's own 'close'.
+    process.nextTick(() => {
+      for (const sticky of this.servers) this.drained(sticky);
+    });
+  }
+
+  /** draining: finishes `sticky` once its last connection has closed. */
+  drained(sticky) {
+    if (this.state !== 'draining' || sticky.sockets.size > 0) return;
+    finishServer(sticky);
     this.finish();
   }
 
@@ -534,14 +557,14 @@ function handToServer(sticky, socket, info) {
   // Counted like an accepted connection (server.getConnections(), maxConnections), but
   // without net's socket._server link: through it, net would emit 'close' on the server
   // whenever its last connection closes, as the server has no listening socket; engine.io
-  // (socket.io) shuts itself down on that event. 'close' comes once drained, below.
+  // (socket.io) shuts itself down on that event. 'close' comes at the drain (announceClose).
   server._connections++;
   socket.server = server;
   sticky.sockets.add(socket);
   socket.once('close', () => {
     server._connections--;
     sticky.sockets.delete(socket);
-    if (sticky.draining && sticky.sockets.size === 0) server.emit('close');
+    if (sticky.draining) sticky._session.drained(sticky);
   });
   sticky.emit('connection', socket, info);
   server.emit('connection', socket);

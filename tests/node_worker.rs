@@ -1158,3 +1158,264 @@ fn a_browser_chats_on_the_node_quick_start() {
     let png = std::fs::read(&screenshot).expect("a screenshot");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 1000);
 }
+
+/// One request of a [`TimedLoad`]: when it started, how long it waited for its answer.
+struct Timed {
+    started: Instant,
+    waited: Duration,
+    answer: Result<Answer, String>,
+}
+
+/// A thread per client making new connections (one request each) back to back, recording
+/// how long each waited; bounded by `MAX_EACH` requests per thread and `MAX_TIME`.
+struct TimedLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::Mutex<Vec<Timed>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl TimedLoad {
+    const MAX_EACH: usize = 20_000;
+    const MAX_TIME: Duration = Duration::from_secs(120);
+    /// Above the longest wait before the fix (the 30 s drain timeout), so that such a
+    /// wait is measured rather than counted as a failure.
+    const REPLY_TIMEOUT: Duration = Duration::from_secs(45);
+
+    fn start(to: SocketAddr, clients: &[Ipv4Addr]) -> TimedLoad {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let begun = Instant::now();
+        let threads = clients
+            .iter()
+            .map(|&client| {
+                let (stop, done) = (stop.clone(), done.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..Self::MAX_EACH {
+                        if stop.load(Ordering::Relaxed) || begun.elapsed() > Self::MAX_TIME {
+                            break;
+                        }
+                        let started = Instant::now();
+                        let answer = request_within(client.into(), to, Self::REPLY_TIMEOUT);
+                        let waited = started.elapsed();
+                        done.lock().unwrap().push(Timed {
+                            started,
+                            waited,
+                            answer,
+                        });
+                    }
+                })
+            })
+            .collect();
+        TimedLoad {
+            stop,
+            done,
+            threads,
+        }
+    }
+
+    /// Waits (bounded) until `n` requests started after `since` have been answered by a
+    /// process other than `not_pid`; returns the pid of the last of them.
+    fn wait_answered_after(&self, since: Instant, not_pid: i32, n: usize) -> i32 {
+        let deadline = Instant::now() + PATIENCE * 3;
+        loop {
+            let pids: Vec<i32> = self
+                .done
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|t| t.started >= since)
+                .filter_map(|t| t.answer.as_ref().ok())
+                .filter(|a| a.pid != not_pid)
+                .map(|a| a.pid)
+                .collect();
+            if pids.len() >= n {
+                return *pids.last().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} answers from a process other than {not_pid} within {:?}",
+                PATIENCE * 3
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops the threads and returns every request.
+    fn stop(mut self) -> Vec<Timed> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            thread.join().expect("load thread");
+        }
+        std::mem::take(&mut *self.done.lock().unwrap())
+    }
+}
+
+impl Drop for TimedLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `GET /slow?ms=<ms>` of tests/node/apps/chat.js from `from`, once its `started` has
+/// arrived (the request is in progress); the thread returns the whole response.
+fn slow_request(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    ms: u64,
+) -> std::thread::JoinHandle<Result<String, String>> {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(from.into(), 0).into())
+        .unwrap();
+    socket.connect_timeout(&to.into(), PATIENCE).unwrap();
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        stream,
+        "GET /slow?ms={ms} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains("started") {
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("closed before started: {}", String::from_utf8_lossy(&text)),
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(err) => panic!("slow request: {err}"),
+        }
+    }
+    std::thread::spawn(move || {
+        stream
+            .read_to_end(&mut text)
+            .map_err(|err| format!("{err} after {}", String::from_utf8_lossy(&text)))?;
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    })
+}
+
+/// socket.io clients of worker 3 connected through its restart: half websocket, half
+/// polling (the issue's measurement).
+const RESTART_SOCKETIO_CLIENTS: usize = 40;
+/// HTTP clients of worker 3 making new connections all along.
+const RESTART_HTTP_CLIENTS: usize = 8;
+
+/// Issue 22, point 1, for Node: SIGTERM to worker 3's bridge (standalone, 4 workers) while
+/// 40 socket.io clients (20 websocket, 20 polling) are connected to it, with HTTP clients
+/// of worker 3 making new connections all along and a request in progress. The app is the
+/// chat without a `'drain'` handler, as socket.io's examples write it: the package alone
+/// must end the sessions. No new connection waits longer than the new process takes to
+/// start (old exit → new "worker link up") plus 1 s, and in any case under 5 s; the
+/// request in progress finishes; every socket.io client reconnects, to the new process.
+#[test]
+fn restart_with_socketio_clients_connected_waits_only_for_start_up() {
+    support::npm_ci();
+    let (dispatcher, addr) = node_workers(
+        "node-restart-socketio",
+        &[("CHAT_CLOSE_ON_DRAIN", "0")],
+        &[],
+        "chat.js",
+    );
+    let log = &dispatcher.0.log;
+    let victim = 3;
+    let up = log.wait_for(&["worker link up", "index=3"]);
+    let bridge: i32 = log_field(&up, "worker_pid").unwrap();
+    let cmdline = std::fs::read_to_string(format!("/proc/{bridge}/cmdline")).unwrap();
+    assert!(cmdline.contains("node-worker"), "the bridge: {cmdline:?}");
+    let old_node = node_of(victim, addr);
+    assert_eq!(parent_of(old_node), bridge);
+    let ups = log.count(&["worker link up", "index=3"]);
+    let clients = clients_of(
+        victim,
+        WORKERS,
+        RESTART_SOCKETIO_CLIENTS + RESTART_HTTP_CLIENTS + 1,
+    );
+    let (socketio_ips, rest) = clients.split_at(RESTART_SOCKETIO_CLIENTS);
+    let (http_ips, slow_ip) = (&rest[..RESTART_HTTP_CLIENTS], rest[RESTART_HTTP_CLIENTS]);
+
+    let mut command = Command::new("node");
+    command
+        .arg(support::node_dir().join("restart-clients.js"))
+        .arg(format!("http://{addr}"))
+        .args(socketio_ips.iter().map(|ip| ip.to_string()));
+    let socketio = Running::spawn(command, "restart-clients");
+    socketio
+        .log
+        .wait_count(&["connected ip="], RESTART_SOCKETIO_CLIENTS);
+
+    let load = TimedLoad::start(addr, http_ips);
+    load.wait_answered_after(Instant::now(), 0, 20);
+    let slow = slow_request(slow_ip, addr, 300);
+    let terminated = Instant::now();
+    kill(bridge, Signal::SIGTERM);
+    let limit = Duration::from_secs(60);
+    let exit_line = log
+        .wait_lines(&["worker exited; restarting", "index=3"], 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let exited = Instant::now();
+    log.wait_lines(&["worker link up", "index=3"], ups + 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let new_up = Instant::now();
+    let new_node = load.wait_answered_after(new_up, old_node, 20);
+    let timed = load.stop();
+    let slow = slow.join().unwrap();
+    let all_back = socketio.log.wait_lines(&["all reconnected"], 1, limit);
+    let reconnected = socketio.log.count(&["reconnected ip="]);
+    let to_new = socketio
+        .log
+        .count(&["reconnected ip=", &format!(" pid={new_node} ")]);
+
+    let start_up = new_up - exited;
+    let longest = timed.iter().map(|t| t.waited).max().unwrap_or_default();
+    let over_1s = timed
+        .iter()
+        .filter(|t| t.waited > Duration::from_secs(1))
+        .count();
+    let mut failed = std::collections::BTreeMap::<&str, usize>::new();
+    for err in timed.iter().filter_map(|t| t.answer.as_ref().err()) {
+        *failed.entry(err.as_str()).or_default() += 1;
+    }
+    let failed_count: usize = failed.values().sum();
+    let misrouted = timed
+        .iter()
+        .filter_map(|t| t.answer.as_ref().ok())
+        .filter(|a| a.worker != victim)
+        .count();
+    let slow_finished = slow
+        .as_ref()
+        .is_ok_and(|s| s.starts_with("HTTP/1.1 200") && s.contains("finished"));
+    println!(
+        "Node chat (no 'drain' handler), {RESTART_SOCKETIO_CLIENTS} socket.io clients connected \
+         (half websocket, half polling): SIGTERM -> old exit {:.2?}, new process start-up \
+         {start_up:.2?}; {} requests of {RESTART_HTTP_CLIENTS} HTTP clients, longest wait \
+         {longest:.2?}, {over_1s} waited > 1 s, {} failed, {misrouted} misrouted; request in \
+         progress: {}; socket.io clients reconnected: {reconnected}/{RESTART_SOCKETIO_CLIENTS} \
+         ({to_new} to the new process {new_node})",
+        exited - terminated,
+        timed.len(),
+        failed_count,
+        if slow_finished {
+            "finished"
+        } else {
+            "NOT finished"
+        },
+    );
+    assert!(exit_line.contains("exit status: 0"), "{exit_line}");
+    assert!(failed.is_empty(), "failed requests by error: {failed:?}");
+    assert_eq!(misrouted, 0);
+    assert!(slow_finished, "the request in progress finished: {slow:?}");
+    assert!(
+        longest <= start_up + Duration::from_secs(1) && longest < Duration::from_secs(5),
+        "longest wait {longest:?}, new process start-up {start_up:?}"
+    );
+    all_back.unwrap_or_else(|err| panic!("not every socket.io client reconnected: {err}"));
+    assert_eq!(
+        (reconnected, to_new),
+        (RESTART_SOCKETIO_CLIENTS, RESTART_SOCKETIO_CLIENTS),
+        "every socket.io client reconnected, to the new process:\n{}",
+        socketio.log.text()
+    );
+}

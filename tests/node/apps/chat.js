@@ -7,6 +7,8 @@
 // - `GET /` from a browser (`Accept: text/html`): a page (chat.html) that shows which
 //   worker served it and chats in a room, with the browser client socket.io serves itself
 //   at /socket.io/socket.io.js;
+// - `GET /slow?ms=N` (N <= 10000): `started` at once, `finished` N ms later: a request in
+//   progress across a restart;
 // - any other path outside /socket.io/, and `/` for everyone else (curl): the plain-text
 //   lines of the Rust demo,
 //     worker=<index> pid=<pid> client=<ip>
@@ -26,6 +28,8 @@
 //   Node's own cluster module, round-robin, NOT sticky (the baseline where long-polling
 //   breaks). The primary prints `chat cluster listening on HOST:PORT workers=N` once
 //   every worker listens.
+// - CHAT_CLOSE_ON_DRAIN=0  no `'drain'` handler: the app exactly as socket.io's examples
+//   write it, for the restart test (the package ends socket.io's sessions by itself).
 //
 // On the bridge's drain it closes socket.io (each client is told, and reconnects to the
 // restarted worker through the dispatcher), then the package exits once drained.
@@ -46,6 +50,9 @@ const PAGE = fs.readFileSync(path.join(__dirname, 'chat.html'), 'utf8');
 
 const clusterPort = process.env.CHAT_CLUSTER_PORT;
 const readyDelay = Number(process.env.CHAT_READY_DELAY_MS || 0);
+const closeOnDrain = process.env.CHAT_CLOSE_ON_DRAIN !== '0';
+/** The longest `GET /slow?ms=N` it accepts. */
+const MAX_SLOW_MS = 10000;
 
 if (clusterPort !== undefined && cluster.isPrimary) {
   runClusterPrimary();
@@ -81,6 +88,14 @@ function wantsHtml(req) {
 function serve(index) {
   const server = http.createServer((req, res) => {
     const who = describe(index, req.socket);
+    const url = new URL(req.url, 'http://chat');
+    const ms = Number(url.searchParams.get('ms'));
+    if (url.pathname === '/slow' && Number.isInteger(ms) && ms >= 0 && ms <= MAX_SLOW_MS) {
+      res.setHeader('content-type', 'text/plain; charset=utf-8');
+      res.write('started\n');
+      setTimeout(() => res.end(`finished\n${who}`), ms);
+      return;
+    }
     if (req.url.split('?')[0] === '/' && wantsHtml(req)) {
       res.setHeader('content-type', 'text/html; charset=utf-8');
       res.end(PAGE.replace('{{WHO}}', escapeHtml(who)));
@@ -114,7 +129,7 @@ function serve(index) {
     return;
   }
   const handle = sticky.listen(server);
-  handle.on('drain', () => io.close());
+  if (closeOnDrain) handle.on('drain', () => io.close());
 }
 
 function runClusterPrimary() {
