@@ -6,6 +6,7 @@
 const test = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
+const http = require('node:http');
 const path = require('node:path');
 const { execFile } = require('node:child_process');
 const { FakeBridge } = require('./helpers/fake-bridge');
@@ -53,5 +54,54 @@ test(
     // The drain closes socket.io and the process exits 0.
     bridge.drain();
     assert.deepEqual(await bridge.exited, { code: 0, signal: null });
+  },
+);
+
+test(
+  "drain with socket.io and no 'drain' handler: its sessions end at once, clients can reconnect, a request in progress finishes",
+  { timeout: 60000 },
+  async (t) => {
+    assert.ok(installed, `${TESTS_NODE} has no node_modules/socket.io: run \`npm ci --prefix tests/node\` first`);
+    const { io } = require(path.join(TESTS_NODE, 'node_modules', 'socket.io-client'));
+    // The chat as socket.io's examples write it: nothing closes socket.io on the drain.
+    // drainTimeout stays 30 s: only the package ending the sessions stops the app in time.
+    const bridge = new FakeBridge(CHAT, { env: { CHAT_CLOSE_ON_DRAIN: '0' } });
+    t.after(() => bridge.close());
+    await bridge.message((m) => m.stickyDispatch === 'ready');
+    const port = await bridge.listen();
+    const clients = ['websocket', 'polling'].map((transport) => {
+      const socket = io(`http://127.0.0.1:${port}`, { transports: [transport], forceNew: true, reconnection: false });
+      t.after(() => socket.close());
+      const hello = new Promise((resolve) => socket.once('hello', resolve));
+      const gone = new Promise((resolve) => socket.once('disconnect', resolve));
+      return { transport, socket, hello, gone };
+    });
+    for (const c of clients) await c.hello;
+    // An ordinary request in progress at the drain: its `started` has arrived.
+    const slow = await new Promise((resolve, reject) => {
+      http
+        .get({ host: '127.0.0.1', port, path: '/slow?ms=500', agent: false }, (res) => {
+          res.setEncoding('utf8');
+          let body = '';
+          const whole = new Promise((done) => res.on('end', () => done({ status: res.statusCode, body })));
+          res.on('data', (d) => {
+            body += d;
+            if (body.startsWith('started')) resolve({ whole });
+          });
+        })
+        .on('error', reject);
+    });
+    const begun = Date.now();
+    bridge.drain();
+    for (const c of clients) {
+      // The reasons socket.io-client reconnects from (not 'io server disconnect').
+      assert.match(await c.gone, /^transport (close|error)$/, c.transport);
+    }
+    const res = await slow.whole;
+    assert.equal(res.status, 200);
+    assert.match(res.body, /^started\nfinished\n/);
+    assert.deepEqual(await bridge.exited, { code: 0, signal: null });
+    const took = Date.now() - begun;
+    assert.ok(took < 5000, `exited ${took} ms after the drain, not at the 30 s drain timeout`);
   },
 );
