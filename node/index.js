@@ -31,7 +31,7 @@ const { EventEmitter } = require('node:events');
 /** The environment variable in which the bridge gives this worker its index. */
 const ENV_INDEX = 'STICKY_DISPATCH_INDEX';
 
-/** drainTimeout's default (ms): covers socket.io's 25 s long-poll. */
+/** drainTimeout's default (ms): the bound on requests in progress at a stop. */
 const DEFAULT_DRAIN_TIMEOUT = 30000;
 
 const HOW_TO_START = [
@@ -136,9 +136,9 @@ function connectionInfo(socket) {
 
 /**
  * What listen() returns, one per server. Events: 'connection' (socket, info), 'drain'
- * (the process stops taking connections; finish or close long-lived ones, e.g.
- * io.close()), 'close' (every connection of the server is closed, or was cut at the
- * drain timeout).
+ * (the process stops taking connections; finish or close long-lived ones: socket.io's
+ * are closed by announceClose), 'close' (every connection of the server is closed, or
+ * was cut at the drain timeout).
  */
 class StickyServer extends EventEmitter {
   constructor(server, listener, mode, session = null) {
