@@ -21,12 +21,16 @@ use std::time::{Duration, Instant};
 mod client;
 mod common;
 mod container;
+#[path = "python/support.rs"]
+mod python_support;
+#[path = "node/support.rs"]
+mod support;
 
 use client::{Client, Mode, Plan, Record};
 use common::{expected_worker, status_figure};
 use container::{
-    ensure_nspawn, enter_netns, field, message, poll, run_scenario, stage_product, stage_text,
-    Container, Entry, PATIENCE,
+    ensure_nspawn, enter_netns, field, message, poll, run_scenario, stage_file, stage_product,
+    stage_text, stage_tree, Container, Entry, PATIENCE,
 };
 
 const DISPATCHER: &str = env!("CARGO_BIN_EXE_sticky-dispatch");
@@ -65,7 +69,21 @@ fn clients() -> Vec<Client> {
 }
 
 fn expected(ip: Ipv4Addr) -> u32 {
-    expected_worker(ip, WORKERS)
+    worker_of(ip, WORKERS)
+}
+
+/// `expected_worker`, remembered: it builds a Router (a sorted bucket table) per call,
+/// and a soak's verdict asks it about every one of its hundred thousand connections.
+fn worker_of(ip: Ipv4Addr, workers: u32) -> u32 {
+    thread_local! {
+        static KNOWN: std::cell::RefCell<HashMap<(Ipv4Addr, u32), u32>> = Default::default();
+    }
+    KNOWN.with(|known| {
+        *known
+            .borrow_mut()
+            .entry((ip, workers))
+            .or_insert_with(|| expected_worker(ip, workers))
+    })
 }
 
 /// `clients` grouped by their worker, `per_worker` threads' worth each.
@@ -89,7 +107,7 @@ fn misrouted(mode: Mode, record: &Record) -> bool {
 fn misrouted_of(mode: Mode, record: &Record, workers: u32) -> bool {
     match &record.answer {
         Ok(answer) => {
-            answer.worker != expected_worker(record.client.key, workers)
+            answer.worker != worker_of(record.client.key, workers)
                 || (mode == Mode::Proxy && answer.client != record.client.key.to_string())
         }
         Err(_) => false,
@@ -147,6 +165,7 @@ fn chaos_under_a_booted_systemd() {
     let w = World {
         c: &container,
         config,
+        kind: Kind::Rust,
     };
     w.c.ok(&["systemctl", "start", "sticky-dispatch.socket", SERVICE]);
     w.restore();
@@ -173,6 +192,12 @@ fn chaos_under_a_booted_systemd() {
             k_killed_while_reading_keys,
         ),
         ("s", "s: chaos soak", s_soak),
+        ("sn", "sn: chaos soak with Node workers", |w| {
+            s_soak(&w.with_kind(Kind::Node))
+        }),
+        ("sp", "sp: chaos soak with Python workers", |w| {
+            s_soak(&w.with_kind(Kind::Python))
+        }),
         (
             "r",
             "r: systemd-run, a transient socket and service",
@@ -219,9 +244,56 @@ type Scenario = fn(&World);
 struct World<'c> {
     c: &'c Container,
     config: String,
+    kind: Kind,
 }
 
-impl World<'_> {
+/// What the workers are: the unit template the generator starts (`worker_unit`) and the
+/// application in it, staged by [`stage`]. Every kind answers like the demo worker
+/// (tests/common's `Answer`), with the client named in the PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// app@.service as shipped: sticky-dispatch-demo.
+    Rust,
+    /// node-app@.service as shipped (the bridge, `sticky-dispatch node-worker`), running
+    /// the socket.io chat tests/node/apps/chat.js with the npm package in node/.
+    Node,
+    /// python-app@.service, a copy of app@.service whose drop-ins run the venv's Python
+    /// with python/'s package: the aiohttp chat on workers 0 and 1, the ASGI chat on
+    /// uvicorn on workers 2 and 3 (tests/python/).
+    Python,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Rust, Kind::Node, Kind::Python];
+
+    /// The unit template's name, without `@.service`.
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Rust => "app",
+            Kind::Node => "node-app",
+            Kind::Python => "python-app",
+        }
+    }
+
+    fn template(self) -> String {
+        format!("{}@.service", self.name())
+    }
+
+    fn unit(self, index: u32) -> String {
+        format!("{}@{index}.service", self.name())
+    }
+
+    /// Seconds of faults in its soak unless STICKY_DISPATCH_CHAOS_SECS says: the Rust
+    /// run is the long one; the other kinds' stay within CI's time.
+    fn soak_secs(self) -> u64 {
+        match self {
+            Kind::Rust => 120,
+            Kind::Node | Kind::Python => 60,
+        }
+    }
+}
+
+impl<'c> World<'c> {
     fn plan(&self, mode: Mode) -> Plan {
         let netns = self.c.netns();
         Plan {
@@ -265,9 +337,14 @@ impl World<'_> {
     /// Masks and stops app@`index`, so that a restart of the dispatcher (which wants it)
     /// does not start it again.
     fn take_down(&self, index: u32) {
-        self.c
-            .ok(&["systemctl", "mask", "--runtime", "--quiet", &worker(index)]);
-        self.c.ok(&["systemctl", "stop", &worker(index)]);
+        self.c.ok(&[
+            "systemctl",
+            "mask",
+            "--runtime",
+            "--quiet",
+            &self.worker(index),
+        ]);
+        self.c.ok(&["systemctl", "stop", &self.worker(index)]);
     }
 
     fn bring_up(&self, index: u32) {
@@ -276,25 +353,74 @@ impl World<'_> {
             "unmask",
             "--runtime",
             "--quiet",
-            &worker(index),
+            &self.worker(index),
         ]);
-        self.c.ok(&["systemctl", "start", &worker(index)]);
+        self.c.ok(&["systemctl", "start", &self.worker(index)]);
     }
 
-    /// Back to every unit running: after a scenario, whether it passed or not.
+    /// The unit of worker `index`, of this world's kind.
+    fn worker(&self, index: u32) -> String {
+        self.kind.unit(index)
+    }
+
+    /// This world with workers of `kind` (its config's `worker_unit`), switched to: see
+    /// [`World::restore`].
+    fn with_kind(&self, kind: Kind) -> World<'c> {
+        let switching = Instant::now();
+        let from = format!("worker_unit = \"{}\"", self.kind.template());
+        assert!(self.config.contains(&from), "no {from:?} in the config");
+        let w = World {
+            c: self.c,
+            config: self
+                .config
+                .replace(&from, &format!("worker_unit = \"{}\"", kind.template())),
+            kind,
+        };
+        w.restore();
+        figure!(
+            "{kind:?} workers ({}) live after {:.1?}",
+            kind.template(),
+            switching.elapsed()
+        );
+        w
+    }
+
+    /// Back to every unit running: after a scenario, whether it passed or not. Switches
+    /// the kind of worker when the config in the container names another `worker_unit`:
+    /// the generator makes the dispatcher want this kind's units (daemon-reload), the
+    /// other kinds' units stop (they would bind the same @sticky-dispatch/N), and the
+    /// dispatcher restarts to start this kind's.
     fn restore(&self) {
         let c = self.c;
-        c.write_file(CONFIG_PATH, &self.config);
+        let all: Vec<String> = Kind::ALL
+            .iter()
+            .flat_map(|k| (0..WORKERS).map(|i| k.unit(i)))
+            .collect();
+        let others: Vec<String> = Kind::ALL
+            .iter()
+            .filter(|k| **k != self.kind)
+            .flat_map(|k| (0..WORKERS).map(|i| k.unit(i)))
+            .collect();
+        let mut unmask = vec!["systemctl", "unmask", "--runtime", "--quiet"];
+        unmask.extend(all.iter().map(String::as_str));
+        c.run(&unmask);
         for i in 0..WORKERS {
-            c.run(&["systemctl", "unmask", "--runtime", "--quiet", &worker(i)]);
-            c.run(&["systemctl", "kill", "-s", "CONT", &worker(i)]);
+            c.run(&["systemctl", "kill", "-s", "CONT", &self.worker(i)]);
         }
         c.run(&["systemctl", "reset-failed"]);
-        if c.active_state(SERVICE) != "active" {
+        let switch = c.ok(&["cat", CONFIG_PATH]) != self.config;
+        c.write_file(CONFIG_PATH, &self.config);
+        if switch {
+            c.ok(&["systemctl", "daemon-reload"]);
+            let mut stop = vec!["systemctl", "stop"];
+            stop.extend(others.iter().map(String::as_str));
+            c.ok(&stop);
+            c.ok(&["systemctl", "restart", SERVICE]);
+        } else if c.active_state(SERVICE) != "active" {
             c.ok(&["systemctl", "restart", SERVICE]);
         }
         for i in 0..WORKERS {
-            c.ok(&["systemctl", "start", &worker(i)]);
+            c.ok(&["systemctl", "start", &self.worker(i)]);
         }
         self.poll_status("every worker live", |s| s.contains("4/4 workers live"));
     }
@@ -302,10 +428,6 @@ impl World<'_> {
     fn journal_since(&self, cursor: &str) -> Vec<Entry> {
         self.c.journal(&["-u", SERVICE, "--after-cursor", cursor])
     }
-}
-
-fn worker(index: u32) -> String {
-    format!("app@{index}.service")
 }
 
 /// The number before `label` in STATUS=, 0 if absent.
@@ -388,7 +510,7 @@ fn p_killed_with_keyed_clients_waiting(w: &World, mode: Mode, kill: bool) {
     );
     load.wait_answered(200, PATIENCE);
     w.bring_up(1);
-    let app1 = c.main_pid(&worker(1));
+    let app1 = c.main_pid(&w.worker(1));
     let served = waiters.join();
     let rest = load.stop();
     let took_back: Vec<String> = w
@@ -483,7 +605,7 @@ fn t_second_sigterm(w: &World) {
     w.poll_status("clients waiting for app@1", |s| {
         figure_of(s, "waiting") >= WAITING as u64
     });
-    c.ok(&["systemctl", "kill", "-s", "STOP", &worker(2)]);
+    c.ok(&["systemctl", "kill", "-s", "STOP", &w.worker(2)]);
     let frozen = plan.once(&frozen_clients, None);
     w.poll_status("clients in flight to the frozen app@2", |s| {
         figure_of(s, "in flight") >= frozen_clients.len() as u64
@@ -539,7 +661,7 @@ fn t_second_sigterm(w: &World) {
         figure_of(s, "waiting") >= WAITING as u64
     });
     figure!("after the restart: STATUS {status:?}");
-    c.ok(&["systemctl", "kill", "-s", "CONT", &worker(2)]);
+    c.ok(&["systemctl", "kill", "-s", "CONT", &w.worker(2)]);
     w.bring_up(1);
     let served = waiters.join();
     let frozen = frozen.join();
@@ -549,7 +671,7 @@ fn t_second_sigterm(w: &World) {
         tally(Mode::Proxy, &served),
         tally(Mode::Proxy, &frozen)
     );
-    let app1 = c.main_pid(&worker(1));
+    let app1 = c.main_pid(&w.worker(1));
     for r in &served {
         let answer = r
             .answer
@@ -631,6 +753,8 @@ enum Fault {
     ReloadDispatcher,
     KillWorker(u32),
     RestartWorker(u32),
+    /// `systemctl reload`, or `systemctl restart` where the unit has no ExecReload=.
+    ReloadWorker(u32),
     StopWorker(u32, Duration),
 }
 
@@ -685,8 +809,9 @@ fn explain(record: &Record, events: &[Event]) -> Loss {
 
 /// s. Continuous load from 200 client addresses (PROXY headers; 4 threads per worker)
 /// while, in a random order from a printed seed, the dispatcher is killed (SIGKILL),
-/// restarted and reloaded, and workers are killed (SIGKILL), restarted, and stopped for
-/// 2-8 s (below pending_timeout, 30 s). Every connection is counted.
+/// restarted and reloaded, and workers are killed (SIGKILL), restarted, reloaded, and
+/// stopped for 2-8 s (below pending_timeout, 30 s). Every connection is counted. The
+/// workers are of the world's kind (sn and sp: Node and Python).
 fn s_soak(w: &World) {
     use rand::{Rng, SeedableRng};
     let c = w.c;
@@ -702,9 +827,22 @@ fn s_soak(w: &World) {
     let secs: u64 = std::env::var("STICKY_DISPATCH_CHAOS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(120)
+        .unwrap_or(w.kind.soak_secs())
         .min(600);
-    figure!("soak: seed {seed} (STICKY_DISPATCH_CHAOS_SEED={seed} replays it), {secs} s of faults");
+    let kind = w.kind;
+    figure!(
+        "soak with {kind:?} workers ({}): seed {seed} (STICKY_DISPATCH_CHAOS_SEED={seed} \
+         replays it), {secs} s of faults",
+        kind.template()
+    );
+    // A worker reload is the unit's ExecReload= where it has one.
+    let reloads = c.prop(&w.worker(0), "CanReload") == "yes";
+    let reload_is = if reloads {
+        "systemctl reload (ExecReload=)"
+    } else {
+        "systemctl restart (the unit has no ExecReload=)"
+    };
+    figure!("worker reload: {reload_is}");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let mut plan = w.plan(Mode::Proxy);
     plan.max_time = Duration::from_secs(secs + 120);
@@ -743,7 +881,7 @@ fn s_soak(w: &World) {
         for i in due {
             let (from, _) = stopped.remove(&i).unwrap();
             w.bring_up(i);
-            started(starts, &worker(i));
+            started(starts, &w.worker(i));
             let to = Instant::now();
             events.push(Event {
                 fault: Fault::StopWorker(i, to - from),
@@ -752,8 +890,9 @@ fn s_soak(w: &World) {
                 note: format!("down {:.1?}", to - from),
             });
             figure!(
-                "  {:>6.1?} app@{i} back after {:.1?}",
+                "  {:>6.1?} {} back after {:.1?}",
                 began.elapsed(),
+                w.worker(i),
                 to - from
             );
         }
@@ -762,7 +901,7 @@ fn s_soak(w: &World) {
     while Instant::now() < end {
         end_stops(&mut stopped, &mut events, &mut starts, false);
         let up: Vec<u32> = (0..WORKERS)
-            .filter(|i| !stopped.contains_key(i) && may_start(&starts, &worker(*i)))
+            .filter(|i| !stopped.contains_key(i) && may_start(&starts, &w.worker(*i)))
             .collect();
         // A kind of fault first, each as likely, then the worker it hits.
         let mut kinds: Vec<u8> = vec![2];
@@ -770,7 +909,7 @@ fn s_soak(w: &World) {
             kinds.extend([0, 1]);
         }
         if !up.is_empty() {
-            kinds.extend([3, 4]);
+            kinds.extend([3, 4, 6]);
             if stopped.len() < 2 {
                 kinds.push(5);
             }
@@ -787,6 +926,7 @@ fn s_soak(w: &World) {
             2 => Fault::ReloadDispatcher,
             3 => Fault::KillWorker(target),
             4 => Fault::RestartWorker(target),
+            6 => Fault::ReloadWorker(target),
             _ => Fault::StopWorker(target, Duration::from_millis(rng.random_range(2000..8000))),
         };
         let from = Instant::now();
@@ -818,11 +958,11 @@ fn s_soak(w: &World) {
                 String::new()
             }
             Fault::KillWorker(i) => {
-                let old = c.main_pid(&worker(i));
-                c.ok(&["systemctl", "kill", "-s", "KILL", &worker(i)]);
+                let old = c.main_pid(&w.worker(i));
+                c.ok(&["systemctl", "kill", "-s", "KILL", &w.worker(i)]);
                 let to = Instant::now();
-                let new = w.restarted(&worker(i), old);
-                started(&mut starts, &worker(i));
+                let new = w.restarted(&w.worker(i), old);
+                started(&mut starts, &w.worker(i));
                 events.push(Event {
                     fault,
                     from,
@@ -832,9 +972,19 @@ fn s_soak(w: &World) {
                 format!("pid {old} -> {new}")
             }
             Fault::RestartWorker(i) => {
-                c.ok(&["systemctl", "restart", &worker(i)]);
-                started(&mut starts, &worker(i));
+                c.ok(&["systemctl", "restart", &w.worker(i)]);
+                started(&mut starts, &w.worker(i));
                 String::new()
+            }
+            Fault::ReloadWorker(i) => {
+                let old = c.main_pid(&w.worker(i));
+                if reloads {
+                    c.ok(&["systemctl", "reload", &w.worker(i)]);
+                } else {
+                    c.ok(&["systemctl", "restart", &w.worker(i)]);
+                    started(&mut starts, &w.worker(i));
+                }
+                format!("pid {old} -> {}", c.main_pid(&w.worker(i)))
             }
             Fault::StopWorker(i, d) => {
                 w.take_down(i);
@@ -878,6 +1028,7 @@ fn s_soak(w: &World) {
             Fault::ReloadDispatcher => "dispatcher reload",
             Fault::KillWorker(_) => "worker SIGKILL",
             Fault::RestartWorker(_) => "worker restart",
+            Fault::ReloadWorker(_) => "worker reload",
             Fault::StopWorker(..) => "worker stopped 2-8 s",
         };
         *faults.entry(name).or_default() += 1;
@@ -915,7 +1066,8 @@ fn s_soak(w: &World) {
     let n = |l: Loss| losses.get(&l).copied().unwrap_or(0);
     let count = |name: &str| faults.get(name).copied().unwrap_or(0);
     figure!(
-        "soak table (seed {seed}, {elapsed:.0?}, 16 load threads, routing_key proxy-protocol):"
+        "soak table ({kind:?} workers, seed {seed}, {elapsed:.0?}, 16 load threads, routing_key \
+         proxy-protocol; worker reload = {reload_is}):"
     );
     figure!("| faults | {faults:?} |");
     figure!(
@@ -955,6 +1107,17 @@ fn s_soak(w: &World) {
     for line in unexplained.iter().take(20) {
         figure!("  {line}");
     }
+    figure!(
+        "soak {kind:?}: seed {seed}, {} connections, {answered} answered, {} lost ({} open at \
+         a worker SIGKILL, {} open at a dispatcher SIGKILL, {} waited, {} unexplained), {bad} \
+         misrouted",
+        records.len(),
+        records.len() - answered,
+        n(Loss::WorkerKilled),
+        n(Loss::DispatcherKilled),
+        n(Loss::Waiting),
+        n(Loss::Unexplained)
+    );
     assert_eq!(bad, 0, "misrouted connections");
     assert_eq!(n(Loss::Waiting), 0, "waiting connections lost");
     assert_eq!(n(Loss::Unexplained), 0, "unexplained losses");
@@ -1018,7 +1181,7 @@ fn r_systemd_run(w: &World) {
     let of = |worker: u32| -> Vec<Client> {
         sources
             .iter()
-            .filter(|ip| expected_worker(**ip, 2) == worker)
+            .filter(|ip| worker_of(**ip, 2) == worker)
             .map(|&ip| Client {
                 key: ip,
                 source: ip,
@@ -1089,6 +1252,7 @@ fn shipped_config(replace: &[(&str, String)]) -> String {
 
 fn stage(stage: &Path, config: &str) {
     stage_product(stage, &dispatcher_binary(), config);
+    stage_node_and_python_workers(stage);
     stage_text(stage, "/etc/sticky-dispatch/empty.toml", "");
     stage_text(stage, "/usr/local/bin/chaos-down-worker", DOWN_WORKER);
     use std::os::unix::fs::PermissionsExt;
@@ -1097,6 +1261,92 @@ fn stage(stage: &Path, config: &str) {
         std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
+}
+
+/// The units and files of [`Kind::Node`] and [`Kind::Python`]: the apps, the npm package,
+/// node_modules (`npm ci`), python/'s package and the venv, copied under /opt/sdt in the
+/// repository's layout (ProtectHome= would hide a checkout under /root or /home from the
+/// units).
+fn stage_node_and_python_workers(stage: &Path) {
+    let source = Path::new(SOURCE);
+    support::npm_ci();
+    let python = python_support::venv_python();
+    let venv = python
+        .parent()
+        .and_then(Path::parent)
+        .expect("<venv>/bin/python");
+    for (from, to) in [
+        ("tests/node/apps", "opt/sdt/tests/node/apps"),
+        ("tests/node/node_modules", "opt/sdt/tests/node/node_modules"),
+        ("node/index.js", "opt/sdt/node/index.js"),
+        ("node/package.json", "opt/sdt/node/package.json"),
+        ("python/sticky_dispatch", "opt/sdt/python/sticky_dispatch"),
+        ("tests/python", "opt/sdt/app"),
+    ] {
+        stage_tree(stage, to, &source.join(from));
+    }
+    stage_tree(stage, "opt/sdt/venv", venv);
+    let systemd = source.join("systemd");
+    stage_file(
+        stage,
+        "usr/lib/systemd/system/node-app@.service",
+        &systemd.join("node-app@.service"),
+        0o644,
+    );
+    // The shipped worker template, run under another name so that the Rust kind keeps
+    // app@.service; only what runs changes (drop-ins), the sandbox stays.
+    stage_file(
+        stage,
+        "usr/lib/systemd/system/python-app@.service",
+        &systemd.join("app@.service"),
+        0o644,
+    );
+    let node = program("node");
+    stage_text(
+        stage,
+        "/etc/systemd/system/node-app@.service.d/chaos.conf",
+        &format!(
+            "[Service]\n\
+             WorkingDirectory=/opt/sdt/tests/node/apps\n\
+             ExecStart=\n\
+             ExecStart=/usr/bin/sticky-dispatch node-worker -- {} \
+             /opt/sdt/tests/node/apps/chat.js\n",
+            node.display()
+        ),
+    );
+    let python_app = |app: &str| {
+        format!(
+            "[Service]\n\
+             ExecStart=\n\
+             ExecStart=/opt/sdt/venv/bin/python /opt/sdt/app/{app}\n\
+             Environment=PYTHONPATH=/opt/sdt/python\n"
+        )
+    };
+    stage_text(
+        stage,
+        "/etc/systemd/system/python-app@.service.d/python.conf",
+        &python_app("chat_aiohttp.py"),
+    );
+    // Drop-ins apply in the order of their file names, whatever their directory: the
+    // instances' "uvicorn.conf" comes after the template's "python.conf".
+    for index in [2, 3] {
+        stage_text(
+            stage,
+            &format!("/etc/systemd/system/python-app@{index}.service.d/uvicorn.conf"),
+            &python_app("chat_asgi.py"),
+        );
+    }
+}
+
+/// `name`'s path on the host's PATH; the container, an overlay of the host's root, has it
+/// at the same place.
+fn program(name: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .unwrap_or_else(|| panic!("no {name} on PATH"))
 }
 
 /// The dispatcher installed in the container: this build's, or the one
@@ -1141,6 +1391,7 @@ fn unacknowledged_connections_survive_a_dispatcher_sigkill() {
     let w = World {
         c: &container,
         config,
+        kind: Kind::Rust,
     };
     let c = w.c;
     c.ok(&["systemctl", "start", "sticky-dispatch.socket", SERVICE]);
@@ -1151,7 +1402,7 @@ fn unacknowledged_connections_survive_a_dispatcher_sigkill() {
         .filter(|cl| expected(cl.key) == 2)
         .take(8)
         .collect();
-    c.ok(&["systemctl", "kill", "-s", "STOP", &worker(2)]);
+    c.ok(&["systemctl", "kill", "-s", "STOP", &w.worker(2)]);
     let frozen = plan.once(&frozen_clients, None);
     let status = w.poll_status("clients in flight to the frozen app@2", |s| {
         figure_of(s, "in flight") >= frozen_clients.len() as u64
@@ -1159,10 +1410,10 @@ fn unacknowledged_connections_survive_a_dispatcher_sigkill() {
     let old = c.main_pid(SERVICE);
     c.ok(&["systemctl", "kill", "-s", "KILL", SERVICE]);
     let new = w.restarted(SERVICE, old);
-    c.ok(&["systemctl", "kill", "-s", "CONT", &worker(2)]);
+    c.ok(&["systemctl", "kill", "-s", "CONT", &w.worker(2)]);
     let served = frozen.join();
     let journal: Vec<String> = c
-        .journal(&["-u", &worker(2), "-n", "20"])
+        .journal(&["-u", &w.worker(2), "-n", "20"])
         .iter()
         .map(|e| message(e).to_owned())
         .collect();

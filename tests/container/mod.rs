@@ -410,6 +410,26 @@ pub fn stage_file(stage: &Path, path: &str, source: &Path, mode: u32) {
     std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
+/// Copies the file or tree `source` to `path` (relative to the root) in the stage
+/// directory with `cp -a`: modes kept, symlinks as they are (a venv's python ->
+/// /usr/bin/python3 stays valid in the container).
+pub fn stage_tree(stage: &Path, path: &str, source: &Path) {
+    let target = stage.join(path.trim_start_matches('/'));
+    make_dirs(stage, target.parent().unwrap());
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(source)
+        .arg(&target)
+        .status()
+        .expect("cp runs");
+    assert!(
+        copied.success(),
+        "cp -a {} {}",
+        source.display(),
+        target.display()
+    );
+}
+
 /// Writes `contents` to `path` (relative to the root) in the stage directory, 0644.
 pub fn stage_text(stage: &Path, path: &str, contents: &str) {
     let target = stage.join(path.trim_start_matches('/'));
