@@ -825,9 +825,10 @@ fn http(from: Ipv4Addr, to: SocketAddr, method: &str, path: &str, body: &str) ->
     (status, body.to_owned())
 }
 
-/// SIGTERM while a socket.io long-poll is held by the worker: the drain serves it (the
-/// poll is answered with the next ping, here after at most CHAT_PING_INTERVAL = 5 s),
-/// then the worker stops, within the adapters' 30 s bound.
+/// SIGTERM while a socket.io long-poll is held by the worker: the drain serves it, then
+/// the shutdown ends it at once (#22: not at the next ping, here CHAT_PING_INTERVAL = 5 s,
+/// 25 s by default) with engine.io's answer to a poll that ended without a packet, a 400
+/// the client reconnects from; the worker stops without waiting for the ping.
 #[test]
 fn a_held_socketio_long_poll_is_answered_before_the_worker_stops() {
     const PING: u64 = 5;
@@ -893,12 +894,12 @@ fn a_held_socketio_long_poll_is_answered_before_the_worker_stops() {
     );
     assert_eq!(
         (status, body.as_str()),
-        (200, "2"),
-        "the held poll gets the next ping"
+        (400, "\"Bad Request\""),
+        "the held poll is ended, not answered with the next ping"
     );
     assert!(
-        stopped < Duration::from_secs(PING + 10),
-        "stopped after {stopped:?}"
+        stopped < Duration::from_secs(PING),
+        "stopped after {stopped:?}, not before the next ping"
     );
 }
 
@@ -1307,6 +1308,11 @@ const RESTART_SOCKETIO_CLIENTS: usize = 8;
 /// the request in progress finishes; connected socket.io clients reconnect to the new
 /// process.
 fn restart_waits_only_for_start_up(test: &'static str, app: &str, stay: bool) {
+    // One at a time: each measures waits of a few hundred ms on a shared machine.
+    static TIMING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = TIMING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let (dispatcher, addr) = python_standalone(test, app, &[]);
     let log = &dispatcher.0.log;
     let victim = 3;
@@ -1337,7 +1343,7 @@ fn restart_waits_only_for_start_up(test: &'static str, app: &str, stay: bool) {
 
     let load = TimedLoad::start(addr, http_ips);
     load.wait_answered_after(Instant::now(), 0, 20);
-    let slow = slow_request(slow_ip, addr, 500);
+    let slow = slow_request(slow_ip, addr, 200);
     let terminated = Instant::now();
     kill(pid, Signal::SIGTERM);
     let limit = Duration::from_secs(60);
@@ -1367,7 +1373,10 @@ fn restart_waits_only_for_start_up(test: &'static str, app: &str, stay: bool) {
         .iter()
         .filter(|t| t.waited > Duration::from_secs(1))
         .count();
-    let failed: Vec<&String> = timed.iter().filter_map(|t| t.answer.as_ref().err()).collect();
+    let failed: Vec<&String> = timed
+        .iter()
+        .filter_map(|t| t.answer.as_ref().err())
+        .collect();
     let socketio_case = if stay {
         "connected through the restart"
     } else {
@@ -1396,7 +1405,9 @@ fn restart_waits_only_for_start_up(test: &'static str, app: &str, stay: bool) {
     );
     assert!(
         longest <= start_up + Duration::from_secs(1) && longest < Duration::from_secs(5),
-        "longest wait {longest:?}, new process start-up {start_up:?}"
+        "longest wait {longest:?}, new process start-up {start_up:?}, old process exited \
+         {:?} after SIGTERM",
+        exited - terminated
     );
     if stay {
         assert_eq!(
