@@ -2,14 +2,17 @@
 //! under a real booted systemd (tests/container), with keys from PROXY and
 //! X-Forwarded-For headers; a second SIGTERM during a graceful stop; clients still
 //! sending their key when the dispatcher is killed; a chaos soak of every fault in a
-//! random (seeded) order under continuous load from 200 client addresses; and, for
-//! comparison, the standalone dispatcher killed under load.
+//! random (seeded) order under continuous load from 200 client addresses, with every
+//! kind of worker (the Rust demo, Node behind `node-worker`, Python on aiohttp and
+//! uvicorn: [`Kind`]); and, for comparison, the standalone dispatcher killed under load.
 //!
 //! Figures are printed with the `[chaos]` prefix: `cargo test --test chaos --
 //! --include-ignored --nocapture`. The booted-systemd test needs root, like
-//! tests/systemd.rs; `STICKY_DISPATCH_CHAOS_ONLY=p,s` runs only some of its scenarios,
-//! `STICKY_DISPATCH_CHAOS_SEED` replays a soak, `STICKY_DISPATCH_CHAOS_SECS` sets its
-//! length, `STICKY_DISPATCH_CHAOS_DISPATCHER=PATH` installs another dispatcher binary.
+//! tests/systemd.rs; `STICKY_DISPATCH_CHAOS_ONLY=p,s` runs only some of its scenarios
+//! (`s`, `sn`, `sp`: the soak with Rust, Node, Python workers), `STICKY_DISPATCH_CHAOS_SEED`
+//! replays a soak, `STICKY_DISPATCH_CHAOS_SECS` sets the length of each (120 s with Rust
+//! workers, 60 s with the others by default), `STICKY_DISPATCH_CHAOS_DISPATCHER=PATH`
+//! installs another dispatcher binary.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -161,7 +164,10 @@ fn chaos_under_a_booted_systemd() {
             "routing_key = \"proxy-protocol\"".to_owned(),
         ),
     ]);
-    let container = Container::boot("chaos", |dir| stage(dir, &config));
+    let container = Container::boot("chaos", |dir| {
+        stage(dir, &config);
+        stage_node_and_python_workers(dir);
+    });
     let w = World {
         c: &container,
         config,
@@ -382,6 +388,15 @@ impl<'c> World<'c> {
             kind.template(),
             switching.elapsed()
         );
+        for i in 0..WORKERS {
+            // ExecStart's `{ path=... ; argv[]=... ; ... }`: the command line.
+            let exec = w.c.prop(&w.worker(i), "ExecStart");
+            let argv = exec
+                .split(" ; ")
+                .find_map(|part| part.strip_prefix("argv[]="))
+                .unwrap_or(&exec);
+            figure!("  {}: {argv}", w.worker(i));
+        }
         w
     }
 
@@ -1252,7 +1267,6 @@ fn shipped_config(replace: &[(&str, String)]) -> String {
 
 fn stage(stage: &Path, config: &str) {
     stage_product(stage, &dispatcher_binary(), config);
-    stage_node_and_python_workers(stage);
     stage_text(stage, "/etc/sticky-dispatch/empty.toml", "");
     stage_text(stage, "/usr/local/bin/chaos-down-worker", DOWN_WORKER);
     use std::os::unix::fs::PermissionsExt;
