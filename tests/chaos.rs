@@ -75,18 +75,8 @@ fn expected(ip: Ipv4Addr) -> u32 {
     worker_of(ip, WORKERS)
 }
 
-/// `expected_worker`, remembered: it builds a Router (a sorted bucket table) per call,
-/// and a soak's verdict asks it about every one of its hundred thousand connections.
 fn worker_of(ip: Ipv4Addr, workers: u32) -> u32 {
-    thread_local! {
-        static KNOWN: std::cell::RefCell<HashMap<(Ipv4Addr, u32), u32>> = Default::default();
-    }
-    KNOWN.with(|known| {
-        *known
-            .borrow_mut()
-            .entry((ip, workers))
-            .or_insert_with(|| expected_worker(ip, workers))
-    })
+    expected_worker(ip, workers)
 }
 
 /// `clients` grouped by their worker, `per_worker` threads' worth each.

@@ -307,10 +307,32 @@ pub fn parallel<T: Send + Sync, R: Send>(
     })
 }
 
+/// The default routing (seed 0, /32, /64) for `workers` workers, built once per count:
+/// building one makes its 4,096-bucket table, which the tests would otherwise pay for on
+/// every connection they check.
+pub fn default_router(workers: u32) -> std::sync::Arc<sticky_dispatch::routing::Router> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static ROUTERS: OnceLock<Mutex<HashMap<u32, Arc<sticky_dispatch::routing::Router>>>> =
+        OnceLock::new();
+    let mut routers = ROUTERS.get_or_init(Default::default).lock().unwrap();
+    routers
+        .entry(workers)
+        .or_insert_with(|| {
+            Arc::new(sticky_dispatch::routing::Router::new(
+                workers.try_into().unwrap(),
+                32,
+                64,
+                0,
+            ))
+        })
+        .clone()
+}
+
 /// Client addresses whose connections the default routing (seed 0, /32) sends to `worker`
 /// of `workers`, from the sequence of [`client_ip`].
 pub fn clients_of(worker: u32, workers: u32, count: usize) -> Vec<Ipv4Addr> {
-    let router = sticky_dispatch::routing::Router::new(workers.try_into().unwrap(), 32, 64, 0);
+    let router = default_router(workers);
     (0..)
         .map(client_ip)
         .filter(|ip| router.worker_for(&router.key(Some((*ip).into()))) == worker)
@@ -320,7 +342,7 @@ pub fn clients_of(worker: u32, workers: u32, count: usize) -> Vec<Ipv4Addr> {
 
 /// The worker each client is routed to, by the same routing as the dispatcher's defaults.
 pub fn expected_worker(ip: Ipv4Addr, workers: u32) -> u32 {
-    let router = sticky_dispatch::routing::Router::new(workers.try_into().unwrap(), 32, 64, 0);
+    let router = default_router(workers);
     router.worker_for(&router.key(Some(ip.into())))
 }
 
