@@ -456,10 +456,7 @@ print(link.recv(512))
         .collect();
     let outcomes: Vec<Outcome> = others
         .iter()
-        .map(|&client| Outcome {
-            client,
-            answer: request(client, addr),
-        })
+        .map(|&client| Outcome::of(client, addr, PATIENCE))
         .collect();
     let tally = Tally::of(&outcomes, expected);
     eprintln!("with a wrong-version worker 0 and a garbage-speaking client of worker 1: {tally}");

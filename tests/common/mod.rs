@@ -351,6 +351,23 @@ pub fn expected_worker(ip: Ipv4Addr, workers: u32) -> u32 {
 pub struct Outcome {
     pub client: Ipv4Addr,
     pub answer: Result<Answer, String>,
+    /// When the request's connection was opened, and how long it waited for the answer.
+    pub started: Instant,
+    pub waited: Duration,
+}
+
+impl Outcome {
+    /// One request from `client` to `to`, timed.
+    pub fn of(client: Ipv4Addr, to: SocketAddr, reply_timeout: Duration) -> Outcome {
+        let started = Instant::now();
+        let answer = request_within(client.into(), to, reply_timeout);
+        Outcome {
+            client,
+            answer,
+            started,
+            waited: started.elapsed(),
+        }
+    }
 }
 
 /// A source of client connections, one HTTP request per new connection: `threads` threads
@@ -444,11 +461,8 @@ impl LoadPlan {
                         if stop.load(Ordering::Relaxed) || begun.elapsed() > max_time {
                             break;
                         }
-                        let answer = request_within((*client).into(), to, reply_timeout);
-                        outcomes.lock().unwrap().push(Outcome {
-                            client: *client,
-                            answer,
-                        });
+                        let outcome = Outcome::of(*client, to, reply_timeout);
+                        outcomes.lock().unwrap().push(outcome);
                     }
                 })
             })
@@ -498,6 +512,27 @@ impl Load {
             .count()
     }
 
+    /// Waits (bounded) until `n` requests started after `since` have been answered by a
+    /// process other than `not_pid`; returns the pid of the last of them.
+    pub fn wait_answered_after(&self, since: Instant, not_pid: i32, n: usize) -> i32 {
+        let answered_by_others = |load: &Load| -> Vec<i32> {
+            load.outcomes
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|o| o.started >= since)
+                .filter_map(|o| o.answer.as_ref().ok())
+                .filter(|a| a.pid != not_pid)
+                .map(|a| a.pid)
+                .collect()
+        };
+        self.wait_until(
+            &format!("{n} answers from a process other than {not_pid}"),
+            |load| answered_by_others(load).len() >= n,
+        );
+        *answered_by_others(self).last().expect("n answers")
+    }
+
     /// Waits until `more` requests beyond those completed now have completed.
     pub fn wait_more(&self, more: usize) {
         let target = self.completed() + more;
@@ -543,6 +578,56 @@ impl Drop for Load {
             let _ = thread.join();
         }
     }
+}
+
+/// The restart tests' load: a thread per client making new connections back to back, each
+/// timed, bounded in count and time; the reply timeout is above the apps' 30 s drain
+/// default, so that a wait that long (before the fixes) is measured, not counted as a
+/// failure.
+pub fn restart_load(to: SocketAddr, clients: &[Ipv4Addr]) -> Load {
+    LoadPlan::new(to, clients)
+        .threads(clients.len())
+        .max_each(20_000)
+        .max_time(Duration::from_secs(120))
+        .reply_timeout(Duration::from_secs(45))
+        .start()
+}
+
+/// `GET /slow?ms=<ms>` (an app route of the restart tests) from `from`, once the app has
+/// sent `started` (the request is in progress); the thread reads the rest and returns the
+/// whole response.
+pub fn slow_request(
+    from: Ipv4Addr,
+    to: SocketAddr,
+    ms: u64,
+) -> std::thread::JoinHandle<Result<String, String>> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&SocketAddr::new(from.into(), 0).into())
+        .unwrap();
+    socket.connect_timeout(&to.into(), PATIENCE).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        stream,
+        "GET /slow?ms={ms} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&text).contains("started") {
+        match stream.read(&mut buf) {
+            Ok(0) => panic!("closed before started: {}", String::from_utf8_lossy(&text)),
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(err) => panic!("slow request: {err}"),
+        }
+    }
+    std::thread::spawn(move || {
+        stream
+            .read_to_end(&mut text)
+            .map_err(|err| format!("{err} after {}", String::from_utf8_lossy(&text)))?;
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    })
 }
 
 /// Figures of a load run: requests, answered, failed, and clients answered by the wrong
