@@ -975,42 +975,15 @@ fn the_quick_start_chat_serves_a_page_a_browser_can_open() {
     );
 }
 
-/// `diff -u` of `tests/node/converting/before/<app>` and `.../after/<app>`, labelled
-/// `a/<app>` and `b/<app>`.
-fn conversion_diff(app: &str) -> String {
-    let dir = support::node_dir().join("converting");
-    let out = Command::new("diff")
-        .args([
-            "-u",
-            "--label",
-            &format!("a/{app}"),
-            "--label",
-            &format!("b/{app}"),
-        ])
-        .arg(dir.join("before").join(app))
-        .arg(dir.join("after").join(app))
-        .output()
-        .unwrap();
-    // Status 1: the files differ, as they must.
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// docs/converting-node.md shows each conversion as the exact diff between the files the
 /// tests below run.
 #[test]
 fn the_conversion_guide_shows_the_diffs_of_the_tested_apps() {
-    let guide = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/converting-node.md"),
-    )
-    .unwrap();
-    for app in ["http-chat.js", "express-chat.js"] {
-        let block = format!("```diff\n{}```\n", conversion_diff(app));
-        assert!(
-            guide.contains(&block),
-            "docs/converting-node.md lacks the diff of {app}; it is:\n{block}"
-        );
-    }
+    support::assert_guide_shows_conversions(
+        "docs/converting-node.md",
+        "tests/node/converting",
+        &["http-chat.js", "express-chat.js"],
+    );
 }
 
 /// The app before the conversion, one process on a port of its own (`PORT`), as its

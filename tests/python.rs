@@ -944,13 +944,7 @@ fn broadcast_clients(addr: SocketAddr, ips: &[Ipv4Addr], env: &[(&str, &str)]) -
         .lines()
         .filter(|line| line.starts_with("client "))
         .map(|line| {
-            let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
-            let field = |name: &str| {
-                fields
-                    .split_whitespace()
-                    .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
-                    .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
-            };
+            let (field, error) = support::client_line(line);
             Listener {
                 ip: field("ip").parse().unwrap(),
                 ok: field("ok") == "true",
@@ -1044,39 +1038,14 @@ fn redis_manager_broadcast_reaches_clients_on_every_worker() {
 // ---------------------------------------------------------------------------------------
 // docs/converting-python.md: each diff, exactly, and the converted apps with real clients
 
-/// `diff -u` of `tests/python/converting/before/<app>` and `.../after/<app>`, labelled
-/// `a/<app>` and `b/<app>`.
-fn conversion_diff(app: &str) -> String {
-    let dir = python_support::repo().join("tests/python/converting");
-    let out = Command::new("diff")
-        .args([
-            "-u",
-            "--label",
-            &format!("a/{app}"),
-            "--label",
-            &format!("b/{app}"),
-        ])
-        .arg(dir.join("before").join(app))
-        .arg(dir.join("after").join(app))
-        .output()
-        .unwrap();
-    // Status 1: the files differ, as they must.
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// The guide shows each conversion as the exact diff between the files the tests run.
 #[test]
 fn the_conversion_guide_shows_the_diffs_of_the_tested_apps() {
-    let guide =
-        std::fs::read_to_string(python_support::repo().join("docs/converting-python.md")).unwrap();
-    for app in ["aiohttp_app.py", "fastapi_app.py"] {
-        let block = format!("```diff\n{}```\n", conversion_diff(app));
-        assert!(
-            guide.contains(&block),
-            "docs/converting-python.md lacks the diff of {app}; it is:\n{block}"
-        );
-    }
+    support::assert_guide_shows_conversions(
+        "docs/converting-python.md",
+        "tests/python/converting",
+        &["aiohttp_app.py", "fastapi_app.py"],
+    );
 }
 
 /// A converted app (docs/converting-python.md) as 4 workers with a real redis-server: 12

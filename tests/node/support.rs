@@ -351,13 +351,7 @@ pub fn chat_clients(
         .lines()
         .filter(|line| line.starts_with("client "))
         .map(|line| {
-            let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
-            let field = |name: &str| {
-                fields
-                    .split_whitespace()
-                    .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
-                    .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
-            };
+            let (field, error) = client_line(line);
             ChatClient {
                 ip: field("ip").parse().unwrap(),
                 ok: field("ok") == "true",
@@ -376,6 +370,20 @@ pub fn chat_clients(
         .collect();
     assert_eq!(clients.len(), ips.len(), "{}", out.stdout);
     clients
+}
+
+/// A `client ip=… ok=… … error=<rest of the line>` line of the socket.io client runners
+/// (chat-clients.js, tests/python/broadcast-clients.js): a getter of its `name=value`
+/// fields (panicking, naming the line, on a missing one) and its error text.
+pub fn client_line<'l>(line: &'l str) -> (impl Fn(&str) -> &'l str + 'l, &'l str) {
+    let (fields, error) = line.split_once(" error=").unwrap_or((line, ""));
+    let field = move |name: &str| {
+        fields
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+    };
+    (field, error)
 }
 
 /// Headless Chromium and everything it started (its own process group), killed when
@@ -445,5 +453,36 @@ impl Chromium {
             std::thread::sleep(Duration::from_millis(20));
         };
         (chromium, endpoint)
+    }
+}
+
+/// Checks that `guide` (a page under the repository, e.g. docs/converting-node.md) shows
+/// each conversion as exactly the `diff -u` of `<converting>/before/<app>` and
+/// `<converting>/after/<app>` (labelled `a/<app>` and `b/<app>`), in a `diff` block: the
+/// guide's diffs are the apps the tests run.
+pub fn assert_guide_shows_conversions(guide: &str, converting: &str, apps: &[&str]) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(repo.join(guide)).unwrap();
+    let dir = repo.join(converting);
+    for app in apps {
+        let out = Command::new("diff")
+            .args([
+                "-u",
+                "--label",
+                &format!("a/{app}"),
+                "--label",
+                &format!("b/{app}"),
+            ])
+            .arg(dir.join("before").join(app))
+            .arg(dir.join("after").join(app))
+            .output()
+            .unwrap();
+        // Status 1: the files differ, as they must.
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let block = format!("```diff\n{}```\n", String::from_utf8(out.stdout).unwrap());
+        assert!(
+            text.contains(&block),
+            "{guide} lacks the diff of {app}; it is:\n{block}"
+        );
     }
 }
