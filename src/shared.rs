@@ -126,16 +126,19 @@ pub struct PeerHello {
     pub pid: u32,
     /// The peer's role: a dispatcher's peer is a [`Role::Worker`] or a [`Role::NodeWorker`].
     pub role: Role,
+    /// What a worker said it can do (`wire::FEATURE_LANES`); 0 from a dispatcher.
+    pub features: u8,
 }
 
 /// The HELLO exchange, the same from both ends: sends ours (as `role`, for worker
 /// `index`), then waits up to [`HELLO_TIMEOUT`] for the peer's, which must come from the
 /// other side (a worker of either kind for a dispatcher, the dispatcher for a worker) and
-/// name the same index.
+/// name the same index. `features` is what a worker can do (0 for the dispatcher).
 pub async fn exchange_hello(
     link: &LinkStream,
     role: Role,
     index: u32,
+    features: u8,
 ) -> Result<PeerHello, LinkError> {
     let them = match role {
         Role::Dispatcher => "worker",
@@ -146,6 +149,7 @@ pub async fn exchange_hello(
         role,
         index,
         pid: std::process::id(),
+        features,
     }
     .encode(&mut out);
     link.send(&out, None).await?;
@@ -162,12 +166,14 @@ pub async fn exchange_hello(
             role: their_role,
             index: their_index,
             pid,
+            features,
         } if (their_role == Role::Dispatcher) != (role == Role::Dispatcher)
             && their_index == index =>
         {
             Ok(PeerHello {
                 pid,
                 role: their_role,
+                features,
             })
         }
         other => Err(LinkError::Protocol(format!(
@@ -253,8 +259,8 @@ mod tests {
     async fn hello_checks_role_and_index_both_ways() {
         let (dispatcher, worker) = LinkStream::pair().unwrap();
         let (d, w) = tokio::join!(
-            exchange_hello(&dispatcher, Role::Dispatcher, 4),
-            exchange_hello(&worker, Role::Worker, 4)
+            exchange_hello(&dispatcher, Role::Dispatcher, 4, 0),
+            exchange_hello(&worker, Role::Worker, 4, 0)
         );
         let pid = std::process::id();
         assert_eq!(
@@ -273,30 +279,30 @@ mod tests {
 
         let (dispatcher, worker) = LinkStream::pair().unwrap();
         let (d, w) = tokio::join!(
-            exchange_hello(&dispatcher, Role::Dispatcher, 4),
-            exchange_hello(&worker, Role::Worker, 5)
+            exchange_hello(&dispatcher, Role::Dispatcher, 4, 0),
+            exchange_hello(&worker, Role::Worker, 5, 0)
         );
         assert!(matches!(d, Err(LinkError::Protocol(_))), "{d:?}");
         assert!(matches!(w, Err(LinkError::Protocol(_))), "{w:?}");
 
         let (one, other) = LinkStream::pair().unwrap();
         let (a, b) = tokio::join!(
-            exchange_hello(&one, Role::Worker, 1),
-            exchange_hello(&other, Role::Worker, 1)
+            exchange_hello(&one, Role::Worker, 1, 0),
+            exchange_hello(&other, Role::Worker, 1, 0)
         );
         assert!(a.is_err() && b.is_err(), "two workers must not agree");
 
         let (one, other) = LinkStream::pair().unwrap();
         let (a, b) = tokio::join!(
-            exchange_hello(&one, Role::Worker, 1),
-            exchange_hello(&other, Role::NodeWorker, 1)
+            exchange_hello(&one, Role::Worker, 1, 0),
+            exchange_hello(&other, Role::NodeWorker, 1, 0)
         );
         assert!(a.is_err() && b.is_err(), "nor two kinds of worker");
 
         let (dispatcher, worker) = LinkStream::pair().unwrap();
         let (d, _) = tokio::join!(
-            exchange_hello(&dispatcher, Role::Dispatcher, 2),
-            exchange_hello(&worker, Role::NodeWorker, 2)
+            exchange_hello(&dispatcher, Role::Dispatcher, 2, 0),
+            exchange_hello(&worker, Role::NodeWorker, 2, 0)
         );
         assert_eq!(d.unwrap().role, Role::NodeWorker);
     }
@@ -304,7 +310,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_peer_times_out() {
         let (dispatcher, _silent) = LinkStream::pair().unwrap();
-        let err = exchange_hello(&dispatcher, Role::Dispatcher, 0)
+        let err = exchange_hello(&dispatcher, Role::Dispatcher, 0, 0)
             .await
             .unwrap_err();
         assert_eq!(

@@ -6,12 +6,17 @@
 //! ```text
 //! byte 0   version (1)
 //! byte 1   type
-//! HELLO   1  role u8 (0 dispatcher, 1 worker, 2 Node.js worker), index u32, pid u32   both ways, first
+//! HELLO   1  role u8 (0 dispatcher, 1 worker, 2 Node.js worker), index u32, pid u32,
+//!            [features u8, a worker's only: bit 0 = it serves lanes]          both ways, first
 //! CONN    2  seq u64, peer ADDR, local ADDR, listener u8 len + UTF-8    D → W, one fd attached
 //! ACK     3  seq u64: every CONN up to and including seq was received    W → D
 //! DRAIN   4  (empty): the worker is stopping, send nothing new           W → D
 //! DRAINED 5  seq u64: the last CONN the dispatcher sent on this link     D → W
 //! CHANNEL 6  (empty): Node.js's IPC channel, one fd attached             W → D, after HELLO role 2
+//! LANE    7  backlog u32, local ADDR, listener u8 len + UTF-8: one listening socket
+//!            (the worker's lane of that listener), one fd attached         D → W
+//! LANES   8  count u8: the LANEs just sent are all this worker's lanes     D → W, after its LANEs
+//! ACCEPTED 9 count u64: connections the worker accepted on its lanes so far W → D
 //! ADDR    family u8: 0 none (then nothing), 4 (then 4 bytes + port u16), 6 (16 bytes + port u16)
 //! ```
 //!
@@ -19,6 +24,11 @@
 //! next, with a `SOCK_SEQPACKET` socket whose peer is a Node.js process's IPC channel: the
 //! dispatcher then hands that link's connections to Node directly, in Node's own dialect
 //! (`crate::node_ipc`), and the link itself only says, by closing, that the worker is gone.
+//!
+//! A worker that sets the lanes bit in its HELLO gets, right after the HELLOs and at every
+//! link-up, its lanes: a LANE per listener routed by the kernel, then LANES (count 0: none,
+//! close any you hold). It accepts on them itself, and says now and then how many it took
+//! (ACCEPTED), since the dispatcher no longer sees those connections.
 //!
 //! Sequence numbers count from 1 on each link. docs/protocol.md documents the same format
 //! for workers written in other languages; keep the two in step.
@@ -36,6 +46,12 @@ const ACK: u8 = 3;
 const DRAIN: u8 = 4;
 const DRAINED: u8 = 5;
 const CHANNEL: u8 = 6;
+const LANE: u8 = 7;
+const LANES: u8 = 8;
+const ACCEPTED: u8 = 9;
+
+/// The HELLO features bit of a worker that serves lanes (LANE, LANES, ACCEPTED).
+pub const FEATURE_LANES: u8 = 1;
 
 /// Which end of the link sent a HELLO.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +107,10 @@ pub enum Message {
         index: u32,
         /// The sender's process id, for logs.
         pid: u32,
+        /// What the worker can do beyond version 1's first messages ([`FEATURE_LANES`]);
+        /// 0 from the dispatcher. Sent as a tenth byte only when not 0, so a HELLO without
+        /// features is the 9-byte one every version-1 peer knows.
+        features: u8,
     },
     /// A client connection; exactly one fd accompanies it.
     Conn(Conn),
@@ -108,6 +128,31 @@ pub enum Message {
     },
     /// Node.js's IPC channel; exactly one fd accompanies it.
     Channel,
+    /// One of the worker's lanes: a listening socket it accepts on itself; exactly one fd
+    /// accompanies it.
+    Lane(Lane),
+    /// The lanes sent since the HELLOs (or the last `Lanes`) are all of this worker's.
+    Lanes {
+        /// How many LANE messages came before it.
+        count: u8,
+    },
+    /// Connections the worker has accepted on its lanes since it started.
+    Accepted {
+        /// The running total.
+        count: u64,
+    },
+}
+
+/// A lane being handed over; the listening socket travels beside it as SCM_RIGHTS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lane {
+    /// The listen backlog the socket was created with: a worker that calls `listen()` on
+    /// it (most servers do) must pass this one, or it shrinks the queue for everyone.
+    pub backlog: u32,
+    /// The address the socket is bound to.
+    pub local: Option<SocketAddr>,
+    /// Name of the listener it belongs to (systemd's `FileDescriptorName=`).
+    pub listener: String,
 }
 
 /// Why a datagram is not a valid message.
@@ -134,6 +179,9 @@ impl Message {
             Message::Drain => "DRAIN",
             Message::Drained { .. } => "DRAINED",
             Message::Channel => "CHANNEL",
+            Message::Lane(_) => "LANE",
+            Message::Lanes { .. } => "LANES",
+            Message::Accepted { .. } => "ACCEPTED",
         }
     }
 
@@ -142,24 +190,40 @@ impl Message {
         out.clear();
         out.push(VERSION);
         match self {
-            Message::Hello { role, index, pid } => {
+            Message::Hello {
+                role,
+                index,
+                pid,
+                features,
+            } => {
                 out.push(HELLO);
                 out.push(role.byte());
                 out.extend_from_slice(&index.to_be_bytes());
                 out.extend_from_slice(&pid.to_be_bytes());
+                if *features != 0 {
+                    out.push(*features);
+                }
             }
             Message::Conn(conn) => {
                 out.push(CONN);
                 out.extend_from_slice(&conn.seq.to_be_bytes());
                 encode_addr(conn.peer, out);
                 encode_addr(conn.local, out);
-                // Names longer than 255 bytes are cut at a char boundary: they are labels only.
-                let mut len = conn.listener.len().min(255);
-                while !conn.listener.is_char_boundary(len) {
-                    len -= 1;
-                }
-                out.push(len as u8);
-                out.extend_from_slice(&conn.listener.as_bytes()[..len]);
+                encode_name(&conn.listener, out);
+            }
+            Message::Lane(lane) => {
+                out.push(LANE);
+                out.extend_from_slice(&lane.backlog.to_be_bytes());
+                encode_addr(lane.local, out);
+                encode_name(&lane.listener, out);
+            }
+            Message::Lanes { count } => {
+                out.push(LANES);
+                out.push(*count);
+            }
+            Message::Accepted { count } => {
+                out.push(ACCEPTED);
+                out.extend_from_slice(&count.to_be_bytes());
             }
             Message::Ack { seq } => {
                 out.push(ACK);
@@ -186,8 +250,14 @@ impl Message {
             HELLO => {
                 let role = r.u8().and_then(Role::from_byte);
                 let fields = role.zip(r.u32()).zip(r.u32());
-                let message =
-                    fields.map(|((role, index), pid)| Message::Hello { role, index, pid });
+                // The features byte is optional: absent means none.
+                let features = r.u8().unwrap_or(0);
+                let message = fields.map(|((role, index), pid)| Message::Hello {
+                    role,
+                    index,
+                    pid,
+                    features,
+                });
                 (message, "HELLO")
             }
             CONN => (decode_conn(&mut r).map(Message::Conn), "CONN"),
@@ -198,6 +268,9 @@ impl Message {
                 "DRAINED",
             ),
             CHANNEL => (Some(Message::Channel), "CHANNEL"),
+            LANE => (decode_lane(&mut r).map(Message::Lane), "LANE"),
+            LANES => (r.u8().map(|count| Message::Lanes { count }), "LANES"),
+            ACCEPTED => (r.u64().map(|count| Message::Accepted { count }), "ACCEPTED"),
             other => return Err(DecodeError::Type(other)),
         };
         match message {
@@ -223,12 +296,38 @@ fn encode_addr(addr: Option<SocketAddr>, out: &mut Vec<u8>) {
     }
 }
 
+/// A listener's name, u8 length + UTF-8. Names longer than 255 bytes are cut at a char
+/// boundary: they are labels only.
+fn encode_name(name: &str, out: &mut Vec<u8>) {
+    let mut len = name.len().min(255);
+    while !name.is_char_boundary(len) {
+        len -= 1;
+    }
+    out.push(len as u8);
+    out.extend_from_slice(&name.as_bytes()[..len]);
+}
+
+fn decode_name(r: &mut Reader) -> Option<String> {
+    let len = r.u8()? as usize;
+    Some(std::str::from_utf8(r.take(len)?).ok()?.to_owned())
+}
+
+fn decode_lane(r: &mut Reader) -> Option<Lane> {
+    let backlog = r.u32()?;
+    let local = decode_addr(r)?;
+    let listener = decode_name(r)?;
+    Some(Lane {
+        backlog,
+        local,
+        listener,
+    })
+}
+
 fn decode_conn(r: &mut Reader) -> Option<Conn> {
     let seq = r.u64()?;
     let peer = decode_addr(r)?;
     let local = decode_addr(r)?;
-    let len = r.u8()? as usize;
-    let listener = std::str::from_utf8(r.take(len)?).ok()?.to_owned();
+    let listener = decode_name(r)?;
     Some(Conn {
         seq,
         peer,
@@ -295,7 +394,21 @@ mod tests {
             role: Role::Worker,
             index: 7,
             pid: 4242,
+            features: 0,
         });
+        round_trip(Message::Hello {
+            role: Role::Worker,
+            index: 7,
+            pid: 4242,
+            features: FEATURE_LANES,
+        });
+        round_trip(Message::Lane(Lane {
+            backlog: 4096,
+            local: Some("[::]:8080".parse().unwrap()),
+            listener: "http".into(),
+        }));
+        round_trip(Message::Lanes { count: 2 });
+        round_trip(Message::Accepted { count: 1 << 40 });
         round_trip(Message::Ack { seq: u64::MAX });
         round_trip(Message::Drain);
         round_trip(Message::Drained { last_seq: 0 });
@@ -305,6 +418,7 @@ mod tests {
                 role: Role::NodeWorker,
                 index: 1,
                 pid: 2,
+                features: 0,
             })[2],
             2
         );
@@ -341,6 +455,7 @@ mod tests {
             role: Role::Dispatcher,
             index: 3,
             pid: 258,
+            features: 0,
         });
         assert_eq!(bytes, [1, 1, 0, 0, 0, 0, 3, 0, 0, 1, 2]);
     }
@@ -377,6 +492,11 @@ mod tests {
         assert_eq!(
             Message::decode(&[1, 1, 9, 0, 0, 0, 0, 0, 0, 0, 0]),
             Err(DecodeError::Malformed("HELLO"))
+        );
+        assert_eq!(
+            Message::decode(&[1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]),
+            Err(DecodeError::Malformed("HELLO")),
+            "one features byte at most"
         );
         // Every prefix of a valid CONN is refused cleanly.
         let mut buf = Vec::new();

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use serde_json::Value;
-use sticky_dispatch::wire::{Conn, Message, Role};
+use sticky_dispatch::wire::{Conn, Lane, Message, Role};
 
 /// The vector fields the tests read; each panics, naming what it wanted, on a malformed
 /// vector file.
@@ -66,6 +66,9 @@ fn message(fields: &Value) -> Message {
             },
             index: fields.get_field("index").number().try_into().unwrap(),
             pid: fields.get_field("pid").number().try_into().unwrap(),
+            features: fields
+                .get("features")
+                .map_or(0, |f| f.number().try_into().unwrap()),
         },
         "CONN" => Message::Conn(Conn {
             seq: fields.get_field("seq").number(),
@@ -80,6 +83,17 @@ fn message(fields: &Value) -> Message {
         "CHANNEL" => Message::Channel,
         "DRAINED" => Message::Drained {
             last_seq: fields.get_field("last_seq").number(),
+        },
+        "LANE" => Message::Lane(Lane {
+            backlog: fields.get_field("backlog").number().try_into().unwrap(),
+            local: fields.get_field("local").addr(),
+            listener: fields.get_field("listener").text().to_owned(),
+        }),
+        "LANES" => Message::Lanes {
+            count: fields.get_field("count").number().try_into().unwrap(),
+        },
+        "ACCEPTED" => Message::Accepted {
+            count: fields.get_field("count").number(),
         },
         other => panic!("message type {other}"),
     }

@@ -175,7 +175,7 @@ impl AdmittedLink {
 
     /// Exchanges HELLOs (ours first, theirs within [`crate::shared::HELLO_TIMEOUT`]).
     pub async fn handshake(self) -> Result<DispatcherLink, LinkError> {
-        let dispatcher_pid = exchange_hello(&self.link, Role::Worker, self.index)
+        let dispatcher_pid = exchange_hello(&self.link, Role::Worker, self.index, 0)
             .await?
             .pid;
         Ok(DispatcherLink {
@@ -197,7 +197,7 @@ impl AdmittedLink {
     /// hands connections to the app directly, in Node's dialect (`crate::node_ipc`), and
     /// the link carries nothing more: it closes when the dispatcher goes.
     pub async fn pass_channel(self, channel: BorrowedFd<'_>) -> Result<ChannelLink, LinkError> {
-        let hello = exchange_hello(&self.link, Role::NodeWorker, self.index).await?;
+        let hello = exchange_hello(&self.link, Role::NodeWorker, self.index, 0).await?;
         let mut out = Vec::with_capacity(wire::MAX_MESSAGE);
         Message::Channel.encode(&mut out);
         self.link.send(&out, Some(channel)).await?;

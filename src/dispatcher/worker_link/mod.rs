@@ -14,6 +14,8 @@ mod node;
 mod plain;
 
 use std::io;
+use std::net::SocketAddr;
+use std::os::fd::BorrowedFd;
 
 use tokio::time::Instant;
 
@@ -36,8 +38,23 @@ pub(super) enum Event {
     Ready,
     /// A send that would have blocked may succeed now.
     Writable,
+    /// The worker has accepted this many connections on its lanes since it started.
+    Accepted(u64),
     /// The worker went away; why.
     Closed(&'static str),
+}
+
+/// One of a worker's lanes, as it is passed to the worker: its listening socket in the
+/// kernel's group, and what the worker needs to serve it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct LaneGrant<'a> {
+    /// The listener's name, for the worker's `ClientInfo::listener`.
+    pub(super) listener: &'a str,
+    pub(super) socket: BorrowedFd<'a>,
+    /// The backlog it was created with, for a worker whose server calls `listen()` again.
+    pub(super) backlog: u32,
+    /// The address it is bound to.
+    pub(super) local: Option<SocketAddr>,
 }
 
 /// An established link to a worker, in its dialect.
@@ -69,10 +86,14 @@ impl WorkerLink {
 
     /// Exchanges HELLOs on a connected link; the worker's role says the dialect.
     async fn over(link: LinkStream, index: u32) -> Result<WorkerLink, LinkError> {
-        let hello = exchange_hello(&link, Role::Dispatcher, index).await?;
+        let hello = exchange_hello(&link, Role::Dispatcher, index, 0).await?;
         Ok(match hello.role {
             Role::NodeWorker => WorkerLink::Node(node::NodeLink::take(link, hello.pid).await?),
-            _ => WorkerLink::Plain(plain::PlainLink::new(link, hello.pid)),
+            _ => WorkerLink::Plain(plain::PlainLink::new(
+                link,
+                hello.pid,
+                hello.features & crate::wire::FEATURE_LANES != 0,
+            )),
         })
     }
 
@@ -89,6 +110,23 @@ impl WorkerLink {
         match self {
             WorkerLink::Plain(_) => true,
             WorkerLink::Node(link) => link.is_ready(),
+        }
+    }
+
+    /// Whether the worker serves lanes (known once it [`is_ready`](Self::is_ready)).
+    pub(super) fn takes_lanes(&self) -> bool {
+        match self {
+            WorkerLink::Plain(link) => link.takes_lanes,
+            WorkerLink::Node(link) => link.takes_lanes(),
+        }
+    }
+
+    /// Passes the worker its lanes (all of them; none tells it to close any it holds), once
+    /// per link, before any connection; only to a worker that [`takes_lanes`](Self::takes_lanes).
+    pub(super) fn send_lanes(&mut self, out: &mut Vec<u8>, lanes: &[LaneGrant]) -> io::Result<()> {
+        match self {
+            WorkerLink::Plain(link) => link.send_lanes(out, lanes),
+            WorkerLink::Node(link) => link.send_lanes(out, lanes),
         }
     }
 

@@ -113,6 +113,21 @@ impl NodeLink {
         self.session.in_step()
     }
 
+    /// Whether the Node package serves lanes. Not yet: everything goes to Node as
+    /// connections. (Lanes for Node come with the package's side of them.)
+    pub(super) fn takes_lanes(&self) -> bool {
+        false
+    }
+
+    /// Never called while [`NodeLink::takes_lanes`] is false.
+    pub(super) fn send_lanes(
+        &mut self,
+        _out: &mut Vec<u8>,
+        _lanes: &[super::LaneGrant],
+    ) -> io::Result<()> {
+        Err(io::Error::other("this Node worker does not serve lanes"))
+    }
+
     pub(super) fn try_send_conn(
         &mut self,
         out: &mut Vec<u8>,
@@ -360,13 +375,13 @@ mod tests {
         node.send(b"{\"stickyDispatch\":\"drain-request\"}\n")
             .unwrap();
         let bridge_side = async {
-            exchange_hello(&bridge, Role::NodeWorker, 3).await.unwrap();
+            exchange_hello(&bridge, Role::NodeWorker, 3, 0).await.unwrap();
             let mut out = Vec::new();
             Message::Channel.encode(&mut out);
             bridge.send(&out, Some(ours.as_fd())).await.unwrap();
         };
         let dispatcher_side = async {
-            let hello = exchange_hello(&dispatcher, Role::Dispatcher, 3).await?;
+            let hello = exchange_hello(&dispatcher, Role::Dispatcher, 3, 0).await?;
             NodeLink::take(dispatcher, hello.pid).await
         };
         let (link, ()) = tokio::join!(dispatcher_side, bridge_side);

@@ -1,23 +1,47 @@
-//! The link protocol (`crate::wire`), as the dispatcher speaks it: CONN with the fd on the
-//! link; the worker's cumulative ACKs, its DRAIN, and our DRAINED.
+//! The link protocol (`crate::wire`), as the dispatcher speaks it: the worker's lanes
+//! (LANE, LANES) if it serves them, CONN with the fd on the link; the worker's cumulative
+//! ACKs, its lane counts (ACCEPTED), its DRAIN, and our DRAINED.
 
 use std::io;
 use std::os::fd::AsFd;
 
-use super::Event;
+use super::{Event, LaneGrant};
 use crate::dispatcher::held::Held;
 use crate::link::{LinkStream, Received};
 use crate::shared::LinkError;
-use crate::wire::{Conn, Message};
+use crate::wire::{Conn, Lane, Message};
 
 pub(in crate::dispatcher) struct PlainLink {
     link: LinkStream,
     pub(super) pid: u32,
+    /// Its HELLO set the lanes feature.
+    pub(super) takes_lanes: bool,
 }
 
 impl PlainLink {
-    pub(super) fn new(link: LinkStream, pid: u32) -> PlainLink {
-        PlainLink { link, pid }
+    pub(super) fn new(link: LinkStream, pid: u32, takes_lanes: bool) -> PlainLink {
+        PlainLink {
+            link,
+            pid,
+            takes_lanes,
+        }
+    }
+
+    /// A LANE per lane, then LANES. Sent right after the HELLOs, when the link's buffer is
+    /// empty: a few short datagrams always fit.
+    pub(super) fn send_lanes(&mut self, out: &mut Vec<u8>, lanes: &[LaneGrant]) -> io::Result<()> {
+        for lane in lanes {
+            Message::Lane(Lane {
+                backlog: lane.backlog,
+                local: lane.local,
+                listener: lane.listener.to_owned(),
+            })
+            .encode(out);
+            self.link.try_send(out, Some(lane.socket))?;
+        }
+        let count = u8::try_from(lanes.len()).expect("a worker has a lane per listener, few");
+        Message::Lanes { count }.encode(out);
+        self.link.try_send(out, None)
     }
 
     pub(super) fn try_send_conn(
@@ -72,6 +96,7 @@ fn heard(datagram: &[u8], with_fd: bool) -> Result<Event, LinkError> {
     match Message::decode(datagram)? {
         Message::Ack { seq } => Ok(Event::Acked(seq)),
         Message::Drain => Ok(Event::Drain),
+        Message::Accepted { count } => Ok(Event::Accepted(count)),
         other => Err(LinkError::Protocol(format!("unexpected {other:?}"))),
     }
 }
