@@ -19,7 +19,10 @@ VERSION = 1
 MAX_MESSAGE = 512
 """No valid message is longer: a receive buffer of this size never truncates one."""
 
-HELLO, CONN, ACK, DRAIN, DRAINED, CHANNEL = 1, 2, 3, 4, 5, 6
+HELLO, CONN, ACK, DRAIN, DRAINED, CHANNEL, LANE, LANES, ACCEPTED = 1, 2, 3, 4, 5, 6, 7, 8, 9
+
+FEATURE_LANES = 1
+"""HELLO features bit 0: the worker serves lanes (LANE, LANES, ACCEPTED)."""
 
 Address = tuple[str, int]
 """``(host, port)`` as Python's sockets spell an IPv4 peer; IPv6 hosts are compressed."""
@@ -41,6 +44,9 @@ class Hello:
     role: Role
     index: int
     pid: int
+    features: Optional[int] = None
+    """A worker's optional features byte (:data:`FEATURE_LANES`); None: the 9-byte HELLO
+    without it."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,34 @@ class Channel:
     and the dispatcher never sends it to a worker."""
 
 
-Message = Union[Hello, Conn, Ack, Drain, Drained, Channel]
+@dataclass(frozen=True)
+class Lane:
+    """One of this worker's lanes: a listening TCP socket (one fd beside it) that the
+    kernel routes this worker's clients to, for the worker to accept on itself."""
+
+    backlog: int
+    """The listen backlog: a server that calls ``listen()`` on the lane again passes this."""
+    local: Optional[Address]
+    """The address the lane is bound to."""
+    listener: str
+    """The name of the dispatcher's listener the lane belongs to."""
+
+
+@dataclass(frozen=True)
+class Lanes:
+    """The LANEs sent since the HELLOs are all of this worker's lanes (0: none)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Connections this worker process has accepted on its lanes since it started."""
+
+    count: int
+
+
+Message = Union[Hello, Conn, Ack, Drain, Drained, Channel, Lane, Lanes, Accepted]
 
 _NAMES = {
     HELLO: "HELLO",
@@ -88,6 +121,9 @@ _NAMES = {
     DRAIN: "DRAIN",
     DRAINED: "DRAINED",
     CHANNEL: "CHANNEL",
+    LANE: "LANE",
+    LANES: "LANES",
+    ACCEPTED: "ACCEPTED",
 }
 
 
@@ -102,18 +138,29 @@ def encode(message: Message) -> bytes:
     labels for logs, and the length field is one byte.
     """
     if isinstance(message, Hello):
-        return struct.pack(">BBBII", VERSION, HELLO, int(message.role), message.index, message.pid)
+        hello = struct.pack(">BBBII", VERSION, HELLO, int(message.role), message.index, message.pid)
+        return hello if message.features is None else hello + bytes([message.features])
     if isinstance(message, Conn):
-        name = message.listener.encode()[:255].decode(errors="ignore").encode()
         return b"".join(
             [
                 struct.pack(">BBQ", VERSION, CONN, message.seq),
                 _encode_addr(message.peer),
                 _encode_addr(message.local),
-                bytes([len(name)]),
-                name,
+                _encode_name(message.listener),
             ]
         )
+    if isinstance(message, Lane):
+        return b"".join(
+            [
+                struct.pack(">BBI", VERSION, LANE, message.backlog),
+                _encode_addr(message.local),
+                _encode_name(message.listener),
+            ]
+        )
+    if isinstance(message, Lanes):
+        return bytes([VERSION, LANES, message.count])
+    if isinstance(message, Accepted):
+        return struct.pack(">BBQ", VERSION, ACCEPTED, message.count)
     if isinstance(message, Ack):
         return struct.pack(">BBQ", VERSION, ACK, message.seq)
     if isinstance(message, Drain):
@@ -121,6 +168,11 @@ def encode(message: Message) -> bytes:
     if isinstance(message, Channel):
         return bytes([VERSION, CHANNEL])
     return struct.pack(">BBQ", VERSION, DRAINED, message.last_seq)
+
+
+def _encode_name(name: str) -> bytes:
+    data = name.encode()[:255].decode(errors="ignore").encode()
+    return bytes([len(data)]) + data
 
 
 def _encode_addr(addr: Optional[Address]) -> bytes:
@@ -153,6 +205,24 @@ class _Reader:
         layout = _LAYOUTS[fmt]
         (value,) = layout.unpack(self.take(layout.size))
         return int(value)
+
+    def addr(self) -> Optional[Address]:
+        family = self.take(1)[0]
+        if family == 0:
+            return None
+        size = _ADDR_LENGTHS.get(family)
+        if size is None:
+            raise DecodeError(f"malformed {self.name} message: address family {family}")
+        host = socket.inet_ntop(_FAMILIES[family], self.take(size))
+        return (host, self.unpack(">H"))
+
+    def listener(self) -> str:
+        try:
+            return self.take(self.take(1)[0]).decode()
+        except UnicodeDecodeError:
+            raise DecodeError(
+                f"malformed {self.name} message: listener name is not UTF-8"
+            ) from None
 
     def end(self) -> None:
         if self.pos != len(self.data):
@@ -224,13 +294,22 @@ def decode(data: bytes) -> Message:
         role = r.take(1)[0]
         if role not in set(Role):
             raise DecodeError(f"malformed HELLO message: role {role}")
-        message = Hello(Role(role), r.unpack(">I"), r.unpack(">I"))
+        index, pid = r.unpack(">I"), r.unpack(">I")
+        # A worker's HELLO may carry one more byte, its features.
+        features = r.take(1)[0] if r.pos < len(data) else None
+        message = Hello(Role(role), index, pid, features)
     elif kind == ACK:
         message = Ack(r.unpack(">Q"))
     elif kind == DRAIN:
         message = Drain()
     elif kind == CHANNEL:
         message = Channel()
+    elif kind == LANE:
+        message = Lane(r.unpack(">I"), r.addr(), r.listener())
+    elif kind == LANES:
+        message = Lanes(r.take(1)[0])
+    elif kind == ACCEPTED:
+        message = Accepted(r.unpack(">Q"))
     else:
         message = Drained(r.unpack(">Q"))
     r.end()
