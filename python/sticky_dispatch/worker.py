@@ -13,6 +13,14 @@ the connection: the dispatcher keeps its copy of each fd until acknowledged and 
 unacknowledged ones to a restarted worker, so what it re-sends must be untouched. On
 SIGTERM the worker sends DRAIN, receives everything up to the dispatcher's DRAINED, then
 the iteration ends.
+
+Lanes (``routing_key = "peer-ip"``): the kernel routes most clients to their worker
+itself, each listener having one listening socket per worker index in a SO_REUSEPORT
+group. The worker's HELLO says it serves lanes; at every link-up the dispatcher passes it
+its listening sockets (LANE, then LANES), and the worker accepts on them itself, giving
+those connections to the app as it gives CONNs. They outlive the link (the kernel routes
+to this worker while the dispatcher restarts) and are closed, never ``shutdown()`` (the
+socket is every holder's), before DRAIN.
 """
 
 from __future__ import annotations
@@ -60,6 +68,14 @@ one wake-up of the dispatcher per burst instead of per connection."""
 NO_DISPATCHER_NOTICE = 5.0
 """A worker no dispatcher has linked to after this many seconds says so, once (it keeps
 waiting: under socket activation the dispatcher may start later)."""
+ACCEPTED_INTERVAL = 1.0
+"""ACCEPTED (connections accepted on lanes) goes to the dispatcher at most this often, while
+the count changes, and once more before DRAIN (docs/protocol.md)."""
+LANE_BURST = 32
+"""Connections accepted on one lane per readiness, before other work gets its turn."""
+LANE_RETRY_DELAY = 0.1
+"""A lane whose accept failed for lack of resources (EMFILE...) rests this long: the
+connections wait in its queue meanwhile, instead of the loop spinning."""
 _MAX_FDS = 4
 """Room for more fds than the one a CONN carries, so that extra ones are received and
 closed rather than silently truncated by the kernel."""
@@ -68,16 +84,19 @@ _FDS_SPACE = socket.CMSG_SPACE(_MAX_FDS * array.array("i").itemsize)
 
 @dataclass(frozen=True)
 class ClientInfo:
-    """What the dispatcher says about a connection it handed over."""
+    """What the dispatcher says about a connection it handed over (or, for one accepted on
+    a lane, what ``accept()`` and the lane say)."""
 
     seq: int
-    """Sequence number of the hand-off on its link."""
+    """Sequence number of the hand-off on its link; 0 for a connection the worker accepted
+    on one of its lanes (routed by the kernel, not handed over)."""
     peer: Optional[wire.Address]
     """The real client address (under PROXY protocol, not the balancer's)."""
     local: Optional[wire.Address]
     """The address the client connected to."""
     listener: str
-    """The name of the dispatcher's listener that accepted it (``FileDescriptorName=``)."""
+    """The name of the dispatcher's listener that accepted it (``FileDescriptorName=``), or
+    whose lane it came on."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +173,7 @@ class Worker:
         # Futures of tasks waiting for a socket to become readable: drain() wakes them.
         self._waiters: set[asyncio.Future[None]] = set()
         self._listener: Optional[socket.socket] = None
+        self._lanes: Optional[_LaneSet] = None
         self._links: Optional[asyncio.Task[None]] = None
         self._no_dispatcher: Optional[asyncio.TimerHandle] = None
 
@@ -190,6 +210,7 @@ class Worker:
                 ) from err
             raise OSError(err.errno, f"could not bind the link socket @{name}: {err}") from err
         self._listener = listener
+        self._lanes = _LaneSet(self._deliver_accepted, self._has_room, self._wake_all)
         for sig in self._drain_signals:
             loop.add_signal_handler(sig, self._on_signal, sig)
         self._no_dispatcher = loop.call_later(NO_DISPATCHER_NOTICE, self._say_no_dispatcher)
@@ -230,6 +251,14 @@ class Worker:
             return
         self._draining = True
         self._cancel_no_dispatcher_notice()
+        # Before any session can send DRAIN (they run after this returns): from now on the
+        # kernel queues this worker's clients on the dispatcher's copies of the lanes.
+        if self._lanes is not None:
+            self._lanes.close()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Wakes whatever waits for a link or on one, to look at the worker's state."""
         for waiter in list(self._waiters):
             if not waiter.done():
                 waiter.set_result(None)
@@ -252,6 +281,18 @@ class Worker:
                 # Waits while the app is behind; meanwhile the link is not read.
                 await self._queue.put(conn)
 
+    def _deliver_accepted(self, conn: Connection) -> None:
+        """Gives the app a connection accepted on a lane (never when it has no room)."""
+        if self._on_connection is not None:
+            self._on_connection(conn)
+        else:
+            self._queue.put_nowait(conn)
+
+    def _has_room(self) -> bool:
+        """Whether the app can take one more connection now; if not, the lanes pause (their
+        clients wait in the kernel's queue) until it has taken one."""
+        return self._on_connection is not None or not self._queue.full()
+
     async def drained(self) -> None:
         """Resolves once a drain has finished and the app has every connection."""
         await self.start()
@@ -265,6 +306,8 @@ class Worker:
         if self._drained.is_set():
             raise StopAsyncIteration
         item = await self._queue.get()
+        if self._lanes is not None:
+            self._lanes.resume()
         if isinstance(item, _End):
             self._drained.set()
             self._remove_signal_handlers()
@@ -343,6 +386,7 @@ class Worker:
                     self.index,
                     self._is_draining,
                     self._deliver,
+                    self._lanes,
                 )
                 task = loop.create_task(session.run())
                 sessions.add(task)
@@ -418,6 +462,17 @@ class _Link(Protocol):
     def close(self) -> None: ...
 
 
+class _Lanes(Protocol):
+    """What a session needs of the worker's lanes (:class:`_LaneSet`; tests fake it)."""
+
+    def replace(self, lanes: list[tuple[wire.Lane, int]]) -> None:
+        """Serves exactly these lanes (LANE messages with their fds) from now on."""
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted on lanes since the process started."""
+
+
 class _LinkSession:
     """One link with one dispatcher, as a state machine (:class:`LinkState`)::
 
@@ -433,6 +488,11 @@ class _LinkSession:
     Its deadline runs from when the session first sees the drain, in every state but
     ORPHANED. CONNs are taken in bursts (at most :data:`ACK_BURST`) and acknowledged with
     one cumulative ACK before any of them reaches the app (:meth:`_acknowledge`).
+
+    With ``lanes`` the HELLO says the worker serves them: after the HELLO and before the
+    first CONN, LANEs are collected until LANES confirms their count, then the worker's
+    lanes become exactly those. The count of connections accepted on lanes goes out as
+    ACCEPTED when it changed, at most every :data:`ACCEPTED_INTERVAL` and before DRAIN.
     """
 
     def __init__(
@@ -441,11 +501,20 @@ class _LinkSession:
         index: int,
         draining: Callable[[], bool],
         deliver: Callable[[list[Connection]], Awaitable[None]],
+        lanes: Optional[_Lanes] = None,
     ) -> None:
         self.link = link
         self.index = index
         self._draining = draining
         self._deliver = deliver
+        self._lanes = lanes
+        self.lanes_received: list[tuple[wire.Lane, int]] = []
+        """LANEs (with their fds) not yet confirmed by LANES."""
+        self.lanes_done = False
+        """LANES has come on this link: no more LANE."""
+        self.accepted_sent = 0
+        """The count of the last ACCEPTED sent on this link."""
+        self._next_accepted = 0.0
         self.state = LinkState.HANDSHAKING
         self.last_seq = 0
         """The last CONN received."""
@@ -465,7 +534,8 @@ class _LinkSession:
     async def run(self) -> None:
         """Serves the link until it ends; logs why. Raises only CancelledError."""
         try:
-            await self.link.send(wire.Hello(wire.Role.WORKER, self.index, os.getpid()))
+            features = wire.FEATURE_LANES if self._lanes is not None else None
+            await self.link.send(wire.Hello(wire.Role.WORKER, self.index, os.getpid(), features))
             self._hello_deadline = self._loop.time() + HELLO_TIMEOUT
             while self.state is not LinkState.CLOSED:
                 await self._step()
@@ -483,6 +553,9 @@ class _LinkSession:
             for conn in self.batch:
                 conn.socket.close()
             self.batch.clear()
+            # LANEs without their LANES: not a set to serve (the lanes served stay served).
+            _close_all([fd for _, fd in self.lanes_received])
+            self.lanes_received.clear()
             self.link.close()
 
     async def _step(self) -> None:
@@ -501,7 +574,7 @@ class _LinkSession:
             await self._on_datagram(*received)
         elif self.last_seq != self.acked:
             await self._acknowledge()
-        else:
+        elif not await self._report_accepted(self._loop.time()):
             await self._wait()
 
     async def _on_worker_draining(self) -> None:
@@ -512,6 +585,8 @@ class _LinkSession:
         if self.state is LinkState.SERVING:
             await self._acknowledge()
             if self.state is LinkState.SERVING:  # not orphaned by that ACK
+                # The worker closed its lanes when the drain started: this count is final.
+                await self._report_accepted(None)
                 await self.link.send(wire.Drain())
                 self.state = LinkState.DRAIN_ASKED
 
@@ -532,10 +607,15 @@ class _LinkSession:
         ):
             self._on_conn(message, fds[0])
             return
+        if isinstance(message, wire.Lane) and len(fds) == 1 and self._lanes_expected():
+            self.lanes_received.append((message, fds[0]))
+            return
         _close_all(fds)
         await self._acknowledge()
         if isinstance(message, wire.Hello) and self.state is LinkState.HANDSHAKING:
             self._on_hello(message)
+        elif isinstance(message, wire.Lanes) and self._lanes_expected():
+            self._on_lanes(message)
         elif isinstance(message, wire.Drained) and self.state in (
             LinkState.DRAIN_ASKED,
             LinkState.ORPHANED,  # the dead dispatcher's last words: nothing comes after
@@ -558,6 +638,38 @@ class _LinkSession:
             )
         log.info("link up dispatcher_pid=%d", message.pid)
         self.state = LinkState.SERVING
+
+    def _lanes_expected(self) -> bool:
+        """LANE and LANES come after the HELLO, before the first CONN, once per link."""
+        return (
+            self._lanes is not None
+            and self.state in (LinkState.SERVING, LinkState.DRAIN_ASKED)
+            and self.last_seq == 0
+            and not self.lanes_done
+        )
+
+    def _on_lanes(self, message: wire.Lanes) -> None:
+        received, self.lanes_received = self.lanes_received, []
+        if message.count != len(received):
+            _close_all([fd for _, fd in received])
+            raise LinkError(f"LANES {message.count} after {len(received)} LANE(s)")
+        self.lanes_done = True
+        assert self._lanes is not None  # checked by _lanes_expected
+        self._lanes.replace(received)
+
+    async def _report_accepted(self, now: Optional[float]) -> bool:
+        """Sends ACCEPTED if the count changed since this link last said it, and (unless
+        ``now`` is None: before DRAIN) :data:`ACCEPTED_INTERVAL` has passed since.
+        Returns whether it sent one."""
+        if self._lanes is None or self.state is not LinkState.SERVING:
+            return False
+        count = self._lanes.accepted
+        if count == self.accepted_sent or (now is not None and now < self._next_accepted):
+            return False
+        await self.link.send(wire.Accepted(count))
+        self.accepted_sent = count
+        self._next_accepted = self._loop.time() + ACCEPTED_INTERVAL
+        return True
 
     def _on_conn(self, message: wire.Conn, fd: int) -> None:
         if message.seq != self.last_seq + 1:
@@ -587,11 +699,20 @@ class _LinkSession:
         else:
             deadline = self._drain_deadline
             reason = f"no answer to DRAIN within {DRAIN_ANSWER_TIMEOUT} s"
+        now = self._loop.time()
         timeout = None
         if deadline is not None:
-            timeout = deadline - self._loop.time()
+            timeout = deadline - now
             if timeout <= 0:
                 raise LinkError(reason)
+        if (
+            self._lanes is not None
+            and self.state is LinkState.SERVING
+            and self._lanes.accepted != self.accepted_sent
+        ):
+            # A count to report once the interval is over (waking is no error).
+            report = self._next_accepted - now
+            timeout = report if timeout is None else min(timeout, report)
         await self.link.wait_readable(timeout)
         self._link_empty = False
 
@@ -696,6 +817,214 @@ class _SeqpacketLink:
     def dispatcher_gone(self) -> bool:
         """Whether the dispatcher process has exited (unknown pids count as alive)."""
         return _process_gone(self.peer_pid)
+
+
+# accept() failures that say "not now" for lack of a resource, not "this lane is broken".
+_ACCEPT_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+class _Lane:
+    """A listening socket this worker accepts on: its lane of one of the dispatcher's
+    listeners, identified by the socket itself (``st_dev``, ``st_ino``), not by the fd."""
+
+    __slots__ = ("sock", "key", "listener", "watching")
+
+    def __init__(self, sock: socket.socket, key: tuple[int, int], message: wire.Lane) -> None:
+        self.sock = sock
+        self.key = key
+        self.listener = message.listener
+        self.watching = False
+
+
+class _LaneSet:
+    """The lanes this worker serves, accepted on from the event loop.
+
+    Each connection accepted goes to ``deliver`` as a :class:`Connection` (seq 0, the peer
+    from ``accept()``), while ``room()`` says the app can take one; otherwise the lanes
+    pause until :meth:`resume` (the clients wait in the kernel's queue). ``wake`` is called
+    once the count of accepted connections has changed, at most every
+    :data:`ACCEPTED_INTERVAL`, for the link sessions to report it.
+
+    The lanes are shared with the dispatcher and the next process of this index: they are
+    accepted on here, never given to a server that would call ``listen()`` again (asyncio's
+    ``create_server(sock=)`` does, with its own backlog, shrinking the queue for every
+    holder unless passed the LANE's ``backlog``), and only ever closed, never shut down
+    (``shutdown()`` would stop the socket for every holder and reorder the group).
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[Connection], None],
+        room: Callable[[], bool],
+        wake: Callable[[], None],
+    ) -> None:
+        self._deliver = deliver
+        self._room = room
+        self._wake = wake
+        self._loop = asyncio.get_running_loop()
+        self._lanes: dict[tuple[int, int], _Lane] = {}
+        self._closed = False
+        self._paused = False
+        self._report: Optional[asyncio.TimerHandle] = None
+        self.accepted = 0
+        """Connections accepted on lanes since the process started (ACCEPTED's count)."""
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets served now."""
+        return [lane.sock for lane in self._lanes.values()]
+
+    def replace(self, lanes: list[tuple[wire.Lane, int]]) -> None:
+        """Serves exactly ``lanes`` from now on: a socket already served stays served (the
+        new fd of it is closed), one no longer among them is closed. After :meth:`close`
+        every fd given is closed at once."""
+        kept: dict[tuple[int, int], _Lane] = {}
+        for message, fd in lanes:
+            lane = self._lane(message, fd)
+            if lane is None:
+                continue
+            if self._closed or lane.key in kept:
+                lane.sock.close()
+            elif lane.key in self._lanes:
+                kept[lane.key] = self._lanes.pop(lane.key)
+                lane.sock.close()  # the same socket again: close() drops only this fd
+            else:
+                kept[lane.key] = lane
+                self._watch(lane)
+                log.info("serving lane listener=%s local=%s", lane.listener, _sockname(lane))
+        for lane in self._lanes.values():
+            log.info("stopped serving lane listener=%s local=%s", lane.listener, _sockname(lane))
+            self._stop(lane)
+        self._lanes = kept
+
+    def _lane(self, message: wire.Lane, fd: int) -> Optional[_Lane]:
+        """Wraps a lane's fd, or logs and closes it if it is not a listening TCP socket."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as err:
+            os.close(fd)
+            log.warning("a lane is not a socket listener=%s: %s", message.listener, err)
+            return None
+        try:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            stat = os.fstat(fd)
+        except OSError as err:
+            sock.close()
+            log.warning("a lane could not be read listener=%s: %s", message.listener, err)
+            return None
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+        if not (tcp and listening):
+            sock.close()
+            log.warning("a lane is not a listening TCP socket listener=%s", message.listener)
+            return None
+        # O_NONBLOCK lives on the open file, shared with the dispatcher's copy (non-blocking
+        # already, as are asyncio's listeners).
+        sock.setblocking(False)
+        return _Lane(sock, (stat.st_dev, stat.st_ino), message)
+
+    def close(self) -> None:
+        """Stops accepting and closes every lane, for good: the drain has started."""
+        self._closed = True
+        for lane in self._lanes.values():
+            self._stop(lane)
+        if self._lanes:
+            log.info(
+                "closed %d lane(s): their clients wait for this index's next process",
+                len(self._lanes),
+            )
+        self._lanes = {}
+        if self._report is not None:
+            self._report.cancel()
+            self._report = None
+
+    def resume(self) -> None:
+        """The app took a connection: paused lanes accept again."""
+        if self._paused and not self._closed:
+            self._paused = False
+            for lane in self._lanes.values():
+                self._watch(lane)
+
+    def _watch(self, lane: _Lane) -> None:
+        if not lane.watching and not self._paused:
+            self._loop.add_reader(lane.sock.fileno(), self._on_readable, lane)
+            lane.watching = True
+
+    def _unwatch(self, lane: _Lane) -> None:
+        if lane.watching:
+            self._loop.remove_reader(lane.sock.fileno())
+            lane.watching = False
+
+    def _stop(self, lane: _Lane) -> None:
+        self._unwatch(lane)
+        lane.sock.close()  # never shutdown(): see the class
+
+    def _rewatch(self, lane: _Lane) -> None:
+        if self._lanes.get(lane.key) is lane:
+            self._watch(lane)
+
+    def _on_readable(self, lane: _Lane) -> None:
+        for _ in range(LANE_BURST):
+            if not self._room():
+                self._paused = True
+                for each in self._lanes.values():
+                    self._unwatch(each)
+                return
+            try:
+                # What socket.accept() does, minus its socket object: the connection becomes
+                # a _HandedSocket that knows its peer, as a handed-over one does.
+                fd, peer = lane.sock._accept()  # type: ignore[attr-defined]
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as err:
+                self._unwatch(lane)
+                if err.errno in _ACCEPT_RESOURCE_ERRORS:
+                    log.warning("accepting on lane listener=%s failed: %s", lane.listener, err)
+                    self._loop.call_later(LANE_RETRY_DELAY, self._rewatch, lane)
+                else:
+                    log.warning("lane listener=%s stopped: %s", lane.listener, err)
+                    del self._lanes[lane.key]
+                    lane.sock.close()
+                return
+            self.accepted += 1
+            if self._report is None:
+                self._report = self._loop.call_later(ACCEPTED_INTERVAL, self._on_report)
+            conn = _accepted(fd, peer, lane)
+            if conn is not None:
+                self._deliver(conn)
+
+    def _on_report(self) -> None:
+        self._report = None
+        self._wake()
+
+
+def _accepted(fd: int, peer: Any, lane: _Lane) -> Optional[Connection]:
+    """Wraps a connection accepted on ``lane``; its peer (from accept()) is the client."""
+    try:
+        sock = _HandedSocket(lane.sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=fd)
+    except OSError as err:
+        os.close(fd)
+        log.debug("a connection accepted on lane listener=%s failed: %s", lane.listener, err)
+        return None
+    sock._peername = peer
+    try:
+        sock.setblocking(False)
+        local = sock.getsockname()  # remembered: asyncio's transport asks for it too
+    except OSError as err:  # reset by the client already
+        sock.close()
+        log.debug("a connection accepted on lane listener=%s failed: %s", lane.listener, err)
+        return None
+    info = ClientInfo(0, (peer[0], peer[1]), (local[0], local[1]), lane.listener)
+    return Connection(sock, info)
+
+
+def _sockname(lane: _Lane) -> str:
+    try:
+        host, port = lane.sock.getsockname()[:2]
+    except OSError:
+        return "?"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _HandedSocket(socket.socket):

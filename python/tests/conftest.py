@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Optional
@@ -97,3 +98,46 @@ def prefix(request: pytest.FixtureRequest) -> str:
     # Abstract names are short (107 bytes): a digest of the test's name keeps them unique.
     digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
     return f"sticky-dispatch-pytest/{os.getpid()}/{digest}/"
+
+
+class Lane:
+    """A listening TCP socket as the dispatcher makes a lane: bound, listening with
+    ``backlog``; the test's copy plays the dispatcher's (and the group's other holders)."""
+
+    def __init__(self, host: str = "127.0.0.1", backlog: int = 700, name: str = "web") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.sock.settimeout(TIMEOUT)
+        self.backlog = backlog
+        self.local: wire.Address = self.sock.getsockname()[:2]
+        self.message = wire.Lane(backlog, self.local, name)
+
+    def connect(self, source: Optional[str] = None) -> socket.socket:
+        """A client connection; ``source`` picks its address (127.0.0.x are all local)."""
+        return socket.create_connection(
+            self.local, timeout=TIMEOUT, source_address=None if source is None else (source, 0)
+        )
+
+    def queue(self) -> tuple[int, int]:
+        """(connections waiting to be accepted, the queue's limit: the listen backlog), from
+        TCP_INFO, where a listening socket reports them as tcpi_unacked and tcpi_sacked
+        (after 8 one-byte fields: rto, ato, snd_mss, rcv_mss, unacked, sacked)."""
+        raw = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        unacked, sacked = struct.unpack_from("=8x4x4x4x4xII", raw)
+        return unacked, sacked
+
+    def holders(self) -> int:
+        """How many fds of this process refer to this socket (the test's copy is one)."""
+        link = f"socket:[{os.fstat(self.sock.fileno()).st_ino}]"
+        count = 0
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{name}") == link
+            except OSError:
+                pass  # the fd of the listing itself, closed by now
+        return count
+
+    def close(self) -> None:
+        self.sock.close()

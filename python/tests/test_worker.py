@@ -25,7 +25,7 @@ async def started(prefix: str, **kwargs: object) -> Worker:
 async def link(prefix: str) -> FakeDispatcher:
     dispatcher = await asyncio.to_thread(FakeDispatcher, prefix + "2")
     hello = await asyncio.to_thread(dispatcher.hello, 2)
-    assert hello == wire.Hello(wire.Role.WORKER, 2, os.getpid())
+    assert hello == wire.Hello(wire.Role.WORKER, 2, os.getpid(), wire.FEATURE_LANES)
     return dispatcher
 
 
@@ -175,7 +175,7 @@ def test_a_dispatcher_that_links_and_says_nothing_is_dropped_after_the_hello_tim
         with caplog.at_level(logging.WARNING, logger="sticky_dispatch"):
             silent = await asyncio.to_thread(FakeDispatcher, prefix + "2")
             assert await asyncio.to_thread(silent.recv) == wire.Hello(
-                wire.Role.WORKER, 2, os.getpid()
+                wire.Role.WORKER, 2, os.getpid(), wire.FEATURE_LANES
             )
             began = time.monotonic()
             assert await asyncio.to_thread(silent.recv) is None  # closed by the worker
