@@ -1,9 +1,11 @@
 """Python workers for sticky-dispatch.
 
 The dispatcher hashes each client to a worker index and hands the accepted TCP connection
-to that worker over the abstract Unix socket ``@<prefix><index>``. This package is the
-worker's end of that link (wire format v1, standard library only) and adapters that make
-it a drop-in for the usual way of starting a server:
+to that worker over the abstract Unix socket ``@<prefix><index>`` (or, routing by client
+address, passes the worker its *lanes*: listening sockets the kernel routes its clients
+to, which the worker accepts on itself). This package is the worker's end of that link
+(wire format v1, standard library only) and adapters that make it a drop-in for the usual
+way of starting a server:
 
 - :func:`sticky_dispatch.aiohttp.run_app` instead of ``aiohttp.web.run_app``;
 - :func:`sticky_dispatch.uvicorn.run` instead of ``uvicorn.run`` (ASGI: FastAPI, Starlette);

@@ -153,12 +153,12 @@ async def serve_until_drained(
     ssl_context: Optional[ssl.SSLContext] = None,
     on_ready: Optional[Callable[[], None]] = None,
 ) -> None:
-    """The adapters' common middle: be the worker, attach each connection handed over to a
-    new protocol in its own task (as asyncio's own servers do after ``accept()``), say
-    ready, and return once drained, every attachment finished and the server reading
-    every connection (:meth:`Handoffs.wait_first_reads`). ``what`` names the app in the log;
-    with ``ssl_context`` the connections speak TLS (the server's own ``ssl_context=``);
-    ``on_ready`` is called once the worker is ready.
+    """The adapters' common middle: be the worker, attach each connection handed over (or
+    accepted on a lane) to a new protocol in its own task (as asyncio's own servers do after
+    ``accept()``), say ready, and return once drained, every attachment finished and the
+    server reading every connection (:meth:`Handoffs.wait_first_reads`). ``what`` names the
+    app in the log; with ``ssl_context`` the connections speak TLS (the server's own
+    ``ssl_context=``); ``on_ready`` is called once the worker is ready.
     """
     loop = asyncio.get_running_loop()
     pending: set[asyncio.Task[None]] = set()

@@ -9,14 +9,15 @@
     ...
     sticky_dispatch.aiohttp.run_app(app)        # or run_app(init_app()), as web.run_app
 
-Connections come from the dispatcher instead of a listening socket; ``request.remote`` is
-the real client (also when the dispatcher consumed a PROXY header). ``READY=1`` goes to
-systemd after the app's startup hooks ran. SIGTERM (or SIGINT) drains: every connection
-handed over is served, then the app is shut down as ``web.run_app`` would, waiting up to
-``shutdown_timeout`` seconds for requests in progress; WebSockets and socket.io long-polls,
-which would hold the process until the session's next ping or the timeout, are ended
-first (an ``on_shutdown`` hook cancels their ``request.task``), and the socket.io clients
-reconnect to the restarted worker.
+Connections come from the dispatcher instead of a listening socket (handed over, or
+accepted by the worker on the lanes the dispatcher passes it: see :mod:`.worker`);
+``request.remote`` is the real client (also when the dispatcher consumed a PROXY header).
+``READY=1`` goes to systemd after the app's startup hooks ran. SIGTERM (or SIGINT)
+drains: every connection handed over is served, then the app is shut down as
+``web.run_app`` would, waiting up to ``shutdown_timeout`` seconds for requests in
+progress; WebSockets and socket.io long-polls, which would hold the process until the
+session's next ping or the timeout, are ended first (an ``on_shutdown`` hook cancels
+their ``request.task``), and the socket.io clients reconnect to the restarted worker.
 """
 
 from __future__ import annotations

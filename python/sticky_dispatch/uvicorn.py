@@ -11,7 +11,10 @@ uvicorn has no public API for serving an already accepted socket, so this uses i
 (lifespan startup, no listener), ``config.http_protocol_class(config=, server_state=,
 app_state=)`` as the protocol factory, ``Server.main_loop`` for the ``Date`` header ticks
 and ``Server.shutdown`` for the graceful end. Tested with uvicorn 0.54; the package pins
-``uvicorn<0.55`` for that reason.
+``uvicorn<0.55`` for that reason. The lanes (listening sockets the kernel routes to this
+worker) do not go through ``Server.startup(sockets=...)``: they come after start-up, change
+at every link-up and must close before DRAIN; the worker accepts on them and gives those
+connections to the same protocol factory.
 
 ``scope["client"]`` is the real client (also when the dispatcher consumed a PROXY header);
 SIGTERM drains like the aiohttp adapter: WebSockets and socket.io long-polls are ended
