@@ -10,15 +10,22 @@ export interface Address {
   readonly family: 'IPv4' | 'IPv6';
 }
 
-/** What the dispatcher said about one connection when it handed it to this process. */
+/**
+ * What the dispatcher said about one connection when it handed it to this process, or,
+ * for a connection this process accepted on one of its lanes (the kernel routed it here),
+ * the socket's own addresses.
+ */
 export interface ConnectionInfo {
-  /** The dispatcher's sequence number of this connection on this process's IPC channel, from 1. */
-  readonly seq: number;
+  /**
+   * The dispatcher's sequence number of this connection on this process's IPC channel,
+   * from 1; null for a connection accepted on a lane.
+   */
+  readonly seq: number | null;
   /** The real client; null when the dispatcher had no address for it. */
   readonly peer: Address | null;
   /** The address the client reached; null when unknown. */
   readonly local: Address | null;
-  /** The name of the dispatcher listener that accepted it. */
+  /** The name of the dispatcher listener that accepted it (or whose lane it came on). */
   readonly listener: string | null;
 }
 

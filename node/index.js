@@ -15,12 +15,20 @@
 // the app is ready, then the dispatcher):
 //   node -> sticky-dispatch  {stickyDispatch: 'ready'}          sent when the app calls listen()
 //   sticky-dispatch -> node  {stickyDispatch: 'sync', id}       a dispatcher takes the channel
-//   node -> sticky-dispatch  {stickyDispatch: 'synced', id, draining}
+//   node -> sticky-dispatch  {stickyDispatch: 'synced', id, draining, lanes: true}
 //   node -> sticky-dispatch  {stickyDispatch: 'drain-request'}  this process was asked to stop
 //   sticky-dispatch -> node  {stickyDispatch: 'drain'}          no more connections will come
+// Lanes (routing by client IP in the kernel): after the sync the dispatcher may send this
+// worker's listening sockets, one line each with the socket's fd (a net.Native handle:
+// Node passes the raw TCP handle), then the count of them; the package accepts on them
+// itself and reports how many it accepted:
+//   sticky-dispatch -> node  {stickyDispatch: 'lane', listener, backlog, local} + fd
+//   sticky-dispatch -> node  {stickyDispatch: 'lanes', count}
+//   node -> sticky-dispatch  {stickyDispatch: 'accepted', count}
 // The full protocol is in docs/node.md; every line of it, byte for byte, in
 // tests/vectors/node-ipc.json (node/test/node-ipc.test.js checks this file against it).
 
+const fs = require('node:fs');
 const net = require('node:net');
 const { EventEmitter } = require('node:events');
 
@@ -33,6 +41,9 @@ const ENV_INDEX = 'STICKY_DISPATCH_INDEX';
 
 /** drainTimeout's default (ms): the bound on requests in progress at a stop. */
 const DEFAULT_DRAIN_TIMEOUT = 30000;
+
+/** The shortest time (ms) between two `accepted` reports. */
+const ACCEPTED_INTERVAL = 1000;
 
 const HOW_TO_START = [
   'Start it through the bridge, which hands it the connections:',
@@ -291,6 +302,70 @@ function finishServer(sticky) {
   sticky._resolveClosed();
 }
 
+// --- Lanes ------------------------------------------------------------------------------
+// For routing by client IP the kernel does the dispatcher's work: each listener has one
+// listening socket per worker (a lane) in a SO_REUSEPORT group, and a program attached to
+// the group picks the lane from the client's address. The dispatcher gives this worker
+// its lanes; the package accepts on them with a net.Server per lane and hands the
+// connections to the app's server as it hands the dispatcher's.
+
+/** Whether `handle` is what Node core makes of a net.Native line: a raw TCP handle. */
+function isTcpHandle(handle) {
+  return (
+    handle !== null &&
+    typeof handle === 'object' &&
+    !(handle instanceof net.Socket) &&
+    typeof handle.listen === 'function' &&
+    typeof handle.close === 'function'
+  );
+}
+
+/**
+ * The socket a lane's handle refers to: a socket received twice (two fds, after a
+ * dispatcher restart) has the same device and inode. Null if fstat cannot tell.
+ */
+function socketIdentity(handle) {
+  try {
+    const stat = fs.fstatSync(handle.fd, { bigint: true });
+    return `${stat.dev}:${stat.ino}`;
+  } catch {
+    return null;
+  }
+}
+
+/** The backlog to listen() with: the lane's own (the queue is shared by every holder). */
+function laneBacklog(value) {
+  // Without one Node would use 511; the dispatcher always sends one.
+  return Number.isInteger(value) && value > 0 ? Math.min(value, 2 ** 31 - 1) : undefined;
+}
+
+/**
+ * One lane served: a net.Server of its own on the lane's socket, whose connections go to
+ * the app's server for the lane's listener. Closing it closes this process's fd of the
+ * socket (never a shutdown, which would end the socket for every holder): the dispatcher
+ * keeps a copy, and clients the kernel queues on it wait for this worker's next process.
+ */
+class Lane {
+  constructor(session, msg, handle, identity) {
+    this.listener = typeof msg.listener === 'string' ? msg.listener : null;
+    this.identity = identity;
+    const sticky = session.serverFor(this.listener);
+    // A server that takes its connections paused gets them before a byte is read.
+    this.server = new net.Server({ pauseOnConnect: Boolean(sticky && sticky.server.pauseOnConnect) });
+    this.server.on('connection', (socket) => session.laneConnection(this, socket));
+    this.server.on('error', (err) => {
+      warnOnce(`lane-${this.listener}`, `cannot serve the lane of listener "${this.listener}": ${err.message}`);
+    });
+    // listen() on a listening socket sets its queue's length, for every holder: keep the
+    // lane's own (Node's default is 511; listen({fd}) would use it too).
+    this.server.listen(handle, laneBacklog(msg.backlog));
+  }
+
+  close() {
+    this.server.close();
+  }
+}
+
 // --- This process as a worker of the dispatcher ------------------------------------------
 
 /**
@@ -335,9 +410,10 @@ const processChannel = {
  * - idle: no listen() yet; nothing listens on the channel.
  * - serving: takes connections. `ready` goes out once, after the tick of the first
  *   listen() (the servers given in that tick are all in place by then).
- * - stopping: asked to stop (SIGTERM, SIGINT, close()): `drain-request` sent. Still takes
- *   connections (the dispatcher may have some in flight for us) until `drain` comes; at
- *   the deadline (drainTimeout after the stop) it drains anyway.
+ * - stopping: asked to stop (SIGTERM, SIGINT, close()): the lanes closed, then
+ *   `accepted` and `drain-request` sent. Still takes the dispatcher's connections (it may
+ *   have some in flight for us) until `drain` comes; at the deadline (drainTimeout after
+ *   the stop) it drains anyway.
  * - draining: no more connections will come (`drain`, the channel closed, or the
  *   deadline): the servers are closed and finish what they have until the deadline,
  *   then whatever is still open is cut. A connection that still arrives is closed.
@@ -346,6 +422,12 @@ const processChannel = {
  *
  * A `sync` is answered with `synced` in serving (`draining: false`), stopping and
  * draining (`draining: true`: a drain asked of the previous dispatcher is asked again).
+ *
+ * Lanes: in serving, each `lanes` makes the lanes received since the sync the ones served
+ * (a socket already served keeps its server; one not in the set is closed). A new sync
+ * alone changes nothing: the kernel routes to the lanes whether a dispatcher is there or
+ * not. Their running count of connections goes out as `accepted`, at most once per
+ * ACCEPTED_INTERVAL, and at the stop.
  */
 class WorkerSession {
   constructor(channel = processChannel) {
@@ -366,7 +448,16 @@ class WorkerSession {
     // stopping: why it was asked to stop (a signal's name, 'close'); from draining on: the
     // drain's reason, as 'drain' was emitted with.
     this.reason = null;
-    this.onMessage = (msg, socket) => this.message(msg, socket);
+    /** The lanes served, by socket identity (a Symbol for a socket fstat cannot tell). */
+    this.lanes = new Map();
+    /** Lanes received since the sync, until `lanes`: [{msg, handle}]. */
+    this.offered = [];
+    // Connections accepted on the lanes; the last count sent, and when; the report's timer.
+    this.accepted = 0;
+    this.acceptedSent = 0;
+    this.acceptedAt = 0;
+    this.acceptedTimer = null;
+    this.onMessage = (msg, handle) => this.message(msg, handle);
     this.onDisconnect = () => this.drain('disconnect');
     this.onSignal = (signal) => this.stop(signal);
   }
@@ -419,21 +510,38 @@ class WorkerSession {
     this.channel.send({ stickyDispatch: 'ready' });
   }
 
-  /** One message from the channel (Node core has already answered a handle's line). */
-  message(msg, socket) {
+  /**
+   * One message from the channel (Node core has already answered a handle's line):
+   * `handle` is a connection's net.Socket, or a lane's raw TCP handle.
+   */
+  message(msg, handle) {
     // The app may use the IPC channel too; ours are marked with `stickyDispatch`.
     if (!msg || typeof msg !== 'object' || typeof msg.stickyDispatch !== 'string') return;
     if (msg.stickyDispatch === 'connection') {
-      if (socket instanceof net.Socket) this.connection(msg, socket);
+      if (handle instanceof net.Socket) this.connection(msg, handle);
+    } else if (msg.stickyDispatch === 'lane') {
+      if (isTcpHandle(handle)) this.laneOffered(msg, handle);
+    } else if (msg.stickyDispatch === 'lanes') {
+      this.lanesComplete(msg.count);
     } else if (msg.stickyDispatch === 'drain') {
       // 'bridge': sticky-dispatch's side, as the declarations name it.
       this.drain('bridge');
     } else if (msg.stickyDispatch === 'sync') {
       // A dispatcher took the channel (the first, or the next after a restart): it reads
-      // nothing before this answer. A drain asked of its predecessor is asked again here.
-      this.channel.send({ stickyDispatch: 'synced', id: msg.id, draining: this.state !== 'serving' });
+      // nothing before this answer, and sends its own set of lanes after it. A drain asked
+      // of its predecessor is asked again here.
+      this.dropOffered();
+      this.channel.send({ stickyDispatch: 'synced', id: msg.id, draining: this.state !== 'serving', lanes: true });
     }
     // Anything else is from a newer sticky-dispatch: ignored.
+  }
+
+  /** The server for a dispatcher listener's connections, or undefined. */
+  serverFor(listener) {
+    return (
+      this.servers.find((s) => s.listener !== null && s.listener === listener) ??
+      this.servers.find((s) => s.listener === null)
+    );
   }
 
   /** A connection for one of the servers; closed once draining. */
@@ -444,12 +552,9 @@ class WorkerSession {
       return;
     }
     const listener = typeof msg.listener === 'string' ? msg.listener : null;
-    const sticky =
-      this.servers.find((s) => s.listener !== null && s.listener === listener) ??
-      this.servers.find((s) => s.listener === null);
+    const sticky = this.serverFor(listener);
     if (!sticky) {
-      warnOnce(`listener-${listener}`, `no server for listener "${listener}": its connections are closed`);
-      socket.destroy();
+      noServer(listener, socket);
       return;
     }
     const peer = checkedAddress(msg.peer);
@@ -460,11 +565,101 @@ class WorkerSession {
     handToServer(sticky, socket, info);
   }
 
+  /** A lane's handle: held until its set is complete (`lanes`); closed once stopping. */
+  laneOffered(msg, handle) {
+    if (this.state !== 'serving') {
+      handle.close();
+      return;
+    }
+    this.offered.push({ msg, handle });
+  }
+
+  /** Closes the lanes received since the sync without their `lanes`. */
+  dropOffered() {
+    for (const { handle } of this.offered.splice(0)) handle.close();
+  }
+
+  /**
+   * `lanes`: the lanes received since the sync are this worker's. A socket already served
+   * stays with its server (the new fd, a duplicate, is closed); a lane served that is not
+   * in the set is closed.
+   */
+  lanesComplete(count) {
+    const offered = this.offered.splice(0);
+    if (this.state !== 'serving') {
+      for (const { handle } of offered) handle.close();
+      return;
+    }
+    if (count !== offered.length) {
+      warnOnce('lanes-count', `sticky-dispatch announced ${count} lanes, ${offered.length} arrived: serving those`);
+    }
+    const next = new Map();
+    for (const { msg, handle } of offered) {
+      const identity = socketIdentity(handle);
+      const served = identity === null ? undefined : (next.get(identity) ?? this.lanes.get(identity));
+      if (served) {
+        handle.close();
+        next.set(identity, served);
+      } else {
+        next.set(identity ?? Symbol('lane'), new Lane(this, msg, handle, identity));
+      }
+    }
+    for (const [identity, lane] of this.lanes) {
+      if (!next.has(identity)) lane.close();
+    }
+    this.lanes = next;
+  }
+
+  /** Stops serving the lanes, and drops any received since the sync. */
+  closeLanes() {
+    for (const lane of this.lanes.values()) lane.close();
+    this.lanes.clear();
+    this.dropOffered();
+  }
+
+  /** A connection accepted on a lane: counted, and handed to the server for its listener. */
+  laneConnection(lane, socket) {
+    this.accepted += 1;
+    this.reportAccepted();
+    const sticky = this.serverFor(lane.listener);
+    if (!sticky) {
+      noServer(lane.listener, socket);
+      return;
+    }
+    // The socket's own addresses are the client's and the one it reached.
+    const peer = checkedAddress({ address: socket.remoteAddress, port: socket.remotePort });
+    const local = checkedAddress({ address: socket.localAddress, port: socket.localPort });
+    const info = Object.freeze({ seq: null, peer, local, listener: lane.listener });
+    infoBySocket.set(socket, info);
+    handToServer(sticky, socket, info);
+  }
+
+  /** Sends the lanes' count within ACCEPTED_INTERVAL of the last report, once per interval. */
+  reportAccepted() {
+    if (this.acceptedTimer !== null) return;
+    const wait = Math.max(0, this.acceptedAt + ACCEPTED_INTERVAL - Date.now());
+    this.acceptedTimer = setTimeout(() => this.sendAccepted(false), wait);
+  }
+
+  /** Sends the lanes' count if it changed since the last report (`always`: if not 0). */
+  sendAccepted(always) {
+    clearTimeout(this.acceptedTimer);
+    this.acceptedTimer = null;
+    if (this.accepted === this.acceptedSent && !(always && this.accepted > 0)) return;
+    this.acceptedSent = this.accepted;
+    this.acceptedAt = Date.now();
+    this.channel.send({ stickyDispatch: 'accepted', count: this.accepted });
+  }
+
   /** serving → stopping (a signal, close()): ask the dispatcher to drain, bounded. */
   stop(reason) {
     if (this.state !== 'serving') return;
     this.state = 'stopping';
     this.deadline = Date.now() + this.drainTimeout;
+    // The lanes first: the clients the kernel queues on them from now on wait there for
+    // this worker's next process. Then their count, which the drain request ends.
+    this.closeLanes();
+    this.sendAccepted(true);
     this.channel.send({ stickyDispatch: 'drain-request' });
     // Fallback for a dispatcher that never answers: drain anyway at the deadline.
     this.timer = setTimeout(() => this.drain('timeout'), this.drainTimeout);
@@ -478,6 +673,9 @@ class WorkerSession {
     clearTimeout(this.timer);
     this.deadline ??= Date.now() + this.drainTimeout;
     this.reason = reason;
+    // Open still if the drain came unasked (no stop before it).
+    this.closeLanes();
+    this.sendAccepted(false);
     for (const sticky of this.servers) {
       sticky.draining = true;
       sticky.emit('drain', reason);
@@ -570,6 +768,12 @@ function handToServer(sticky, socket, info) {
   server.emit('connection', socket);
 }
 
+/** Closes a connection for a listener no server takes. */
+function noServer(listener, socket) {
+  warnOnce(`listener-${listener}`, `no server for listener "${listener}": its connections are closed`);
+  socket.destroy();
+}
+
 const warned = new Set();
 function warnOnce(key, text) {
   if (warned.has(key)) return;
@@ -650,5 +854,5 @@ exports.DEFAULT_DRAIN_TIMEOUT = DEFAULT_DRAIN_TIMEOUT;
 // For the package's own tests (node/test), not part of the API: under a registered symbol,
 // out of Object.keys(), of ES modules' named exports and of the declarations.
 Object.defineProperty(exports, Symbol.for('sticky-dispatch.internals'), {
-  value: Object.freeze({ ENV_INDEX, DEFAULT_DRAIN_TIMEOUT, StickyServer, WorkerSession }),
+  value: Object.freeze({ ENV_INDEX, DEFAULT_DRAIN_TIMEOUT, ACCEPTED_INTERVAL, StickyServer, WorkerSession }),
 });

@@ -18,13 +18,22 @@
 //!
 //! ```text
 //! to Node    {"stickyDispatch":"connection",seq,peer,local,listener} + fd   (as NODE_HANDLE's msg)
+//! to Node    {"stickyDispatch":"lane",listener,backlog,local} + fd   (as a net.Native NODE_HANDLE's msg)
+//! to Node    {"stickyDispatch":"lanes","count":K}  the K lanes since the sync are all of them
 //! to Node    {"stickyDispatch":"sync","id":ID}     answer `synced` with the same ID
 //! to Node    {"stickyDispatch":"drain"}            no more connections will come
 //! from Node  {"stickyDispatch":"ready"}            the app called listen(server)
-//! from Node  {"stickyDispatch":"synced","id":ID,"draining":B}   every line before it was read;
-//!                                                  B: Node is stopping, send it nothing
+//! from Node  {"stickyDispatch":"synced","id":ID,"draining":B,"lanes":L}   every line before it
+//!                                                  was read; B: Node is stopping, send it
+//!                                                  nothing; L: it serves lanes
 //! from Node  {"stickyDispatch":"drain-request"}    Node was asked to stop
+//! from Node  {"stickyDispatch":"accepted","count":N}   N connections accepted on its lanes
 //! ```
+//!
+//! A lane is a listening socket: its line is of type `net.Native`, which Node core
+//! acknowledges like any handle and passes to the `'message'` listener as the raw TCP
+//! handle (`handleConversion['net.Native'].got` emits it as it is), for the package to
+//! `listen()` on with the lane's backlog.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -45,9 +54,13 @@ pub enum FromNode {
         id: String,
         /// Whether Node is stopping.
         draining: bool,
+        /// Whether the package serves lanes (a package from before lanes does not say).
+        lanes: bool,
     },
     /// Node was asked to stop (SIGTERM, `close()`): send nothing new, then answer `drain`.
     DrainRequest,
+    /// Node has accepted this many connections on its lanes since it started.
+    Accepted(u64),
     /// Anything else (`process.send` from the app, other internal messages): ignored.
     Other(String),
 }
@@ -74,6 +87,7 @@ pub fn classify(line: &[u8]) -> FromNode {
         return FromNode::Other(text());
     };
     let field = |name| message.get(name).and_then(|v| v.as_str());
+    let flag = |name| message.get(name).and_then(|v| v.as_bool()) == Some(true);
     match (field("cmd"), field("stickyDispatch")) {
         (Some("NODE_HANDLE_ACK"), _) => FromNode::Ack,
         (Some("NODE_HANDLE_NACK"), _) => FromNode::Nack,
@@ -82,8 +96,13 @@ pub fn classify(line: &[u8]) -> FromNode {
         (None, Some("synced")) => match field("id") {
             Some(id) => FromNode::Synced {
                 id: id.to_owned(),
-                draining: message.get("draining").and_then(|v| v.as_bool()) == Some(true),
+                draining: flag("draining"),
+                lanes: flag("lanes"),
             },
+            None => FromNode::Other(text()),
+        },
+        (None, Some("accepted")) => match message.get("count").and_then(|v| v.as_u64()) {
+            Some(count) => FromNode::Accepted(count),
             None => FromNode::Other(text()),
         },
         _ => FromNode::Other(text()),
@@ -179,6 +198,27 @@ pub fn encode_connection(
     out.extend_from_slice(b"}}\n");
 }
 
+/// `{"cmd":"NODE_HANDLE","type":"net.Native","msg":{"stickyDispatch":"lane",...}}\n` into
+/// `out` (cleared first), to be sent with the lane's listening socket. `net.Native`: Node
+/// passes the TCP handle itself to the package, which listens on it with `backlog`.
+pub fn encode_lane(out: &mut Vec<u8>, listener: &str, backlog: u32, local: Option<SocketAddr>) {
+    out.clear();
+    out.extend_from_slice(
+        b"{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{\"stickyDispatch\":\"lane\",\"listener\":",
+    );
+    let _ = serde_json::to_writer(&mut *out, listener);
+    let _ = write!(out, ",\"backlog\":{backlog},\"local\":");
+    encode_addr(out, local);
+    out.extend_from_slice(b"}}\n");
+}
+
+/// `{"stickyDispatch":"lanes","count":K}\n` into `out` (cleared first): the `count` lanes
+/// sent since the sync are all of this worker's (0: it serves none).
+pub fn encode_lanes(out: &mut Vec<u8>, count: usize) {
+    out.clear();
+    let _ = writeln!(out, "{{\"stickyDispatch\":\"lanes\",\"count\":{count}}}");
+}
+
 fn encode_addr(out: &mut Vec<u8>, addr: Option<SocketAddr>) {
     match addr {
         // Addresses and ports contain nothing JSON would escape.
@@ -220,9 +260,14 @@ mod tests {
             FromNode::Nack => serde_json::json!({"kind": "nack"}),
             FromNode::Ready => serde_json::json!({"kind": "ready"}),
             FromNode::DrainRequest => serde_json::json!({"kind": "drain-request"}),
-            FromNode::Synced { id, draining } => {
-                serde_json::json!({"kind": "synced", "id": id, "draining": draining})
+            FromNode::Synced {
+                id,
+                draining,
+                lanes,
+            } => {
+                serde_json::json!({"kind": "synced", "id": id, "draining": draining, "lanes": lanes})
             }
+            FromNode::Accepted(count) => serde_json::json!({"kind": "accepted", "count": count}),
             FromNode::Other(_) => serde_json::json!({"kind": "other"}),
         }
     }
@@ -298,6 +343,25 @@ mod tests {
                 "{encode}"
             );
         }
+        for example in message(to_node, "lane")["examples"].as_array().unwrap() {
+            let encode = &example["encode"];
+            encode_lane(
+                &mut out,
+                encode["listener"].as_str().unwrap(),
+                encode["backlog"].as_u64().unwrap().try_into().unwrap(),
+                encode["local"].as_str().map(|a| a.parse().unwrap()),
+            );
+            assert_eq!(
+                std::str::from_utf8(&out).unwrap(),
+                example["line"],
+                "{encode}"
+            );
+        }
+        for example in message(to_node, "lanes")["examples"].as_array().unwrap() {
+            let count = example["encode"]["count"].as_u64().unwrap();
+            encode_lanes(&mut out, count.try_into().unwrap());
+            assert_eq!(std::str::from_utf8(&out).unwrap(), example["line"]);
+        }
         for example in message(to_node, "sync")["examples"].as_array().unwrap() {
             encode_sync(&mut out, example["encode"]["id"].as_str().unwrap());
             assert_eq!(std::str::from_utf8(&out).unwrap(), example["line"]);
@@ -330,7 +394,7 @@ mod tests {
             assert_eq!(Value::from(kinds), example["classify"]);
             checked += 1;
         }
-        assert!(checked >= 15, "only {checked} vectors");
+        assert!(checked >= 20, "only {checked} vectors");
     }
 
     #[test]
@@ -354,6 +418,52 @@ mod tests {
     }
 
     #[test]
+    fn lane_lines_are_net_native_handles_with_the_backlog() {
+        let mut out = Vec::new();
+        encode_lane(
+            &mut out,
+            "web \"1\"",
+            u32::MAX,
+            Some("[::]:8080".parse().unwrap()),
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(parsed["cmd"], "NODE_HANDLE");
+        // The one type whose handle Node passes on as it is: net.Socket would make a
+        // connected socket of a listening one.
+        assert_eq!(parsed["type"], "net.Native");
+        assert_eq!(parsed["msg"]["stickyDispatch"], "lane");
+        assert_eq!(parsed["msg"]["listener"], "web \"1\"");
+        assert_eq!(parsed["msg"]["backlog"], u64::from(u32::MAX));
+        assert_eq!(
+            parsed["msg"]["local"],
+            serde_json::json!({"address": "::", "port": 8080, "family": "IPv6"})
+        );
+        assert!(parsed["msg"].get("key").is_none());
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+        encode_lane(&mut out, "x", 1, None);
+        let parsed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(parsed["msg"]["local"].is_null());
+        encode_lanes(&mut out, 0);
+        assert_eq!(out, b"{\"stickyDispatch\":\"lanes\",\"count\":0}\n");
+    }
+
+    #[test]
+    fn accepted_lines_need_a_count() {
+        assert_eq!(
+            classify(b"{\"stickyDispatch\":\"accepted\",\"count\":18446744073709551615}"),
+            FromNode::Accepted(u64::MAX)
+        );
+        for bad in [
+            &b"{\"stickyDispatch\":\"accepted\"}"[..],
+            b"{\"stickyDispatch\":\"accepted\",\"count\":-1}",
+            b"{\"stickyDispatch\":\"accepted\",\"count\":1.5}",
+            b"{\"stickyDispatch\":\"accepted\",\"count\":\"3\"}",
+        ] {
+            assert!(matches!(classify(bad), FromNode::Other(_)), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn sync_lines_round_trip() {
         let mut out = Vec::new();
         encode_sync(&mut out, "42-1");
@@ -362,14 +472,18 @@ mod tests {
             classify(b"{\"stickyDispatch\":\"synced\",\"id\":\"42-1\",\"draining\":false}"),
             FromNode::Synced {
                 id: "42-1".into(),
-                draining: false
+                draining: false,
+                lanes: false,
             }
         );
         assert_eq!(
-            classify(b"{\"stickyDispatch\":\"synced\",\"id\":\"42-1\",\"draining\":true}"),
+            classify(
+                b"{\"stickyDispatch\":\"synced\",\"id\":\"42-1\",\"draining\":true,\"lanes\":true}"
+            ),
             FromNode::Synced {
                 id: "42-1".into(),
-                draining: true
+                draining: true,
+                lanes: true,
             }
         );
         assert!(matches!(

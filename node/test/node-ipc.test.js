@@ -9,7 +9,7 @@ const { spawn } = require('node:child_process');
 const { once } = require('node:events');
 const { connectionInfo } = require('..');
 const { ENV_INDEX } = require('./helpers/internals');
-const { tcpPair, serving } = require('./helpers/fake-channel');
+const { tcpPair, serving, receivedLanes, clientFrom } = require('./helpers/fake-channel');
 const { readVectors } = require('./helpers/vectors');
 
 const LIMIT = { timeout: 20000 };
@@ -19,10 +19,10 @@ const fromNode = Object.fromEntries(vectors.from_node.map((m) => [m.name, m]));
 const line = (messages, name, i = 0) => messages[name].examples[i].line;
 
 test('node-ipc.json: every message, none missing, each line in Node\'s JSON serialization', () => {
-  assert.deepEqual(Object.keys(toNode), ['connection', 'sync', 'drain']);
-  assert.deepEqual(Object.keys(fromNode), ['ready', 'synced', 'drain-request', 'ack', 'nack']);
+  assert.deepEqual(Object.keys(toNode), ['connection', 'lane', 'lanes', 'sync', 'drain']);
+  assert.deepEqual(Object.keys(fromNode), ['ready', 'synced', 'drain-request', 'accepted', 'ack', 'nack']);
   const written = [...vectors.to_node, ...vectors.from_node].flatMap((m) => m.examples.map((e) => e.line));
-  written.push(toNode.connection.without_fd.answer, ...vectors.to_node_ignored.examples.map((e) => e.line));
+  written.push(toNode.connection.without_fd.answer, toNode.lane.without_fd.answer, ...vectors.to_node_ignored.examples.map((e) => e.line));
   for (const l of written) {
     // What Node writes, and so what helpers/fake-bridge.js's child.send() writes.
     assert.equal(JSON.stringify(JSON.parse(l)) + '\n', l, `one line as JSON.stringify writes it: ${l}`);
@@ -93,6 +93,53 @@ test('from_node: ready, synced and drain-request are the vector\'s lines, in a s
   assert.deepEqual(channel.sent, [line(fromNode, 'ready'), synced[0].line, line(fromNode, 'drain-request'), synced[1].line]);
 });
 
+/**
+ * A session serving the vector's lanes, in order, then their `lanes` line; `listeners`
+ * as for serving(). Returns serving()'s result, the lanes received, the backlogs listened with.
+ */
+async function servingLanes(t, listeners) {
+  const examples = toNode.lane.examples;
+  const served = await serving(t, { listeners });
+  const received = await receivedLanes(t, { sockets: examples.length });
+  const backlogs = [];
+  examples.forEach((example, i) => {
+    const [handle] = received[i].handles;
+    const own = handle.listen;
+    handle.listen = (backlog) => (backlogs.push(backlog), own.call(handle, backlog));
+    served.channel.deliver(example.line, handle);
+  });
+  served.channel.deliver(line(toNode, 'lanes'));
+  return { ...served, received, backlogs };
+}
+
+test('to_node lane and lanes: each lane is served with the vector\'s backlog, for its listener', LIMIT, async (t) => {
+  const examples = toNode.lane.examples;
+  assert.equal(toNode.lanes.examples[0].encode.count, examples.length, 'the lanes example closes the lane examples');
+  const { channel, session, handles, received, backlogs } = await servingLanes(t, examples.map((e) => e.serve.listener));
+  assert.deepEqual(backlogs, examples.map((e) => e.serve.backlog));
+  assert.equal(session.lanes.size, examples.length);
+  for (const [i, example] of examples.entries()) {
+    const got = once(handles[i], 'connection');
+    await clientFrom(t, received[i].port, '127.0.0.1');
+    const [, info] = await got;
+    assert.equal(info.listener, example.serve.listener);
+  }
+  channel.deliver(line(toNode, 'lanes', 1));
+  assert.equal(session.lanes.size, 0, 'count 0: no lanes');
+});
+
+test('from_node accepted: the vector\'s line, sent at the stop before drain-request', LIMIT, async (t) => {
+  const { count } = fromNode.accepted.examples[0].classify;
+  const { channel, handles, received } = await servingLanes(t, [null]);
+  for (let i = 0; i < count; i++) {
+    const got = once(handles[0], 'connection');
+    await clientFrom(t, received[i % received.length].port, '127.0.0.1');
+    await got;
+  }
+  channel.emit('SIGTERM', 'SIGTERM');
+  assert.deepEqual(channel.sent.slice(-2), [line(fromNode, 'accepted'), line(fromNode, 'drain-request')]);
+});
+
 test('to_node_ignored: no answer, no change of state, no connection', LIMIT, async (t) => {
   const { channel, session, handles } = await serving(t);
   handles[0].on('connection', () => assert.fail('no connection'));
@@ -159,6 +206,9 @@ test('over a real channel: Node core and the package read and write exactly the 
   assert.equal(await lines.protocol(), answer.serving);
   channel.write(line(toNode, 'connection'));
   assert.equal(await lines.protocol(), toNode.connection.without_fd.answer);
+  channel.write(line(toNode, 'lane'));
+  assert.equal(await lines.protocol(), toNode.lane.without_fd.answer);
+  channel.write(line(toNode, 'lanes', 1));
   // Nothing answers the ignored lines: the next line is the answer to the sync after them.
   for (const { line: l } of vectors.to_node_ignored.examples) channel.write(l);
   channel.write(sync);

@@ -12,7 +12,7 @@ const { connectionInfo } = require('..');
 const LIMIT = { timeout: 10000 };
 const READY = '{"stickyDispatch":"ready"}\n';
 const DRAIN_REQUEST = '{"stickyDispatch":"drain-request"}\n';
-const synced = (id, draining) => `{"stickyDispatch":"synced","id":"${id}","draining":${draining}}\n`;
+const synced = (id, draining) => `{"stickyDispatch":"synced","id":"${id}","draining":${draining},"lanes":true}\n`;
 const connection = (seq, listener) =>
   JSON.stringify({
     cmd: 'NODE_HANDLE',

@@ -4,15 +4,16 @@ const http = require('node:http');
 const https = require('node:https');
 
 /**
- * GET http(s)://127.0.0.1:port/path. Resolves with {status, headers, body, json}; rejects
- * on a connection error (e.g. the connection closed without an answer).
+ * GET http(s)://127.0.0.1:port/path (from `localAddress`, say 127.0.0.7, if given). Resolves
+ * with {status, headers, body, json}; rejects on a connection error (e.g. the connection
+ * closed without an answer).
  */
-function get(port, path = '/', { agent, ca, headers } = {}) {
+function get(port, path = '/', { agent, ca, headers, localAddress } = {}) {
   const mod = ca ? https : http;
   return new Promise((resolve, reject) => {
     const req = mod.get(
       // agent false: a new connection per request (Node's global agent keeps them alive).
-      { host: '127.0.0.1', port, path, agent: agent ?? false, ca, servername: ca ? 'localhost' : undefined, headers },
+      { host: '127.0.0.1', port, path, agent: agent ?? false, ca, servername: ca ? 'localhost' : undefined, headers, localAddress },
       (res) => {
         let body = '';
         res.setEncoding('utf8');

@@ -85,6 +85,25 @@ class FakeBridge {
     return msg;
   }
 
+  /**
+   * Gives the app one lane, as the dispatcher does after a sync: a listening socket on
+   * 127.0.0.1 (a `lane` line of type net.Native with its fd), then `lanes`. Keeps no copy
+   * of the socket, so that nothing else accepts on it. Resolves with its port.
+   */
+  async lane(listener = 'web', backlog = 511) {
+    const server = net.createServer();
+    server.listen({ port: 0, host: '127.0.0.1', backlog });
+    await once(server, 'listening');
+    const port = server.address().port;
+    const local = { address: '127.0.0.1', port, family: 'IPv4' };
+    // A raw TCP handle: Node writes type net.Native, as the dispatcher does.
+    await new Promise((resolve) => this.child.send({ stickyDispatch: 'lane', listener, backlog, local }, server._handle, resolve));
+    // Written: the fd is in the channel, ours may close.
+    server.close();
+    this.child.send({ stickyDispatch: 'lanes', count: 1 });
+    return port;
+  }
+
   drain() {
     this.child.send({ stickyDispatch: 'drain' });
   }

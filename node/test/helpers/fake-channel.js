@@ -3,7 +3,11 @@
 // lines Node would write, and what it asks of the process (exit, disconnect). The tests
 // deliver messages and signals with emit(), as `process` would.
 const { EventEmitter, once } = require('node:events');
+const { fork } = require('node:child_process');
+const fs = require('node:fs');
 const net = require('node:net');
+const path = require('node:path');
+const assert = require('node:assert/strict');
 const { WorkerSession } = require('./internals');
 
 class FakeChannel extends EventEmitter {
@@ -20,6 +24,21 @@ class FakeChannel extends EventEmitter {
 
   send(msg) {
     this.sent.push(JSON.stringify(msg) + '\n');
+    this.emit('sent', msg);
+  }
+
+  /** Resolves with the first message sent from `this.sent[from]` on that `match` accepts. */
+  sentMessage(match, from = 0) {
+    const seen = this.sent.slice(from).map((l) => JSON.parse(l)).find(match);
+    if (seen) return Promise.resolve(seen);
+    return new Promise((resolve) => {
+      const onSent = (msg) => {
+        if (!match(msg)) return;
+        this.removeListener('sent', onSent);
+        resolve(msg);
+      };
+      this.on('sent', onSent);
+    });
   }
 
   disconnect() {
@@ -78,4 +97,59 @@ async function serving(t, { listeners = [null], options = {} } = {}) {
   return { channel, session, handles };
 }
 
-module.exports = { FakeChannel, tcpPair, serving };
+/**
+ * Listening sockets on 127.0.0.1 as a lane reaches the package: raw TCP handles that Node
+ * core made of `net.Native` lines over a real IPC channel (from helpers/lane-source.js,
+ * which keeps no copy). `copies` handles per socket: the same socket received again, as
+ * after a dispatcher restart. Returns [{port, handles}], one per socket.
+ */
+async function receivedLanes(t, { sockets = 1, copies = 1, backlog = 511 } = {}) {
+  const source = fork(path.join(__dirname, 'lane-source.js'), [sockets, copies, backlog].map(String), {
+    serialization: 'json',
+  });
+  const lanes = new Map();
+  source.on('message', (msg, handle) => {
+    if (!lanes.has(msg.port)) lanes.set(msg.port, { port: msg.port, handles: [] });
+    lanes.get(msg.port).handles.push(handle);
+  });
+  // Once it has exited nothing but this process holds the sockets.
+  const [code] = await once(source, 'exit');
+  assert.equal(code, 0, 'lane-source exited');
+  const received = [...lanes.values()];
+  assert.equal(received.length, sockets);
+  t.after(() => {
+    // Closing a handle again does nothing: the package has closed some.
+    for (const { handles } of received) for (const handle of handles) handle.close();
+  });
+  return received;
+}
+
+/** The socket's inode (`socket:[N]` in /proc/PID/fd) of a handle or a net.Socket's handle. */
+function socketInode(handle) {
+  return fs.fstatSync(handle.fd).ino;
+}
+
+/** How many of process `pid`'s fds refer to the socket with inode `inode`. */
+function fdsOf(inode, pid = 'self') {
+  const dir = `/proc/${pid}/fd`;
+  let count = 0;
+  for (const fd of fs.readdirSync(dir)) {
+    try {
+      if (fs.readlinkSync(`${dir}/${fd}`) === `socket:[${inode}]`) count += 1;
+    } catch {
+      // Closed since the listing (readdir's own fd, say).
+    }
+  }
+  return count;
+}
+
+/** A client on 127.0.0.1:`port` from the local address `from` (any of 127.0.0.0/8). */
+async function clientFrom(t, port, from) {
+  const client = net.connect({ port, host: '127.0.0.1', localAddress: from });
+  client.on('error', () => {});
+  t.after(() => client.destroy());
+  await once(client, 'connect');
+  return client;
+}
+
+module.exports = { FakeChannel, tcpPair, serving, receivedLanes, socketInode, fdsOf, clientFrom };

@@ -13,7 +13,8 @@ const server = http.createServer((req, res) => {
 
 const handle: StickyServer<http.Server> = listen(server, { drainTimeout: 30_000, fallbackPort: process.env.PORT });
 const same: http.Server = handle.server;
-handle.on('connection', (socket: Socket, info: ConnectionInfo) => socket.setNoDelay(info.seq > 0));
+// seq is null for a connection accepted on a lane: the kernel routed it, not the dispatcher.
+handle.on('connection', (socket: Socket, info: ConnectionInfo) => socket.setNoDelay(info.seq === null || info.seq > 0));
 handle.on('drain', (reason) => console.log(reason === 'bridge', same.listening));
 handle.once('close', () => undefined);
 void handle.listening.then(() => handle.close()).then(() => handle.closed);
