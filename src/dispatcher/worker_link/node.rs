@@ -16,6 +16,11 @@
 //! sent on a channel is a `sync` with an id of this link's own; everything read before
 //! Node's `synced` with that id is stale and dropped, and nothing is sent until then
 //! ([`NodeSession`], which holds what the lines mean, apart from the I/O).
+//!
+//! A package that serves lanes says so in its `synced`; its lanes go right after that, as
+//! handles of their own (`net.Native` lines, which Node acknowledges like connections),
+//! then a `lanes` line that closes the set. Node's running count of the connections it
+//! accepted on them comes back as `accepted` lines.
 
 use std::io;
 use std::ops::ControlFlow;
@@ -28,7 +33,7 @@ use tokio::io::Interest;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::Event;
+use super::{Event, LaneGrant};
 use crate::dispatcher::held::Held;
 use crate::link::{self, LinkStream};
 use crate::node_ipc::{self, FromNode, ReadEnd};
@@ -113,19 +118,21 @@ impl NodeLink {
         self.session.in_step()
     }
 
-    /// Whether the Node package serves lanes. Not yet: everything goes to Node as
-    /// connections. (Lanes for Node come with the package's side of them.)
+    /// Whether the Node package said, in its `synced`, that it serves lanes.
     pub(super) fn takes_lanes(&self) -> bool {
-        false
+        self.session.takes_lanes
     }
 
-    /// Never called while [`NodeLink::takes_lanes`] is false.
-    pub(super) fn send_lanes(
-        &mut self,
-        _out: &mut Vec<u8>,
-        _lanes: &[super::LaneGrant],
-    ) -> io::Result<()> {
-        Err(io::Error::other("this Node worker does not serve lanes"))
+    /// A `lane` handle per lane, then `lanes`. Sent right after the sync, before any
+    /// connection: Node's answers to the lanes come first, and are not connections'.
+    pub(super) fn send_lanes(&mut self, out: &mut Vec<u8>, lanes: &[LaneGrant]) -> io::Result<()> {
+        for lane in lanes {
+            node_ipc::encode_lane(out, lane.listener, lane.backlog, lane.local);
+            link::send_raw(self.channel.as_raw_fd(), out, Some(lane.socket))?;
+            self.session.lane_sent();
+        }
+        node_ipc::encode_lanes(out, lanes.len());
+        link::send_raw(self.channel.as_raw_fd(), out, None)
     }
 
     pub(super) fn try_send_conn(
@@ -235,8 +242,13 @@ async fn readable(watched: Option<&AsyncFd<OwnedFd>>) -> io::Result<()> {
 struct NodeSession {
     /// The id of the `sync` sent, until Node answers it; then `None`: in step.
     syncing: Option<String>,
-    /// Lines Node has answered (ACK or NACK) on this link: each answer is for the next
-    /// line sent, and sequence numbers count the lines sent, from 1.
+    /// Node's `synced` said it serves lanes.
+    takes_lanes: bool,
+    /// Lanes sent that Node has not answered yet. They go before any connection, and Node
+    /// answers handles in the order sent: the first answers are theirs.
+    lanes_unanswered: u64,
+    /// Connection lines Node has answered (ACK or NACK) on this link: each answer is for
+    /// the next connection sent, and sequence numbers count the connections sent, from 1.
     answered: u64,
 }
 
@@ -244,8 +256,15 @@ impl NodeSession {
     fn new(sync_id: String) -> NodeSession {
         NodeSession {
             syncing: Some(sync_id),
+            takes_lanes: false,
+            lanes_unanswered: 0,
             answered: 0,
         }
+    }
+
+    /// A lane's handle went out: Node's next unclaimed answer is its.
+    fn lane_sent(&mut self) {
+        self.lanes_unanswered += 1;
     }
 
     /// Node has answered the sync: what it sends now is about this link.
@@ -260,8 +279,10 @@ impl NodeSession {
                 FromNode::Synced {
                     id: answer,
                     draining,
+                    lanes,
                 } if answer == *id => {
                     self.syncing = None;
+                    self.takes_lanes = lanes;
                     events.push(Event::Ready);
                     if draining {
                         events.push(Event::Drain);
@@ -272,6 +293,13 @@ impl NodeSession {
             return;
         }
         match line {
+            FromNode::Ack if self.lanes_unanswered > 0 => self.lanes_unanswered -= 1,
+            // Node is out of file descriptors, say: it does not serve that lane, and the
+            // kernel queues its clients there. A new link sends the set again.
+            FromNode::Nack if self.lanes_unanswered > 0 => {
+                self.lanes_unanswered -= 1;
+                events.push(Event::Closed("Node received a lane without its fd"));
+            }
             FromNode::Ack => {
                 self.answered += 1;
                 // One event for a run of ACKs read together.
@@ -285,6 +313,11 @@ impl NodeSession {
                 events.push(Event::Resend(self.answered));
             }
             FromNode::DrainRequest => events.push(Event::Drain),
+            // A running total: the last one read says it all.
+            FromNode::Accepted(count) => match events.last_mut() {
+                Some(Event::Accepted(last)) => *last = count,
+                _ => events.push(Event::Accepted(count)),
+            },
             other => debug!(line = ?other, "message from Node ignored"),
         }
     }
@@ -301,6 +334,7 @@ mod tests {
         FromNode::Synced {
             id: id.into(),
             draining,
+            lanes: false,
         }
     }
 
@@ -358,11 +392,96 @@ mod tests {
         );
     }
 
+    fn synced_with_lanes(id: &str) -> FromNode {
+        FromNode::Synced {
+            id: id.into(),
+            draining: false,
+            lanes: true,
+        }
+    }
+
+    #[test]
+    fn node_says_in_its_sync_answer_whether_it_serves_lanes() {
+        let mut events = Vec::new();
+        let mut old_package = NodeSession::new("7-4".into());
+        old_package.heard(synced("7-4", false), &mut events);
+        assert!(!old_package.takes_lanes);
+        let mut session = NodeSession::new("7-5".into());
+        // A previous link's answer says nothing about this one.
+        session.heard(synced_with_lanes("7-4"), &mut events);
+        assert!(!session.takes_lanes);
+        session.heard(synced_with_lanes("7-5"), &mut events);
+        assert!(session.takes_lanes);
+        assert_eq!(events, [Event::Ready, Event::Ready]);
+    }
+
+    #[test]
+    fn the_first_answers_are_the_lanes_then_sequence_numbers_count_connections() {
+        let mut session = NodeSession::new("7-6".into());
+        let mut events = Vec::new();
+        session.heard(synced_with_lanes("7-6"), &mut events);
+        events.clear();
+        session.lane_sent();
+        session.lane_sent();
+        for line in [
+            FromNode::Ack,
+            FromNode::Ack,
+            FromNode::Ack,
+            FromNode::Nack,
+            FromNode::Ack,
+        ] {
+            session.heard(line, &mut events);
+        }
+        assert_eq!(
+            events,
+            [Event::Acked(1), Event::Resend(2), Event::Acked(3)],
+            "the two lanes' ACKs acknowledge no connection"
+        );
+    }
+
+    #[test]
+    fn a_lane_that_reached_node_without_its_fd_ends_the_link() {
+        let mut session = NodeSession::new("7-7".into());
+        let mut events = Vec::new();
+        session.heard(synced_with_lanes("7-7"), &mut events);
+        events.clear();
+        session.lane_sent();
+        session.lane_sent();
+        session.heard(FromNode::Ack, &mut events);
+        assert!(events.is_empty());
+        session.heard(FromNode::Nack, &mut events);
+        assert_eq!(
+            events,
+            [Event::Closed("Node received a lane without its fd")]
+        );
+    }
+
+    #[test]
+    fn accepted_totals_read_together_are_one_event_and_stale_ones_are_dropped() {
+        let mut session = NodeSession::new("7-8".into());
+        let mut events = Vec::new();
+        session.heard(FromNode::Accepted(40), &mut events);
+        assert!(events.is_empty(), "a previous dispatcher's");
+        session.heard(synced_with_lanes("7-8"), &mut events);
+        events.clear();
+        for line in [
+            FromNode::Accepted(41),
+            FromNode::Accepted(44),
+            FromNode::Ack,
+            FromNode::Accepted(45),
+        ] {
+            session.heard(line, &mut events);
+        }
+        assert_eq!(
+            events,
+            [Event::Accepted(44), Event::Acked(1), Event::Accepted(45)]
+        );
+    }
+
     /// A bridge that passes a channel whose Node end the test plays, with lines a previous
     /// dispatcher left unread already in it.
     /// Also returns the bridge's end of the link: the link closes when it goes.
     async fn node_link() -> (NodeLink, UnixDatagram, LinkStream) {
-        let (dispatcher, bridge) = LinkStream::pair().unwrap();
         let (ours, theirs) = nix::sys::socket::socketpair(
             nix::sys::socket::AddressFamily::Unix,
             nix::sys::socket::SockType::SeqPacket,
@@ -374,18 +493,27 @@ mod tests {
         node.send(b"{\"cmd\":\"NODE_HANDLE_ACK\"}\n").unwrap();
         node.send(b"{\"stickyDispatch\":\"drain-request\"}\n")
             .unwrap();
+        let (link, bridge) = link_over(ours.as_fd()).await;
+        (link, node, bridge)
+    }
+
+    /// A bridge that passes `ours` as the channel; returns its end of the link.
+    async fn link_over(ours: std::os::fd::BorrowedFd<'_>) -> (NodeLink, LinkStream) {
+        let (dispatcher, bridge) = LinkStream::pair().unwrap();
         let bridge_side = async {
-            exchange_hello(&bridge, Role::NodeWorker, 3, 0).await.unwrap();
+            exchange_hello(&bridge, Role::NodeWorker, 3, 0)
+                .await
+                .unwrap();
             let mut out = Vec::new();
             Message::Channel.encode(&mut out);
-            bridge.send(&out, Some(ours.as_fd())).await.unwrap();
+            bridge.send(&out, Some(ours)).await.unwrap();
         };
         let dispatcher_side = async {
             let hello = exchange_hello(&dispatcher, Role::Dispatcher, 3, 0).await?;
             NodeLink::take(dispatcher, hello.pid).await
         };
         let (link, ()) = tokio::join!(dispatcher_side, bridge_side);
-        (link.unwrap(), node, bridge)
+        (link.unwrap(), bridge)
     }
 
     fn sync_id_sent(node: &UnixDatagram) -> String {
@@ -448,6 +576,95 @@ mod tests {
         assert!(
             matches!(events.as_slice(), [Event::Closed(_)]),
             "{events:?}"
+        );
+    }
+
+    /// The socket an fd refers to: the same socket has the same (st_dev, st_ino).
+    fn identity(fd: impl std::os::fd::AsFd) -> (u64, u64) {
+        let stat = nix::sys::stat::fstat(fd.as_fd()).unwrap();
+        (stat.st_dev, stat.st_ino)
+    }
+
+    #[tokio::test]
+    async fn lanes_go_to_node_as_native_handles_then_the_set_and_their_answers_are_not_connections()
+    {
+        // The test plays Node on a link-like end, which receives the fds.
+        let (ours, node) = LinkStream::pair().unwrap();
+        let (mut link, _bridge) = link_over(ours.as_fd()).await;
+        drop(ours);
+        let mut buf = [0u8; wire::MAX_MESSAGE];
+        let received = node.recv(&mut buf).await.unwrap();
+        let sync: serde_json::Value = serde_json::from_slice(&buf[..received.len]).unwrap();
+        let answer = serde_json::json!({
+            "stickyDispatch": "synced", "id": sync["id"], "draining": false, "lanes": true,
+        });
+        node.send(format!("{answer}\n").as_bytes(), None)
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        assert_eq!(link.before_sleep(0).unwrap(), None);
+        while events.is_empty() {
+            link.next(&mut buf, &mut events, false).await.unwrap();
+        }
+        assert_eq!(events, [Event::Ready]);
+        assert!(link.takes_lanes());
+
+        let sockets = [
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        ];
+        let locals = sockets.each_ref().map(|s| s.local_addr().unwrap());
+        let grants = [
+            LaneGrant {
+                listener: "web",
+                socket: sockets[0].as_fd(),
+                backlog: 4096,
+                local: Some(locals[0]),
+            },
+            LaneGrant {
+                listener: "tls",
+                socket: sockets[1].as_fd(),
+                backlog: 128,
+                local: Some(locals[1]),
+            },
+        ];
+        let mut out = Vec::new();
+        link.send_lanes(&mut out, &grants).unwrap();
+        for (grant, socket) in grants.iter().zip(&sockets) {
+            let received = node.recv(&mut buf).await.unwrap();
+            let mut expected = Vec::new();
+            node_ipc::encode_lane(&mut expected, grant.listener, grant.backlog, grant.local);
+            assert_eq!(&buf[..received.len], expected);
+            let fd = received.fd.expect("a lane comes with its socket");
+            assert_eq!(identity(fd), identity(socket), "{}", grant.listener);
+        }
+        let received = node.recv(&mut buf).await.unwrap();
+        assert_eq!(
+            &buf[..received.len],
+            b"{\"stickyDispatch\":\"lanes\",\"count\":2}\n"
+        );
+        assert!(received.fd.is_none());
+
+        // Node core's answers to the two lanes, then to connection 1, and the package's count.
+        for line in [
+            "{\"cmd\":\"NODE_HANDLE_ACK\"}\n",
+            "{\"cmd\":\"NODE_HANDLE_ACK\"}\n",
+            "{\"cmd\":\"NODE_HANDLE_ACK\"}\n",
+            "{\"stickyDispatch\":\"accepted\",\"count\":9}\n",
+        ] {
+            node.send(line.as_bytes(), None).await.unwrap();
+        }
+        events.clear();
+        assert!(link.before_sleep(1).unwrap().is_some());
+        link.read_now(&mut buf, &mut events).unwrap();
+        assert_eq!(events, [Event::Acked(1), Event::Accepted(9)]);
+
+        // No lanes: a set of none.
+        link.send_lanes(&mut out, &[]).unwrap();
+        let received = node.recv(&mut buf).await.unwrap();
+        assert_eq!(
+            &buf[..received.len],
+            b"{\"stickyDispatch\":\"lanes\",\"count\":0}\n"
         );
     }
 }
