@@ -16,7 +16,9 @@ use std::time::Duration;
 use nix::unistd::Uid;
 use serde::{Deserialize, Serialize};
 
-use super::values::{self, Dispatch, EnvKind, KeySource, OnWorkerDown, OneOrMany, RawValue, Seed, UserSpec};
+use super::values::{
+    self, Dispatch, EnvKind, KeySource, OnWorkerDown, OneOrMany, RawValue, Seed, UserSpec,
+};
 use super::ConfigError;
 
 /// When a changed value takes effect.

@@ -375,7 +375,9 @@ mod tests {
         node.send(b"{\"stickyDispatch\":\"drain-request\"}\n")
             .unwrap();
         let bridge_side = async {
-            exchange_hello(&bridge, Role::NodeWorker, 3, 0).await.unwrap();
+            exchange_hello(&bridge, Role::NodeWorker, 3, 0)
+                .await
+                .unwrap();
             let mut out = Vec::new();
             Message::Channel.encode(&mut out);
             bridge.send(&out, Some(ours.as_fd())).await.unwrap();
