@@ -196,7 +196,7 @@ impl Dispatcher {
             match lanes::plan(listener, kernel, &shared.router, &mut suspects) {
                 lanes::Plan::Kernel(group) => {
                     info!(listener = %group.name, address = %group.local, lanes = group.len(),
-                        backlog = group.backlog, "kernel path: each worker accepts on its own lane");
+                        backlog = group.backlog, "listening: kernel path, each worker accepts on its own lane");
                     shared.metrics.set_path(&group.name, metrics::Path::Kernel);
                     group.register_metrics(&shared.metrics);
                     route_queued(&shared, &permits, &group);
