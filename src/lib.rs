@@ -35,6 +35,8 @@
 //! - `node_bridge` — `sticky-dispatch node-worker -- node app.js`: starts Node with its
 //!   IPC channel and passes that channel to the dispatcher, which hands each connection
 //!   to Node directly; `node_ipc` — the lines of Node's IPC dialect.
+//! - `sock_diag` — the TCP sockets listening on the host (netlink), to check a lane group
+//!   and read its queues.
 //! - `logging` — journald when under systemd, stderr otherwise.
 //! - `cli`, `manual` — the daemon's command line, and the manual pages generated from it
 //!   and from the configuration keys.
@@ -63,6 +65,8 @@ pub mod node_ipc;
 #[cfg(feature = "dispatcher")]
 pub mod routing;
 pub mod shared;
+#[cfg(feature = "dispatcher")]
+pub mod sock_diag;
 #[cfg(feature = "dispatcher")]
 pub mod status;
 #[cfg(feature = "dispatcher")]

@@ -22,6 +22,19 @@ use tokio::io::Interest;
 /// Enough backlog for a dispatcher and a few reconnecting peers; links are few and long-lived.
 pub(crate) const LISTEN_BACKLOG: i32 = 16;
 
+/// Pause after accept fails for lack of fds or memory: long enough not to spin, short
+/// enough that the kernel backlog does not overflow while fds come back.
+pub(crate) const RESOURCE_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Whether a failed `accept` failed for lack of fds or memory (pause, the backlog holds),
+/// rather than because of that one client (ECONNABORTED and the like: go on).
+pub(crate) fn is_resource_shortage(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+    )
+}
+
 /// The process at the other end of a link, as the kernel reports it (SO_PEERCRED).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCred {
@@ -360,6 +373,16 @@ impl AsFd for LinkStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_lack_of_resources_pauses_accepting() {
+        for errno in [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM] {
+            assert!(is_resource_shortage(&io::Error::from(errno)), "{errno}");
+        }
+        for errno in [Errno::ECONNABORTED, Errno::EPROTO, Errno::EPERM] {
+            assert!(!is_resource_shortage(&io::Error::from(errno)), "{errno}");
+        }
+    }
     use std::io::{Read, Write};
 
     fn unique_name(tag: &str) -> String {

@@ -260,7 +260,7 @@ mod tests {
         let (dispatcher, worker) = LinkStream::pair().unwrap();
         let (d, w) = tokio::join!(
             exchange_hello(&dispatcher, Role::Dispatcher, 4, 0),
-            exchange_hello(&worker, Role::Worker, 4, 0)
+            exchange_hello(&worker, Role::Worker, 4, wire::FEATURE_LANES)
         );
         let pid = std::process::id();
         assert_eq!(
@@ -268,11 +268,13 @@ mod tests {
             (
                 PeerHello {
                     pid,
-                    role: Role::Worker
+                    role: Role::Worker,
+                    features: wire::FEATURE_LANES,
                 },
                 PeerHello {
                     pid,
-                    role: Role::Dispatcher
+                    role: Role::Dispatcher,
+                    features: 0,
                 }
             )
         );

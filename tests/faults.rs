@@ -14,6 +14,11 @@ use nix::sys::signal::Signal;
 const WORKERS: u32 = 4;
 const THREADS: usize = 8;
 
+/// The dispatcher's path (the default, `auto`, is the kernel's for `peer-ip`): the
+/// scenarios that hold on both paths run on each.
+const USERSPACE: (&str, &str) = ("STICKY_DISPATCH_DISPATCH", "userspace");
+const KERNEL: (&str, &str) = ("STICKY_DISPATCH_DISPATCH", "kernel");
+
 fn clients() -> Vec<Ipv4Addr> {
     (0..200).map(client_ip).collect()
 }
@@ -52,7 +57,16 @@ fn as_strs(v: &[String]) -> Vec<&str> {
 /// Scenario 1: SIGTERM a worker and let it restart: it drains, nothing is lost or moved.
 #[test]
 fn graceful_worker_restart_loses_nothing() {
-    let (dispatcher, addr) = standalone("graceful", WORKERS, &[]);
+    graceful_worker_restart("graceful", KERNEL);
+}
+
+#[test]
+fn graceful_worker_restart_loses_nothing_userspace() {
+    graceful_worker_restart("graceful-userspace", USERSPACE);
+}
+
+fn graceful_worker_restart(test: &'static str, path: (&str, &str)) {
+    let (dispatcher, addr) = standalone(test, WORKERS, &[path]);
     let load = Load::start(addr, &clients(), THREADS, 100_000);
     load.wait_more(300);
     let victim = 3;
@@ -65,14 +79,18 @@ fn graceful_worker_restart_loses_nothing() {
         .wait_count(&["worker link up", "index=3"], ups + 1);
     load.wait_more(600);
     let tally = Tally::of(&load.stop(), expected);
-    eprintln!("graceful restart of worker 3 under load: {tally}");
+    eprintln!(
+        "graceful restart of worker 3 under load ({}): {tally}",
+        path.1
+    );
     assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
     assert_ne!(pid_of(victim, addr), pid, "a new process serves worker 3");
 }
 
 /// Scenario 2: SIGKILL a worker that holds unacknowledged connections (it is stopped
 /// first, so connections pile up unacknowledged): the dispatcher survives and re-sends
-/// every one of them to the restarted worker.
+/// every one of them to the restarted worker. (The dispatcher's path: on the kernel's,
+/// nothing is unacknowledged, see the next test.)
 #[test]
 fn killed_worker_gets_its_unacknowledged_connections_again() {
     let dir = scratch_dir("sigkill");
@@ -81,7 +99,7 @@ fn killed_worker_gets_its_unacknowledged_connections_again() {
     let (mut dispatcher, addr) = standalone(
         "sigkill",
         WORKERS,
-        &[("NOTIFY_SOCKET", notify_path.as_str())],
+        &[("NOTIFY_SOCKET", notify_path.as_str()), USERSPACE],
     );
     let load = Load::start(addr, &clients(), THREADS, 100_000);
     load.wait_more(300);
@@ -121,6 +139,52 @@ fn killed_worker_gets_its_unacknowledged_connections_again() {
     assert_ne!(pid_of(victim, addr), pid);
 }
 
+/// Scenario 2 on the kernel's path: SIGKILL a worker (stopped first, so its clients pile
+/// up in its lane's accept queue): the queue outlives it, and the restarted worker serves
+/// every connection queued there.
+#[test]
+fn killed_worker_leaves_its_lane_queue_to_the_next_one() {
+    let (mut dispatcher, addr) = standalone("sigkill-lane", WORKERS, &[KERNEL]);
+    let load = Load::start(addr, &clients(), THREADS, 100_000);
+    load.wait_more(300);
+    let victim = 2;
+    let pid = pid_of(victim, addr);
+    stop_process(pid);
+    // Its clients now queue in its lane; one by one the load threads get stuck there.
+    let queued_on_lanes = || -> u32 {
+        sticky_dispatch::sock_diag::listening_on(addr.port(), addr.ip())
+            .unwrap()
+            .iter()
+            .map(|lane| lane.queued)
+            .sum()
+    };
+    let deadline = Instant::now() + PATIENCE;
+    while queued_on_lanes() < THREADS as u32 / 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the load threads never queued on worker 2's lane"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let queued = queued_on_lanes();
+    kill(pid, Signal::SIGKILL);
+    dispatcher
+        .log
+        .wait_for(&["worker exited; restarting", "index=2"]);
+    load.wait_more(600);
+    let tally = Tally::of(&load.stop(), expected);
+    eprintln!("SIGKILL of worker 2 with {queued} connections queued on its lane: {tally}");
+    assert_eq!(tally.misrouted, 0, "{tally}");
+    // Only connections the worker had already accepted can die with it: at most one per
+    // load thread.
+    assert!(tally.failed <= THREADS, "{tally}");
+    assert!(
+        dispatcher.child.try_wait().unwrap().is_none(),
+        "the dispatcher survives"
+    );
+    assert_ne!(pid_of(victim, addr), pid);
+}
+
 /// Takes worker `index` down for good (until `<dir>/down-<index>` is removed).
 fn hold_down(dir: &std::path::Path, dispatcher: &Running, addr: SocketAddr, index: u32) {
     // Served first: the worker is up, so the file cannot stop its first start.
@@ -139,12 +203,21 @@ fn hold_down(dir: &std::path::Path, dispatcher: &Running, addr: SocketAddr, inde
 /// back when it returns.
 #[test]
 fn worker_down_longer_than_pending_timeout_with_wait() {
-    let dir = scratch_dir("down-wait");
+    down_longer_than_pending_timeout_with_wait("down-wait", KERNEL);
+}
+
+#[test]
+fn worker_down_longer_than_pending_timeout_with_wait_userspace() {
+    down_longer_than_pending_timeout_with_wait("down-wait-userspace", USERSPACE);
+}
+
+fn down_longer_than_pending_timeout_with_wait(test: &'static str, path: (&str, &str)) {
+    let dir = scratch_dir(test);
     let command = holdable_worker(&dir);
     let (dispatcher, addr) = standalone_with(
-        "down-wait",
+        test,
         WORKERS,
-        &[("STICKY_DISPATCH_PENDING_TIMEOUT", "1s")],
+        &[("STICKY_DISPATCH_PENDING_TIMEOUT", "1s"), path],
         &as_strs(&command),
     );
     let victim = 1;
@@ -160,7 +233,7 @@ fn worker_down_longer_than_pending_timeout_with_wait() {
         .partition(|o| expected(o.client) == victim);
     let theirs_tally = Tally::of(&theirs, expected);
     let others_tally = Tally::of(&others, expected);
-    eprintln!("worker 1 down, wait, pending_timeout 1s, {elapsed:?}: its clients: {theirs_tally}; others: {others_tally}");
+    eprintln!("worker 1 down ({}), wait, pending_timeout 1s, {elapsed:?}: its clients: {theirs_tally}; others: {others_tally}", path.1);
     assert_eq!(
         (others_tally.failed, others_tally.misrouted),
         (0, 0),
@@ -192,14 +265,24 @@ fn worker_down_longer_than_pending_timeout_with_wait() {
 /// same one every time for a given client, and the others stay where they are.
 #[test]
 fn worker_down_longer_than_pending_timeout_with_failover() {
-    let dir = scratch_dir("down-failover");
+    down_longer_than_pending_timeout_with_failover("down-failover", KERNEL);
+}
+
+#[test]
+fn worker_down_longer_than_pending_timeout_with_failover_userspace() {
+    down_longer_than_pending_timeout_with_failover("down-failover-userspace", USERSPACE);
+}
+
+fn down_longer_than_pending_timeout_with_failover(test: &'static str, path: (&str, &str)) {
+    let dir = scratch_dir(test);
     let command = holdable_worker(&dir);
     let (dispatcher, addr) = standalone_with(
-        "down-failover",
+        test,
         WORKERS,
         &[
             ("STICKY_DISPATCH_PENDING_TIMEOUT", "1s"),
             ("STICKY_DISPATCH_ON_WORKER_DOWN", "failover"),
+            path,
         ],
         &as_strs(&command),
     );
@@ -236,7 +319,10 @@ fn worker_down_longer_than_pending_timeout_with_failover() {
         .keys()
         .filter(|ip| expected(**ip) == victim)
         .count();
-    eprintln!("worker 1 down, failover: {tally}; {failed_over} of its clients failed over");
+    eprintln!(
+        "worker 1 down ({}), failover: {tally}; {failed_over} of its clients failed over",
+        path.1
+    );
     assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
     assert!(failed_over > 0);
     assert!(
@@ -258,6 +344,7 @@ fn overload_toward_a_down_worker_stays_bounded() {
         "overload",
         WORKERS,
         &[
+            USERSPACE,
             ("STICKY_DISPATCH_MAX_PENDING", "100"),
             ("STICKY_DISPATCH_PENDING_TIMEOUT", "60s"),
             ("NOTIFY_SOCKET", notify_path.as_str()),
@@ -359,7 +446,8 @@ fn overload_toward_a_down_worker_stays_bounded() {
 /// dispatcher pauses instead of spinning or crashing, and serves everyone once fds return.
 #[test]
 fn running_out_of_fds_pauses_accepting_without_spinning() {
-    let alone = Alone::start("emfile", WORKERS, &[]);
+    // The dispatcher's own accept: on the kernel's path it accepts nothing.
+    let alone = Alone::start("emfile", WORKERS, &[USERSPACE]);
     let (dispatcher, addr) = (&alone.dispatcher, alone.addr);
     let pid = dispatcher.pid();
     let _workers: Vec<Running> = (1..WORKERS).map(|i| alone.start_worker(i)).collect();

@@ -197,10 +197,21 @@ fn take_systemd_sockets() -> anyhow::Result<Sockets> {
             sockets.metrics.push(socket);
             continue;
         }
-        sockets.listeners.push(Listener {
-            name: name.into(),
-            socket,
-        });
+        // Consecutive sockets of one name on one address are one listener's lanes, in the
+        // socket unit's order (= the group's).
+        let address = socket.local_addr().ok();
+        match sockets.listeners.last_mut() {
+            Some(last)
+                if *last.name == *name
+                    && last.sockets.first().and_then(|s| s.local_addr().ok()) == address =>
+            {
+                last.sockets.push(socket);
+            }
+            _ => sockets.listeners.push(Listener {
+                name: name.into(),
+                sockets: vec![socket],
+            }),
+        }
     }
     Ok(sockets)
 }
@@ -227,16 +238,18 @@ fn with_listeners(mut sockets: Sockets, settings: &Settings) -> anyhow::Result<S
         }
         return Ok(sockets);
     }
+    // On the kernel's path, a lane per worker; else one socket.
+    let lanes = if settings.kernel_routing() {
+        settings.workers.get()
+    } else {
+        1
+    };
     for addr in &settings.listen {
-        let socket = std::net::TcpListener::bind(addr)
+        let lanes = dispatcher::bind_lanes(*addr, lanes)
             .with_context(|| format!("could not listen on {addr}"))?;
-        // std listens with a backlog of 128; a burst of clients needs the kernel's maximum,
-        // as systemd's Backlog= gives socket-activated listeners.
-        nix::sys::socket::listen(&socket, nix::sys::socket::Backlog::MAXCONN)
-            .with_context(|| format!("could not set the backlog of {addr}"))?;
         sockets.listeners.push(Listener {
             name: Arc::from(addr.to_string()),
-            socket,
+            sockets: lanes,
         });
     }
     Ok(sockets)

@@ -16,7 +16,9 @@ use std::time::Duration;
 use nix::unistd::Uid;
 use serde::{Deserialize, Serialize};
 
-use super::values::{self, EnvKind, KeySource, OnWorkerDown, OneOrMany, RawValue, Seed, UserSpec};
+use super::values::{
+    self, Dispatch, EnvKind, KeySource, OnWorkerDown, OneOrMany, RawValue, Seed, UserSpec,
+};
 use super::ConfigError;
 
 /// When a changed value takes effect.
@@ -244,6 +246,21 @@ keys! {
          `\"proxy-protocol\"` (the client in a PROXY v1/v2 header every connection starts \
          with), `\"x-forwarded-for\"`, `\"cookie\"` or `\"query\"` (read from the HTTP \
          request head without consuming it; the peer IP when absent).";
+    dispatch: Dispatch = values::any [Dispatch],
+        default Default::Toml("\"auto\""), reload Restart,
+        "Which path connections take: `\"kernel\"` (each listener has a listening socket \
+         per worker, a *lane*, and the kernel hands each connection to its worker's lane by \
+         the client's address: no process in between), `\"userspace\"` (the dispatcher \
+         accepts every connection and passes it over the link), or `\"auto\"`: the kernel \
+         for `routing_key = \"peer-ip\"`, the dispatcher otherwise. A listener whose lanes \
+         do not check out takes the dispatcher's path, with a log line that says why.";
+    lanes: u16 = values::within::<0, 256, u16> [u16],
+        default Default::Toml("0"), reload Restart,
+        "Under systemd: how many lanes (listening sockets on one address) the generator \
+         writes into sticky-dispatch.socket for each `ListenStream=` address; at least \
+         `workers`, so that `workers` can grow up to it without restarting the socket unit. \
+         0 (the default): the larger of `workers` and 16. Standalone, the dispatcher makes \
+         `workers` lanes itself.";
     key_name: String = values::key_name [String],
         default Default::Toml("\"\""), reload Live,
         "For `routing_key = \"cookie\"` or `\"query\"`: the cookie or query parameter \

@@ -24,11 +24,14 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 
 pub use keys::{Default, Key, Reload, Settings, KEYS};
-pub use values::{EnvKind, KeySource, OnWorkerDown, MAX_WORKERS};
+pub use values::{Dispatch, EnvKind, KeySource, OnWorkerDown, MAX_WORKERS};
 
 /// Where the config file is read from when no `--config` is given. It may be absent: then
 /// the built-in defaults apply.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sticky-dispatch/config.toml";
+/// `lanes = 0` gives at least this many lanes under systemd: room for `workers` to grow
+/// without restarting the socket unit, at one idle socket per spare lane and address.
+pub const DEFAULT_MIN_LANES: u32 = 16;
 
 /// Values given on the command line; they override every other layer.
 #[derive(Debug, Default, Clone)]
@@ -190,6 +193,37 @@ impl Settings {
                 ),
             ));
         }
+        if self.dispatch == Dispatch::Kernel && self.routing_key != KeySource::PeerIp {
+            return Err((
+                "dispatch",
+                format!(
+                    "\"kernel\" routes by the client's address only, but routing_key = \"{}\" \
+                     needs the request's bytes: use \"auto\" or \"userspace\"",
+                    self.routing_key
+                ),
+            ));
+        }
+        if self.dispatch == Dispatch::Kernel
+            && self.workers.get() > crate::routing::cbpf::MAX_WORKERS
+        {
+            return Err((
+                "dispatch",
+                format!(
+                    "\"kernel\" serves at most {} workers, not {}: use \"auto\" or \"userspace\"",
+                    crate::routing::cbpf::MAX_WORKERS,
+                    self.workers
+                ),
+            ));
+        }
+        if self.lanes != 0 && u32::from(self.lanes) < self.workers.get() {
+            return Err((
+                "lanes",
+                format!(
+                    "must be at least workers ({}), or 0 for the default, got {}",
+                    self.workers, self.lanes
+                ),
+            ));
+        }
         if self.health_min_workers > self.workers.get() {
             return Err((
                 "health_min_workers",
@@ -203,6 +237,27 @@ impl Settings {
             self.worker_users = crate::shared::default_peer_users();
         }
         Ok(())
+    }
+
+    /// Whether listeners take the kernel's path, where their lanes check out: `dispatch`,
+    /// with `auto` resolved.
+    pub fn kernel_routing(&self) -> bool {
+        match self.dispatch {
+            Dispatch::Kernel => true,
+            Dispatch::Userspace => false,
+            Dispatch::Auto => {
+                self.routing_key == KeySource::PeerIp
+                    && self.workers.get() <= crate::routing::cbpf::MAX_WORKERS
+            }
+        }
+    }
+
+    /// The lane count per address under systemd (`lanes`, with 0 resolved).
+    pub fn lane_count(&self) -> u32 {
+        match self.lanes {
+            0 => self.workers.get().max(DEFAULT_MIN_LANES),
+            lanes => u32::from(lanes),
+        }
     }
 
     /// Whether a layer above the built-in defaults sets `key` ([`Settings::given`]).
@@ -400,6 +455,8 @@ mod tests {
             max_connections: NonZeroUsize::new(16384).unwrap(),
             on_worker_down: OnWorkerDown::Wait,
             routing_key: KeySource::PeerIp,
+            dispatch: Dispatch::Auto,
+            lanes: 0,
             key_name: String::new(),
             trusted_hops: 1,
             key_timeout: Duration::from_secs(5),

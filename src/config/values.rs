@@ -48,6 +48,9 @@ impl RawValue for String {
 impl RawValue for u8 {
     const ENV: EnvKind = EnvKind::Parsed;
 }
+impl RawValue for u16 {
+    const ENV: EnvKind = EnvKind::Parsed;
+}
 impl RawValue for u32 {
     const ENV: EnvKind = EnvKind::Parsed;
 }
@@ -66,6 +69,9 @@ impl RawValue for OnWorkerDown {
 impl RawValue for KeySource {
     const ENV: EnvKind = EnvKind::Text;
 }
+impl RawValue for Dispatch {
+    const ENV: EnvKind = EnvKind::Text;
+}
 
 /// What happens to a connection whose worker is down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -80,6 +86,25 @@ pub enum OnWorkerDown {
 }
 
 impl fmt::Display for OnWorkerDown {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.serialize(f)
+    }
+}
+
+/// Which path connections take to their worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dispatch {
+    /// The kernel for `routing_key = "peer-ip"` (wherever the lanes check out), the
+    /// dispatcher otherwise.
+    Auto,
+    /// The kernel: each worker accepts on its own lane; only for `routing_key = "peer-ip"`.
+    Kernel,
+    /// The dispatcher accepts every connection and passes it over the link.
+    Userspace,
+}
+
+impl fmt::Display for Dispatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.serialize(f)
     }

@@ -11,7 +11,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::errno::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{watch, Semaphore};
@@ -20,15 +19,13 @@ use tracing::{debug, info, warn};
 
 use super::held::Held;
 use super::hub::Hub;
+use super::keyed;
 use super::metrics::ListenerMetrics;
 use super::phase::Phase;
 use super::throttle::Throttle;
-use super::{keyed, Listener};
 use crate::config::KeySource;
+use crate::link::{is_resource_shortage, RESOURCE_PAUSE};
 
-/// Pause after accept fails for lack of fds or memory: long enough not to spin, short
-/// enough that the kernel backlog does not overflow while fds come back.
-const RESOURCE_PAUSE: Duration = Duration::from_millis(100);
 /// At most one warning per this period about the same resource shortage.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -46,20 +43,22 @@ pub(super) struct Acceptor {
 }
 
 impl Acceptor {
+    /// An acceptor for `socket`, one of listener `name`'s.
     pub(super) fn new(
-        listener: Listener,
+        name: Arc<str>,
+        socket: std::net::TcpListener,
         shared: Arc<Hub>,
         permits: Arc<Semaphore>,
     ) -> io::Result<Acceptor> {
-        let address = listener.socket.local_addr()?;
-        listener.socket.set_nonblocking(true)?;
-        info!(listener = %listener.name, %address, "listening");
+        let address = socket.local_addr()?;
+        socket.set_nonblocking(true)?;
+        info!(listener = %name, %address, "listening");
         Ok(Acceptor {
-            name: listener.name.clone(),
-            socket: crate::link::register(listener.socket, Interest::READABLE)?,
+            socket: crate::link::register(socket, Interest::READABLE)?,
             fixed_local: (!address.ip().is_unspecified()).then_some(address),
             keyed: shared.settings().routing_key != KeySource::PeerIp,
-            metrics: shared.metrics.listener(&listener.name),
+            metrics: shared.metrics.listener(&name),
+            name,
             shared,
             permits,
         })
@@ -151,27 +150,10 @@ impl Acceptor {
     }
 }
 
-fn is_resource_shortage(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error().map(Errno::from_raw),
-        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dispatcher::testing::hub;
-
-    #[test]
-    fn only_a_lack_of_resources_pauses_accepting() {
-        for errno in [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM] {
-            assert!(is_resource_shortage(&io::Error::from(errno)), "{errno}");
-        }
-        for errno in [Errno::ECONNABORTED, Errno::EPROTO, Errno::EPERM] {
-            assert!(!is_resource_shortage(&io::Error::from(errno)), "{errno}");
-        }
-    }
 
     /// A client's connection reaches the slot of its key, with its address and the
     /// listener's, and is counted; a stop ends the acceptor.
@@ -181,12 +163,13 @@ mod tests {
         let shared = Arc::new(hub);
         let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = socket.local_addr().unwrap();
-        let listener = Listener {
-            name: "web".into(),
+        let acceptor = Acceptor::new(
+            "web".into(),
             socket,
-        };
-        let acceptor =
-            Acceptor::new(listener, shared.clone(), Arc::new(Semaphore::new(8))).unwrap();
+            shared.clone(),
+            Arc::new(Semaphore::new(8)),
+        )
+        .unwrap();
         let (phase, phase_rx) = watch::channel(Phase::Running);
         let running = tokio::spawn(acceptor.run(phase_rx));
 

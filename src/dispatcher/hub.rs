@@ -114,6 +114,7 @@ impl Hub {
         let Totals {
             live,
             handed_off,
+            kernel_routed,
             waiting,
             in_flight,
             resent,
@@ -127,7 +128,8 @@ impl Hub {
             format!("; restart needed for {}", restart_needed.join(", "))
         };
         format!(
-            "{live}/{} workers live; {handed_off} connections handed off; {waiting} waiting, \
+            "{live}/{} workers live; {handed_off} connections handed off, {kernel_routed} \
+             routed by the kernel; {waiting} waiting, \
              {in_flight} in flight; {resent} re-sent, {turned_away} turned away, \
              {failed_over} failed over{restart_note}",
             self.router.workers(),

@@ -10,6 +10,7 @@
 //! as the process: a reload keeps them, a restart starts them over.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use prometheus::{
@@ -95,6 +96,8 @@ pub(super) struct WorkerMetrics {
     pub(super) failed_over: IntCounter,
     pub(super) link_up: IntCounter,
     pub(super) link_down: IntCounter,
+    /// Connections the worker accepted on its lanes (the kernel's path), as it reports.
+    pub(super) kernel_routed: IntCounter,
     /// By [`TurnedAway`], in the order of `TurnedAway::ALL`.
     turned_away: [IntCounter; 4],
 }
@@ -121,12 +124,46 @@ impl ListenerMetrics {
     }
 }
 
+/// Which path a listener's connections take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Path {
+    /// Each worker accepts on its own lane.
+    Kernel,
+    /// The dispatcher accepts and passes connections over the links.
+    Userspace,
+}
+
+impl Path {
+    /// The `path` label.
+    pub(super) fn label(self) -> &'static str {
+        match self {
+            Path::Kernel => "kernel",
+            Path::Userspace => "userspace",
+        }
+    }
+}
+
+/// One lane's series, refreshed from the kernel at each scrape.
+#[derive(Debug)]
+struct LaneSeries {
+    inode: u64,
+    local: SocketAddr,
+    queued: IntGauge,
+    backlog: IntGauge,
+    drops: IntCounter,
+}
+
 /// Every metric of one dispatcher process.
 #[derive(Debug)]
 pub(super) struct Metrics {
     registry: Registry,
     workers: Box<[WorkerMetrics]>,
     listeners: HashMap<Arc<str>, ListenerMetrics>,
+    path: IntGaugeVec,
+    lane_queued: IntGaugeVec,
+    lane_backlog: IntGaugeVec,
+    lane_drops: IntCounterVec,
+    lanes: std::sync::Mutex<Vec<LaneSeries>>,
     /// Seconds from accept to the worker's acknowledgement.
     pub(super) handoff_seconds: Histogram,
 }
@@ -214,6 +251,12 @@ impl Metrics {
             "Connections sent to the worker and not yet acknowledged",
             worker,
         );
+        let kernel_routed = counters(
+            &registry,
+            "kernel_routed_total",
+            "Connections the kernel routed to the worker's lane and the worker accepted there, as the worker reports them",
+            worker,
+        );
         let turned_away = counters(
             &registry,
             "turned_away_total",
@@ -234,6 +277,7 @@ impl Metrics {
                     failed_over: of(&failed_over),
                     link_up: of(&link_up),
                     link_down: of(&link_down),
+                    kernel_routed: of(&kernel_routed),
                     turned_away: TurnedAway::ALL
                         .map(|reason| turned_away.with_label_values(&[&label, reason.label()])),
                 }
@@ -284,11 +328,85 @@ impl Metrics {
         .expect("valid metric");
         let handoff_seconds = register(&registry, handoff_seconds);
 
+        let path = gauges(
+            &registry,
+            "listener_path",
+            "1 for the path the listener's connections take: kernel (each worker accepts on its lane) or userspace (the dispatcher passes them)",
+            &["listener", "path"],
+        );
+        let lane = &["listener", "lane"];
+        let lane_queued = gauges(
+            &registry,
+            "lane_queued",
+            "Connections waiting in the lane's accept queue",
+            lane,
+        );
+        let lane_backlog = gauges(
+            &registry,
+            "lane_backlog",
+            "The lane's listen backlog: the most its accept queue holds",
+            lane,
+        );
+        let lane_drops = counters(
+            &registry,
+            "lane_drops_total",
+            "Connections the kernel dropped at the lane, its accept queue full",
+            lane,
+        );
+
         Metrics {
             registry,
             workers,
             listeners,
             handoff_seconds,
+            path,
+            lane_queued,
+            lane_backlog,
+            lane_drops,
+            lanes: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records which path listener `name` takes.
+    pub(super) fn set_path(&self, name: &str, path: Path) {
+        for other in [Path::Kernel, Path::Userspace] {
+            self.path
+                .with_label_values(&[name, other.label()])
+                .set(i64::from(other == path));
+        }
+    }
+
+    /// Adds the series of lane `index` of listener `name`, the socket `inode` on `local`.
+    pub(super) fn add_lane(&self, name: &str, index: usize, inode: u64, local: SocketAddr) {
+        let labels = [name, &index.to_string()];
+        let series = LaneSeries {
+            inode,
+            local,
+            queued: self.lane_queued.with_label_values(&labels),
+            backlog: self.lane_backlog.with_label_values(&labels),
+            drops: self.lane_drops.with_label_values(&labels),
+        };
+        self.lanes.lock().expect("never poisoned").push(series);
+    }
+
+    /// Reads every lane's queue and drops from the kernel (one sock_diag dump per address).
+    fn refresh_lanes(&self) {
+        let lanes = self.lanes.lock().expect("never poisoned");
+        let mut addresses: Vec<SocketAddr> = lanes.iter().map(|lane| lane.local).collect();
+        addresses.dedup();
+        for local in addresses {
+            let Ok(listening) = crate::sock_diag::listening_on(local.port(), local.ip()) else {
+                continue;
+            };
+            for lane in lanes.iter().filter(|lane| lane.local == local) {
+                let Some(found) = listening.iter().find(|l| l.inode == lane.inode) else {
+                    continue;
+                };
+                lane.queued.set(i64::from(found.queued));
+                lane.backlog.set(i64::from(found.backlog));
+                let drops = u64::from(found.drops.unwrap_or(0));
+                lane.drops.inc_by(drops.saturating_sub(lane.drops.get()));
+            }
         }
     }
 
@@ -304,8 +422,9 @@ impl Metrics {
             .expect("every listener is registered when the dispatcher starts")
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition of every metric (the lanes' read from the kernel now).
     pub(super) fn encode(&self) -> String {
+        self.refresh_lanes();
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .expect("our metrics encode")
@@ -323,6 +442,7 @@ impl Metrics {
         Totals {
             live: sum(&|w| gauge(&w.up)),
             handed_off: sum(&|w| w.handed_off.get()),
+            kernel_routed: sum(&|w| w.kernel_routed.get()),
             waiting: sum(&|w| gauge(&w.waiting)),
             in_flight: sum(&|w| gauge(&w.in_flight)),
             resent: sum(&|w| w.resent.get()),
@@ -337,6 +457,7 @@ impl Metrics {
 pub(super) struct Totals {
     pub(super) live: u64,
     pub(super) handed_off: u64,
+    pub(super) kernel_routed: u64,
     pub(super) waiting: u64,
     pub(super) in_flight: u64,
     pub(super) resent: u64,

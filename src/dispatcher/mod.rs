@@ -18,6 +18,7 @@ mod fdstore;
 mod held;
 mod hub;
 mod keyed;
+mod lanes;
 mod lifecycle;
 mod metrics;
 mod observe;
@@ -30,6 +31,7 @@ mod throttle;
 mod worker_link;
 
 pub use fdstore::{is_stored_connection, HeldOver};
+pub use lanes::bind_lanes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,14 +49,16 @@ use phase::Phase;
 /// How often `STATUS=` is refreshed (only sent when it changed).
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A listening socket and the name it is known by (systemd's `FileDescriptorName=`, or the
-/// address given with `--listen`).
+/// A listener: its listening sockets and the name it is known by (systemd's
+/// `FileDescriptorName=`, or the address given with `--listen`).
 #[derive(Debug)]
 pub struct Listener {
     /// Name for logs and for the worker's `ClientInfo::listener`.
     pub name: Arc<str>,
-    /// The bound, listening socket.
-    pub socket: std::net::TcpListener,
+    /// Its bound, listening sockets, on one address: one, or one per worker index in one
+    /// SO_REUSEPORT group, in the group's order (its *lanes*, for the kernel's path; see
+    /// `docs/routing.md`).
+    pub sockets: Vec<std::net::TcpListener>,
 }
 
 /// What the dispatcher starts with: its listening sockets, and any client connections a
@@ -156,6 +160,9 @@ struct Dispatcher {
     slots: JoinSet<Vec<Held>>,
     /// The metrics and health listeners: they run to the end (aborted with this).
     _observers: JoinSet<()>,
+    /// Lanes beyond the workers': kept open (their worker count may grow to them), never
+    /// used.
+    _spare_lanes: Vec<std::net::TcpListener>,
     /// Holds `@<socket_prefix>dispatcher` while this dispatcher uses the prefix.
     _prefix_claim: std::os::fd::OwnedFd,
 }
@@ -179,15 +186,56 @@ impl Dispatcher {
         ));
         let (phase, phase_rx) = watch::channel(Phase::Running);
 
-        let mut slots = JoinSet::new();
-        for (index, inbox) in receivers.into_iter().enumerate() {
-            let slot = slot::Slot::new(index as u32, shared.clone(), inbox, phase_rx.clone());
-            slots.spawn(slot.run());
-        }
+        let workers = shared.router.workers().get();
+        let kernel = shared.settings().kernel_routing();
+        let mut suspects = lanes::Suspects::load();
+        let mut worker_lanes: Vec<Vec<lanes::Lane>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut spare_lanes = Vec::new();
         let mut acceptors = JoinSet::new();
         for listener in sockets.listeners {
-            let acceptor = accept::Acceptor::new(listener, shared.clone(), permits.clone())?;
-            acceptors.spawn(acceptor.run(phase_rx.clone()));
+            match lanes::plan(listener, kernel, &shared.router, &mut suspects) {
+                lanes::Plan::Kernel(group) => {
+                    info!(listener = %group.name, address = %group.local, lanes = group.len(),
+                        backlog = group.backlog, "listening: kernel path, each worker accepts on its own lane");
+                    shared.metrics.set_path(&group.name, metrics::Path::Kernel);
+                    group.register_metrics(&shared.metrics);
+                    route_queued(&shared, &permits, &group);
+                    let (lanes, spares) = group.into_lanes(workers);
+                    for lane in lanes {
+                        worker_lanes[lane.index as usize].push(lane);
+                    }
+                    spare_lanes.extend(spares);
+                }
+                lanes::Plan::Userspace { listener, why } => {
+                    if let Some(why) = why {
+                        warn!(listener = %listener.name, %why, "dispatcher path for this listener: not the kernel's");
+                    }
+                    shared
+                        .metrics
+                        .set_path(&listener.name, metrics::Path::Userspace);
+                    for socket in listener.sockets {
+                        let acceptor = accept::Acceptor::new(
+                            listener.name.clone(),
+                            socket,
+                            shared.clone(),
+                            permits.clone(),
+                        )?;
+                        acceptors.spawn(acceptor.run(phase_rx.clone()));
+                    }
+                }
+            }
+        }
+        let mut slots = JoinSet::new();
+        for ((index, inbox), lanes) in receivers.into_iter().enumerate().zip(worker_lanes) {
+            let slot = slot::Slot::new(
+                index as u32,
+                shared.clone(),
+                inbox,
+                phase_rx.clone(),
+                lanes,
+                permits.clone(),
+            );
+            slots.spawn(slot.run());
         }
         let mut observers = JoinSet::new();
         for socket in sockets.metrics {
@@ -201,6 +249,7 @@ impl Dispatcher {
             acceptors,
             slots,
             _observers: observers,
+            _spare_lanes: spare_lanes,
             _prefix_claim: prefix_claim,
         })
     }
@@ -355,6 +404,35 @@ fn connection_budget(settings: &Settings) -> usize {
         );
     }
     budget
+}
+
+/// Routes, once, what a kernel-path listener's lanes queued before the routing program was
+/// attached (they went to any lane): through the links, like the dispatcher's own path.
+fn route_queued(shared: &Hub, permits: &Arc<Semaphore>, group: &lanes::LaneGroup) {
+    let queued = group.take_queued();
+    if queued.is_empty() {
+        return;
+    }
+    info!(listener = %group.name, count = queued.len(), "routing the connections the lanes queued before the routing program");
+    for (stream, peer) in queued {
+        // Each needs a permit; at start there are max_connections of them, and more
+        // connections than that cannot have queued behind a backlog of at most 4096 per lane
+        // unless the lanes are many: those beyond are closed, and said so.
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            warn!("more queued connections than max_connections: closing the rest");
+            return;
+        };
+        let local = stream.local_addr().ok();
+        let key = shared.peer_key(Some(peer));
+        shared.route(Held::new(
+            stream,
+            Some(peer),
+            local,
+            group.name.clone(),
+            key,
+            permit,
+        ));
+    }
 }
 
 /// Routes the connections a previous instance left in the fd store as it would have: by

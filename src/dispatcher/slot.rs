@@ -6,17 +6,23 @@
 //! the in-flight window), `unacked` (sent; the dispatcher still holds its fd), or gone
 //! (acknowledged, turned away, or failed over to another slot). When the link breaks,
 //! `unacked` goes back to the front of `pending`, in order, and is re-sent on the next link.
+//!
+//! On the kernel's path the slot also holds its worker's lanes (one per kernel-path
+//! listener): it passes them at every link-up to a worker that serves lanes, and accepts on
+//! them itself only while the worker cannot (a worker that does not serve lanes, or one
+//! down longer than `pending_timeout`); what it accepts there takes the fd-passing path.
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::held::Held;
 use super::hub::{FailOver, Hub};
+use super::lanes::{self, Lane};
 use super::lifecycle::Lifecycle;
 use super::metrics::TurnedAway;
 use super::phase::Phase;
@@ -49,6 +55,13 @@ pub(super) struct Slot {
     out: Vec<u8>,
     /// What the worker said in one wake-up, reused.
     events: Vec<Event>,
+    /// This worker's lane of each kernel-path listener.
+    lanes: Vec<Lane>,
+    /// For the connections this slot accepts on its lanes.
+    permits: Arc<Semaphore>,
+    /// The last lane count a worker reported (ACCEPTED), and its pid: a new link to the
+    /// same process continues from it, a new process starts from 0.
+    reported: Option<(u32, u64)>,
 }
 
 impl Slot {
@@ -57,8 +70,13 @@ impl Slot {
         shared: Arc<Hub>,
         inbox: mpsc::UnboundedReceiver<Held>,
         phase: watch::Receiver<Phase>,
+        lanes: Vec<Lane>,
+        permits: Arc<Semaphore>,
     ) -> Slot {
         Slot {
+            lanes,
+            permits,
+            reported: None,
             index,
             name: link_socket_name(&shared.settings().socket_prefix, index),
             pending: Queue::new(shared.metrics.worker(index).waiting.clone()),
@@ -110,8 +128,16 @@ impl Slot {
                 }
             );
             let retry_at = self.lifecycle.retry_at();
+            let (take_lanes, take_lanes_at) = self.lanes_taken_over();
+            for lane in &mut self.lanes {
+                lane.watch(take_lanes);
+            }
             tokio::select! {
                 Some(held) = self.inbox.recv() => self.arrive(held),
+                (at, accepted, permit) = accept_lane(&self.lanes, &self.permits), if take_lanes => {
+                    self.accepted_on_lane(at, accepted, permit);
+                }
+                _ = sleep_until(take_lanes_at) => {}
                 received = next(self.lifecycle.link_mut(), &mut buf, &mut self.events, want_writable) => {
                     self.on_received(received);
                 }
@@ -122,6 +148,84 @@ impl Slot {
                 _ = self.phase.changed() => {}
             }
         }
+    }
+
+    /// Whether the slot accepts on its lanes now (its worker cannot: it does not serve
+    /// lanes, or has been down `pending_timeout`), and if not, when it will at the latest.
+    fn lanes_taken_over(&self) -> (bool, Option<Instant>) {
+        if self.lanes.is_empty() || *self.phase.borrow() != Phase::Running {
+            return (false, None);
+        }
+        if let Lifecycle::Up { link, .. } = &self.lifecycle {
+            return (!link.takes_lanes(), None);
+        }
+        let pending_timeout = self.shared.settings().pending_timeout;
+        match self.lifecycle.unavailable_since() {
+            Some(since) if since.elapsed() >= pending_timeout => (true, None),
+            Some(since) => (false, Some(since + pending_timeout)),
+            None => (false, None),
+        }
+    }
+
+    /// A connection the slot accepted on one of its lanes: it takes the fd-passing path,
+    /// as one the dispatcher accepted would.
+    fn accepted_on_lane(
+        &mut self,
+        at: usize,
+        accepted: io::Result<(std::net::TcpStream, std::net::SocketAddr)>,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let lane = &self.lanes[at];
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                debug!(index = self.index, listener = %lane.listener, %err, "accept on a lane failed");
+                return;
+            }
+        };
+        self.shared.metrics.listener(&lane.listener).accepted.inc();
+        let local = if lane.local.ip().is_unspecified() {
+            stream.local_addr().ok()
+        } else {
+            Some(lane.local)
+        };
+        let key = self.shared.peer_key(Some(peer));
+        let held = Held::new(
+            stream,
+            Some(peer),
+            local,
+            lane.listener.clone(),
+            key,
+            permit,
+        );
+        self.arrive(held);
+    }
+
+    /// Passes the worker its lanes, once per link, if it serves them: all of them, or none
+    /// (then it closes any it held from an earlier link).
+    fn grant_lanes(&mut self) -> Result<(), LinkError> {
+        let Some(link) = self.lifecycle.link_mut() else {
+            return Ok(());
+        };
+        if !link.takes_lanes() {
+            if !self.lanes.is_empty() {
+                info!(
+                    index = self.index,
+                    "this worker does not serve lanes: the dispatcher accepts on them and passes its connections"
+                );
+            }
+            return Ok(());
+        }
+        let grants: Vec<_> = self.lanes.iter().map(Lane::grant).collect();
+        link.send_lanes(&mut self.out, &grants)?;
+        if !grants.is_empty() {
+            info!(
+                index = self.index,
+                lanes = grants.len(),
+                "worker serves its lanes: the kernel hands it its clients directly"
+            );
+        }
+        Ok(())
     }
 
     /// Whether this slot's work is over in `phase`:
@@ -284,6 +388,17 @@ impl Slot {
                     index = self.index,
                     "Node worker in step: taking connections"
                 );
+                self.grant_lanes()
+            }
+            Event::Accepted(count) => {
+                let pid = self.lifecycle.link_mut().map_or(0, |link| link.pid());
+                let base = match self.reported {
+                    Some((same, last)) if same == pid => last,
+                    _ => 0,
+                };
+                let routed = &self.shared.metrics.worker(self.index).kernel_routed;
+                routed.inc_by(count.saturating_sub(base));
+                self.reported = Some((pid, count));
                 Ok(())
             }
             Event::Writable => {
@@ -374,6 +489,11 @@ impl Slot {
                 self.lifecycle.linked(link, ready);
                 self.last_failure = None;
                 self.shared.metrics.worker(self.index).link_up.inc();
+                if ready {
+                    if let Err(err) = self.grant_lanes() {
+                        self.link_down(&format!("passing the lanes failed: {err}"));
+                    }
+                }
             }
             Err(err) => {
                 let absent = matches!(&err, LinkError::Io(io) if link::is_absent(io));
@@ -438,6 +558,25 @@ async fn next(
         Some(link) => link.next(buf, events, want_writable).await,
         None => std::future::pending().await,
     }
+}
+
+/// Accepts on a watched lane, with a permit (waiting for one first: the lane's backlog
+/// holds meanwhile). Cancel-safe: a connection is only taken when it is returned.
+async fn accept_lane(
+    lanes: &[Lane],
+    permits: &Arc<Semaphore>,
+) -> (
+    usize,
+    io::Result<(std::net::TcpStream, std::net::SocketAddr)>,
+    OwnedSemaphorePermit,
+) {
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    let (at, accepted) = lanes::accept_any(lanes).await;
+    (at, accepted, permit)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -39,6 +39,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+pub use super::lanes::GrantedLane;
 use super::{ClientInfo, WorkerError, WorkerOptions};
 use crate::link::{LinkListener, LinkStream, PeerCred};
 use crate::shared::{exchange_hello, link_socket_name, LinkError};
@@ -174,8 +175,22 @@ impl AdmittedLink {
     }
 
     /// Exchanges HELLOs (ours first, theirs within [`crate::shared::HELLO_TIMEOUT`]).
+    /// Every connection then comes over the link ([`DispatcherLink::recv`]).
     pub async fn handshake(self) -> Result<DispatcherLink, LinkError> {
-        let dispatcher_pid = exchange_hello(&self.link, Role::Worker, self.index, 0)
+        self.handshake_as(0).await
+    }
+
+    /// Exchanges HELLOs saying this worker serves lanes: the dispatcher then passes its
+    /// lanes at once, and [`DispatcherLink::next`] yields them ([`FromDispatcher::Lanes`])
+    /// besides the connections. Serve them as docs/protocol.md says (accept, never
+    /// `shutdown()`, keep the backlog) and report what was accepted
+    /// ([`DispatcherLink::send_accepted`]).
+    pub async fn handshake_with_lanes(self) -> Result<DispatcherLink, LinkError> {
+        self.handshake_as(wire::FEATURE_LANES).await
+    }
+
+    async fn handshake_as(self, features: u8) -> Result<DispatcherLink, LinkError> {
+        let dispatcher_pid = exchange_hello(&self.link, Role::Worker, self.index, features)
             .await?
             .pid;
         Ok(DispatcherLink {
@@ -184,6 +199,7 @@ impl AdmittedLink {
             peer_pid: self.peer.pid,
             last_seq: 0,
             drain: Drain::Off,
+            granted: Vec::new(),
             out: Vec::with_capacity(wire::MAX_MESSAGE),
             buf: [0; wire::MAX_MESSAGE],
         })
@@ -259,6 +275,16 @@ impl Handoff {
     }
 }
 
+/// What [`DispatcherLink::next`] yields.
+#[derive(Debug)]
+pub enum FromDispatcher {
+    /// A connection over the link.
+    Conn(Handoff),
+    /// The worker's lanes, all of them (none: close any served): sent at every link-up to
+    /// a worker that said it serves lanes.
+    Lanes(Vec<GrantedLane>),
+}
+
 /// Where a link is in the drain protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Drain {
@@ -284,6 +310,8 @@ pub struct DispatcherLink {
     /// The last CONN received; each must be the next.
     last_seq: u64,
     drain: Drain,
+    /// LANEs received since the last LANES.
+    granted: Vec<GrantedLane>,
     out: Vec<u8>,
     buf: [u8; wire::MAX_MESSAGE],
 }
@@ -302,8 +330,21 @@ impl DispatcherLink {
     /// The next connection. `None` when the link is over: the dispatcher closed it, or a
     /// drain finished (the dispatcher answered the DRAIN and every connection it sent
     /// before has been received). Cancel-safe, so it can be raced in `select!` with
-    /// whatever decides when to [`ack`](Self::ack) or [`drain`](Self::drain).
+    /// whatever decides when to [`ack`](Self::ack) or [`drain`](Self::drain). For a link
+    /// made with [`AdmittedLink::handshake`]; with lanes, use [`next`](Self::next).
     pub async fn recv(&mut self) -> Result<Option<Handoff>, LinkError> {
+        match self.next().await? {
+            None => Ok(None),
+            Some(FromDispatcher::Conn(handoff)) => Ok(Some(handoff)),
+            Some(FromDispatcher::Lanes(_)) => Err(LinkError::Protocol(
+                "lanes for a worker that did not ask for them".into(),
+            )),
+        }
+    }
+
+    /// The next connection or set of lanes; `None` when the link is over, as for
+    /// [`recv`](Self::recv). Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<FromDispatcher>, LinkError> {
         loop {
             let deadline = match self.drain {
                 Drain::Off => None,
@@ -335,7 +376,13 @@ impl DispatcherLink {
                         local: conn.local,
                         listener: conn.listener.into(),
                     };
-                    return Ok(Some(Handoff { client, fd }));
+                    return Ok(Some(FromDispatcher::Conn(Handoff { client, fd })));
+                }
+                (Message::Lane(lane), Some(fd)) => self.granted.push(GrantedLane { fd, lane }),
+                (Message::Lanes { count }, None) if usize::from(count) == self.granted.len() => {
+                    return Ok(Some(FromDispatcher::Lanes(std::mem::take(
+                        &mut self.granted,
+                    ))));
                 }
                 (Message::Drained { last_seq }, None) => match self.drain {
                     Drain::Asked { deadline } => {
@@ -359,6 +406,13 @@ impl DispatcherLink {
             )));
         }
         Message::Ack { seq }.encode(&mut self.out);
+        Ok(self.link.send(&self.out, None).await?)
+    }
+
+    /// Tells the dispatcher how many connections this worker has accepted on its lanes
+    /// since it started (ACCEPTED), for its metrics.
+    pub async fn send_accepted(&mut self, count: u64) -> Result<(), LinkError> {
+        Message::Accepted { count }.encode(&mut self.out);
         Ok(self.link.send(&self.out, None).await?)
     }
 

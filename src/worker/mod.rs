@@ -28,6 +28,7 @@
 
 #[cfg(feature = "axum")]
 mod axum_adapter;
+mod lanes;
 pub mod link;
 mod options;
 mod session;
@@ -60,16 +61,17 @@ pub use crate::shared::DEFAULT_SOCKET_PREFIX;
 /// so the dispatcher keeps holding (and can re-send) what the app has not taken.
 pub(crate) const ACCEPT_QUEUE: usize = 256;
 
-/// What the dispatcher knows about a connection it handed over.
+/// What is known about a connection: from the dispatcher, for one it handed over; from
+/// the socket, for one accepted on a lane.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientInfo {
-    /// Sequence number of the hand-off on its link.
+    /// Sequence number of the hand-off on its link; 0 for a connection accepted on a lane.
     pub seq: u64,
     /// The client's address.
     pub peer: Option<SocketAddr>,
     /// The address the client connected to.
     pub local: Option<SocketAddr>,
-    /// The name of the dispatcher's listener that accepted it (`FileDescriptorName=`).
+    /// The name of the listener it came through (`FileDescriptorName=`).
     pub listener: Arc<str>,
 }
 
@@ -102,6 +104,7 @@ impl WorkerListener {
         let (drained, _) = watch::channel(false);
         let (unread, _) = watch::channel(0);
         let links = Links {
+            lanes: Arc::new(lanes::Lanes::new(incoming_tx.clone())),
             incoming: incoming_tx,
             drain: drain_rx,
         };

@@ -1,13 +1,15 @@
 //! The background side of [`WorkerListener`](super::WorkerListener): accepting links
 //! from the dispatcher, one [`Session`] per link (acknowledging each connection on
-//! receipt), and SIGTERM as a drain.
+//! receipt, serving the lanes it passes), and SIGTERM as a drain.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use super::link::{AdmittedLink, DispatcherLink, LinkServer};
+use super::lanes::Lanes;
+use super::link::{AdmittedLink, DispatcherLink, FromDispatcher, LinkServer};
 use super::Incoming;
 use crate::shared::LinkError;
 
@@ -28,9 +30,14 @@ pub(super) async fn drain_on_sigterm(drain: watch::Sender<bool>) {
     }
 }
 
+/// How often, at most, the count of connections accepted on lanes is reported.
+const ACCEPTED_EVERY: Duration = Duration::from_secs(1);
+
 /// The background side: accepts links from the dispatcher and feeds `incoming`.
 pub(super) struct Links {
     pub(super) incoming: mpsc::Sender<Incoming>,
+    /// The lanes, which outlive the links that passed them.
+    pub(super) lanes: Arc<Lanes>,
     pub(super) drain: watch::Receiver<bool>,
 }
 
@@ -43,7 +50,7 @@ impl Links {
                 accepted = server.accept() => match accepted {
                     Ok(admitted) => {
                         let span = info_span!("dispatcher", pid = admitted.peer().pid);
-                        let session = Session::run(admitted, self.incoming.clone(), self.drain.clone());
+                        let session = Session::run(admitted, self.incoming.clone(), self.lanes.clone(), self.drain.clone());
                         tasks.spawn(session.instrument(span));
                     }
                     Err(err) => {
@@ -56,6 +63,8 @@ impl Links {
                 Some(_) = tasks.join_next() => {}
             }
         }
+        // Stop taking clients from the kernel: they wait on the lanes for the next process.
+        self.lanes.close_all().await;
         // Free the name now: a replacement worker may bind it as soon as we exit.
         drop(server);
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -69,22 +78,28 @@ impl Links {
 struct Session {
     link: DispatcherLink,
     incoming: mpsc::Sender<Incoming>,
+    lanes: Arc<Lanes>,
     drain: watch::Receiver<bool>,
+    /// The lane count last reported.
+    reported: u64,
 }
 
 impl Session {
     async fn run(
         admitted: AdmittedLink,
         incoming: mpsc::Sender<Incoming>,
+        lanes: Arc<Lanes>,
         drain: watch::Receiver<bool>,
     ) {
         let served = async {
-            let link = admitted.handshake().await?;
+            let link = admitted.handshake_with_lanes().await?;
             info!(dispatcher_pid = link.dispatcher_pid(), "link up");
             Session {
                 link,
                 incoming,
+                lanes,
                 drain,
+                reported: 0,
             }
             .serve()
             .await
@@ -99,16 +114,33 @@ impl Session {
         let mut drain = self.drain.clone();
         // Set when the dispatcher died: nobody to acknowledge to, or to drain with.
         let mut orphaned = false;
+        let mut report = tokio::time::interval(ACCEPTED_EVERY);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = tokio::select! {
-                next = self.link.recv() => next?,
+                next = self.link.next() => next?,
                 _ = crate::wait_until(&mut drain, |set| *set), if !self.link.draining() && !orphaned => {
+                    // The lanes close first: their queues then wait for the next process,
+                    // and the count reported before DRAIN is final.
+                    self.lanes.close_all().await;
+                    self.report_accepted().await?;
                     self.link.drain().await?;
                     continue;
                 }
+                _ = report.tick(), if !orphaned => {
+                    self.report_accepted().await?;
+                    continue;
+                }
             };
-            let Some(handoff) = next else {
-                return Ok(()); // closed by the dispatcher, or drained
+            let handoff = match next {
+                None => return Ok(()), // closed by the dispatcher, or drained
+                Some(FromDispatcher::Lanes(granted)) => {
+                    if !self.link.draining() {
+                        self.lanes.serve_exactly(granted);
+                    }
+                    continue;
+                }
+                Some(FromDispatcher::Conn(handoff)) => handoff,
             };
             let seq = handoff.seq();
             // Acknowledge before the app can read a byte: once acknowledged the
@@ -137,5 +169,17 @@ impl Session {
                 Err(err) => warn!(%err, seq, "a handed-over fd is not a usable TCP socket"),
             }
         }
+    }
+}
+
+impl Session {
+    /// Sends the lane count if it changed since the last report.
+    async fn report_accepted(&mut self) -> Result<(), LinkError> {
+        let accepted = self.lanes.accepted();
+        if accepted != self.reported {
+            self.link.send_accepted(accepted).await?;
+            self.reported = accepted;
+        }
+        Ok(())
     }
 }
