@@ -921,6 +921,98 @@ fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (String, String) {
     (head.to_owned(), body.to_owned())
 }
 
+/// `sticky_dispatch_<name>{worker="<worker>"}` from the dispatcher's `/metrics` at `metrics`.
+fn worker_metric(metrics: SocketAddr, name: &str, worker: u32) -> f64 {
+    let (head, body) = http_get(metrics, "/metrics", "*/*");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let series = format!("sticky_dispatch_{name}{{worker=\"{worker}\"}} ");
+    body.lines()
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series}in\n{body}"))
+}
+
+/// Kernel routing with Node workers (routing by client IP, the default): standalone mode
+/// makes a lane per worker, the package serves its lanes, and the kernel hands each client
+/// to its worker's Node process directly. The socket.io chat on 3 workers: plain requests
+/// and socket.io sessions from 30 loopback addresses reach their worker, seen from their
+/// own address; `/metrics` counts them in `kernel_routed_total` (which Node reports) and
+/// none in `handed_off_total` (none crossed the dispatcher).
+#[test]
+fn socketio_chat_on_node_workers_is_served_on_the_kernel_path() {
+    const LANE_WORKERS: u32 = 3;
+    support::npm_ci();
+    let app = app("chat.js");
+    let (dispatcher, addr) = standalone_with(
+        "node-lanes",
+        LANE_WORKERS,
+        &[("STICKY_DISPATCH_METRICS_LISTEN", "127.0.0.1:0")],
+        &[DISPATCHER, "node-worker", "--", "node", &app],
+    );
+    let dispatcher = support::Graceful(dispatcher);
+    let log = &dispatcher.0.log;
+    let line = log.wait_for(&["serving /metrics", "address="]);
+    let metrics: SocketAddr =
+        log_field(&line, "address").unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+    log.wait_count(&["worker serves its lanes"], LANE_WORKERS as usize);
+    let routed_before: Vec<f64> = (0..LANE_WORKERS)
+        .map(|worker| worker_metric(metrics, "kernel_routed_total", worker))
+        .collect();
+
+    let ips: Vec<Ipv4Addr> = (0..30).map(client_ip).collect();
+    let mut clients_of_worker = [0u32; LANE_WORKERS as usize];
+    for ip in &ips {
+        let worker = expected_worker(*ip, LANE_WORKERS);
+        clients_of_worker[worker as usize] += 1;
+        // chat.js answers curl with the demo's lines.
+        let answer = request(*ip, addr).unwrap_or_else(|err| panic!("{ip}: {err}"));
+        assert_eq!(answer.worker, worker, "{answer:?}");
+        assert_eq!(answer.client, ip.to_string(), "{answer:?}");
+        // The lane's listener, named by its configured address as in standalone mode.
+        assert_eq!(answer.listener, "127.0.0.1:0", "{answer:?}");
+        assert_eq!(answer.local, addr.to_string(), "{answer:?}");
+    }
+    let sessions = support::socketio_clients(addr, &ips, 20_000);
+    for s in &sessions {
+        assert!(s.ok, "{s:?}");
+        assert_eq!(s.worker, Some(expected_worker(s.ip, LANE_WORKERS)), "{s:?}");
+        assert_eq!(
+            s.client,
+            s.ip.to_string(),
+            "socket.io's handshake.address: {s:?}"
+        );
+        assert_eq!(s.received, s.expected, "{s:?}");
+    }
+
+    // Node reports its count at most once a second: wait for every worker's to show at
+    // least a plain request and a socket.io connection per client of its own.
+    let deadline = Instant::now() + PATIENCE;
+    let mut routed = routed_before.clone();
+    for worker in 0..LANE_WORKERS {
+        let at_least =
+            routed_before[worker as usize] + 2.0 * f64::from(clients_of_worker[worker as usize]);
+        loop {
+            routed[worker as usize] = worker_metric(metrics, "kernel_routed_total", worker);
+            if routed[worker as usize] >= at_least {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {worker}: kernel_routed_total {} -> {}, not {at_least}",
+                routed_before[worker as usize],
+                routed[worker as usize]
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let handed_off: Vec<f64> = (0..LANE_WORKERS)
+        .map(|worker| worker_metric(metrics, "handed_off_total", worker))
+        .collect();
+    println!(
+        "socket.io chat on 3 Node workers serving their lanes: 30 clients answered and 30 sessions completed on their worker, from their own address; kernel_routed_total {routed_before:?} -> {routed:?} (clients per worker {clients_of_worker:?}), handed_off_total {handed_off:?}"
+    );
+    assert!(handed_off.iter().all(|&n| n == 0.0), "{handed_off:?}");
+}
+
 /// The Node quick start (README): tests/node/apps/chat.js serves a browser a page naming its
 /// worker, which loads the socket.io client socket.io itself serves; curl still gets the
 /// plain lines.
