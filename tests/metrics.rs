@@ -125,9 +125,12 @@ fn http(to: SocketAddr, request: &str) -> Result<(u16, String), String> {
     Ok((status, body.to_owned()))
 }
 
+/// The fd-passing path (the dispatcher's): for the tests of what it counts there.
+const USERSPACE: (&str, &str) = ("STICKY_DISPATCH_DISPATCH", "userspace");
+
 #[test]
 fn handed_off_counts_match_what_the_clients_saw() {
-    let observed = Observed::start("metrics-counts", &[]);
+    let observed = Observed::start("metrics-counts", &[USERSPACE]);
     let clients: Vec<_> = (0..120).map(client_ip).collect();
     let load = Load::start(observed.alone.addr, &clients, 6, 100);
     let outcomes = load.join();
@@ -182,7 +185,7 @@ fn handed_off_counts_match_what_the_clients_saw() {
 fn a_stopped_worker_shows_down_with_its_clients_waiting_and_health_follows() {
     let mut observed = Observed::start(
         "metrics-down",
-        &[("STICKY_DISPATCH_SHUTDOWN_TIMEOUT", "3s")],
+        &[("STICKY_DISPATCH_SHUTDOWN_TIMEOUT", "3s"), USERSPACE],
     );
     assert!(observed.wait_health(200).starts_with("ok: 3/3"));
 
@@ -239,6 +242,75 @@ fn a_stopped_worker_shows_down_with_its_clients_waiting_and_health_follows() {
         stopping.is_some(),
         "/health never said stopping (last {body:?})"
     );
+}
+
+/// The kernel's path: each worker's count is what it reports accepting on its lane; a
+/// stopped worker's clients queue on its lane, and the lane's queue shows them.
+#[test]
+fn kernel_path_counts_and_lane_queues_match_what_the_clients_saw() {
+    let mut observed = Observed::start("metrics-kernel", &[]);
+    let samples = observed.samples();
+    assert_eq!(
+        samples
+            .iter()
+            .filter(
+                |(series, value)| series.starts_with("sticky_dispatch_listener_path{")
+                    && series.contains("path=\"kernel\"")
+                    && **value == 1.0
+            )
+            .count(),
+        1,
+        "{samples:?}"
+    );
+    let clients: Vec<_> = (0..120).map(client_ip).collect();
+    let outcomes = Load::start(observed.alone.addr, &clients, 6, 100).join();
+    let tally = Tally::of(&outcomes, |ip| expected_worker(ip, WORKERS));
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    let mut answered = BTreeMap::new();
+    for outcome in &outcomes {
+        *answered
+            .entry(outcome.answer.as_ref().unwrap().worker)
+            .or_insert(0.0) += 1.0;
+    }
+    // Workers report at most once a second.
+    observed.wait_samples("every worker's lane count", |s| {
+        (0..WORKERS).all(|worker| {
+            s[&format!("sticky_dispatch_kernel_routed_total{{worker=\"{worker}\"}}")]
+                == answered.get(&worker).copied().unwrap_or(0.0)
+        })
+    });
+    for worker in 0..WORKERS {
+        eprintln!(
+            "worker {worker}: kernel_routed_total {}, handed_off_total {}, answers seen {:?}",
+            observed.worker_sample("kernel_routed_total", worker),
+            observed.worker_sample("handed_off_total", worker),
+            answered.get(&worker)
+        );
+        assert_eq!(observed.worker_sample("handed_off_total", worker), 0.0);
+    }
+
+    let mut stopped = observed.workers.remove(1);
+    stopped.terminate();
+    observed.wait_samples("worker 1 down", |s| {
+        s["sticky_dispatch_worker_up{worker=\"1\"}"] == 0.0
+    });
+    let waiting_clients = clients_of(1, WORKERS, 5);
+    let addr = observed.alone.addr;
+    let waiters =
+        std::thread::spawn(move || parallel(&waiting_clients, 5, |ip| request(*ip, addr)));
+    observed.wait_samples("5 queued on worker 1's lane", |s| {
+        s.iter()
+            .filter(|(series, _)| {
+                series.starts_with("sticky_dispatch_lane_queued{") && series.contains("lane=\"1\"")
+            })
+            .map(|(_, value)| value)
+            .sum::<f64>()
+            == 5.0
+    });
+    observed.workers.insert(1, observed.alone.start_worker(1));
+    for answer in waiters.join().unwrap() {
+        assert_eq!(answer.unwrap().worker, 1);
+    }
 }
 
 #[test]
