@@ -7,12 +7,25 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 
+/// The dispatcher's path, where it passes every connection over the links.
+const USERSPACE: (&str, &str) = ("STICKY_DISPATCH_DISPATCH", "userspace");
+
 #[test]
 fn every_client_always_reaches_the_same_worker() {
+    every_client_always_reaches_the_same_worker_on("sticky", None);
+}
+
+#[test]
+fn every_client_always_reaches_the_same_worker_userspace() {
+    every_client_always_reaches_the_same_worker_on("sticky-userspace", Some(USERSPACE));
+}
+
+/// On the kernel's path (no `path`), or the one given.
+fn every_client_always_reaches_the_same_worker_on(test: &'static str, path: Option<(&str, &str)>) {
     const WORKERS: u32 = 4;
     const CLIENTS: u32 = 200;
     const CONNECTIONS_EACH: usize = 5;
-    let (mut dispatcher, addr) = standalone("sticky", WORKERS, &[]);
+    let (mut dispatcher, addr) = standalone(test, WORKERS, path.as_slice());
 
     let clients: Vec<_> = (0..CLIENTS).map(client_ip).collect();
     let answers = parallel(&clients, 8, |&ip| {
@@ -51,9 +64,11 @@ fn every_client_always_reaches_the_same_worker() {
 
     let status = dispatcher.terminate();
     assert!(status.success(), "dispatcher exit: {status}");
+    // Every connection crossed the dispatcher on its path; none on the kernel's.
+    let handed_off = if path.is_some() { 1000 } else { 0 };
     dispatcher
         .log
-        .wait_for(&["dispatcher stopped", "handed_off=1000"]);
+        .wait_for(&["dispatcher stopped", &format!("handed_off={handed_off} ")]);
     assert_eq!(
         dispatcher.log.count(&["worker stopped", "exit status: 0"]),
         WORKERS as usize
@@ -101,6 +116,9 @@ fn shutdown_is_bounded_by_shutdown_timeout() {
         &[
             ("STICKY_DISPATCH_SHUTDOWN_TIMEOUT", "1s"),
             ("NOTIFY_SOCKET", notify_path.as_str()),
+            // What the dispatcher holds bounds its stop: on the kernel's path it holds
+            // nothing (a stuck worker's clients wait on its lane).
+            USERSPACE,
         ],
     );
     let client = clients_of(0, 2, 1)[0];
