@@ -1490,7 +1490,12 @@ fn process_gone(pid: i32) -> bool {
 /// every later client is refused until something starts it again.
 #[test]
 fn standalone_dispatcher_killed_under_load() {
-    let (mut dispatcher, addr) = common::standalone("chaos-standalone", WORKERS, &[]);
+    // The dispatcher's path, where it holds connections: what the crash costs there.
+    let (mut dispatcher, addr) = common::standalone(
+        "chaos-standalone",
+        WORKERS,
+        &[("STICKY_DISPATCH_DISPATCH", "userspace")],
+    );
     dispatcher
         .log
         .wait_count(&["worker link up"], WORKERS as usize);
@@ -1619,6 +1624,8 @@ fn second_sigterm_stops_at_once_and_keeps_waiting_connections_stored() {
             ("NOTIFY_SOCKET", notify_path.as_str()),
             ("STICKY_DISPATCH_SHUTDOWN_TIMEOUT", "30s"),
             ("STICKY_DISPATCH_LOG_LEVEL", "info"),
+            // Connections held by the dispatcher, on its path, are what a stop waits for.
+            ("STICKY_DISPATCH_DISPATCH", "userspace"),
         ],
     );
     let addr = alone.addr;
