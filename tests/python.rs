@@ -10,6 +10,9 @@
 //! - Faults under load: a Python worker restarted with SIGTERM loses nothing; one killed
 //!   with SIGKILL while holding unacknowledged connections loses none of them.
 //! - SO_PEERCRED: a process of another uid cannot inject a connection (root).
+//! - The kernel's path (the default): each worker accepts its clients on its own lane; the
+//!   chats serve them on their worker, from their own address, and `/metrics` counts them
+//!   in `kernel_routed_total`, none in `handed_off_total`.
 //!
 //! The venv (`<target>/python-venv`) is created on first use; see `python/support.rs`.
 
@@ -197,6 +200,140 @@ fn asgi_sees_the_real_client_behind_proxy_protocol() {
     proxy_protocol_shows_the_real_client("py-asgi-proxy", ASGI_APP);
 }
 
+// ---------------------------------------------------------------------------------------
+// The kernel's path: each worker accepts its clients on its own lane
+
+/// The dispatcher's `/metrics` at `metrics`, fetched from 127.0.0.1.
+fn metrics_text(metrics: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&metrics, PATIENCE).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+/// The value of `series` (`sticky_dispatch_<name>{<labels>}`) in `text`.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// `sticky_dispatch_<name>{worker="<worker>"}` of every worker.
+fn per_worker(text: &str, name: &str) -> Vec<f64> {
+    (0..WORKERS)
+        .map(|worker| {
+            metric(
+                text,
+                &format!("sticky_dispatch_{name}{{worker=\"{worker}\"}}"),
+            )
+        })
+        .collect()
+}
+
+/// Kernel routing with Python workers (routing by client IP, the default): standalone
+/// mode makes a lane per worker, the package serves its lanes, and the kernel hands each
+/// client to its worker's process directly. The python-socketio chat `app` on 4 workers:
+/// plain requests and socket.io sessions from 30 loopback addresses reach their worker,
+/// seen from their own address; `/metrics` shows the listener on the kernel's path,
+/// counts them in `kernel_routed_total` (which the workers report with ACCEPTED, at most
+/// once a second) and none in `handed_off_total` (none crossed the dispatcher).
+fn socketio_chat_is_served_on_the_kernel_path(test: &'static str, app: &str) {
+    let (dispatcher, addr) = python_standalone(
+        test,
+        app,
+        &[("STICKY_DISPATCH_METRICS_LISTEN", "127.0.0.1:0")],
+    );
+    let log = &dispatcher.0.log;
+    let line = log.wait_for(&["serving /metrics", "address="]);
+    let metrics: SocketAddr =
+        log_field(&line, "address").unwrap_or_else(|| panic!("no metrics address in {line:?}"));
+    log.wait_count(&["worker serves its lanes"], WORKERS as usize);
+    let before = metrics_text(metrics);
+    // Standalone mode names the listener by its configured address.
+    let listener = "127.0.0.1:0";
+    for path in ["kernel", "userspace"] {
+        let series =
+            format!("sticky_dispatch_listener_path{{listener=\"{listener}\",path=\"{path}\"}}");
+        let expected = if path == "kernel" { 1.0 } else { 0.0 };
+        assert_eq!(metric(&before, &series), expected, "{series}");
+    }
+    let routed_before = per_worker(&before, "kernel_routed_total");
+
+    let ips: Vec<Ipv4Addr> = (0..30).map(client_ip).collect();
+    let mut clients_of_worker = [0u32; WORKERS as usize];
+    for ip in &ips {
+        let worker = expected_worker(*ip, WORKERS);
+        clients_of_worker[worker as usize] += 1;
+        let answer = request(*ip, addr).unwrap_or_else(|err| panic!("{ip}: {err}"));
+        assert_eq!(answer.worker, worker, "{answer:?}");
+        assert_eq!(answer.client, ip.to_string(), "{answer:?}");
+        // The app's own socket: the lane, on the dispatcher's address.
+        assert_eq!(answer.local, addr.ip().to_string(), "{answer:?}");
+    }
+    let sessions = support::socketio_clients(addr, &ips, 20_000);
+    for s in &sessions {
+        assert!(s.ok, "{s:?}");
+        assert_eq!(s.worker, Some(expected_worker(s.ip, WORKERS)), "{s:?}");
+        assert_eq!(
+            s.client,
+            s.ip.to_string(),
+            "the app's client address: {s:?}"
+        );
+        assert_eq!(s.received, s.expected, "{s:?}");
+    }
+
+    // Each worker's count shows at least a plain request and a socket.io connection per
+    // client of its own (bounded: PATIENCE).
+    let deadline = Instant::now() + PATIENCE;
+    let (routed, after) = loop {
+        let text = metrics_text(metrics);
+        let routed = per_worker(&text, "kernel_routed_total");
+        let short: Vec<u32> = (0..WORKERS)
+            .filter(|&w| {
+                let w = w as usize;
+                routed[w] < routed_before[w] + 2.0 * f64::from(clients_of_worker[w])
+            })
+            .collect();
+        if short.is_empty() {
+            break (routed, text);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kernel_routed_total {routed_before:?} -> {routed:?}, clients per worker \
+             {clients_of_worker:?}: workers {short:?} fall short"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let handed_off = per_worker(&after, "handed_off_total");
+    let ok = sessions.iter().filter(|s| s.ok).count();
+    println!(
+        "{app} on {WORKERS} Python workers serving their lanes: 30 clients answered and \
+         {ok}/30 socket.io sessions completed on their worker, from their own address; \
+         kernel_routed_total {routed_before:?} -> {routed:?} (clients per worker \
+         {clients_of_worker:?}), handed_off_total {handed_off:?}"
+    );
+    assert!(handed_off.iter().all(|&n| n == 0.0), "{handed_off:?}");
+}
+
+#[test]
+fn aiohttp_socketio_chat_is_served_on_the_kernel_path() {
+    socketio_chat_is_served_on_the_kernel_path("py-aiohttp-lanes", AIOHTTP_APP);
+}
+
+#[test]
+fn asgi_socketio_chat_is_served_on_the_kernel_path() {
+    socketio_chat_is_served_on_the_kernel_path("py-asgi-lanes", ASGI_APP);
+}
+
 const THREADS: usize = 8;
 
 fn load_clients() -> Vec<Ipv4Addr> {
@@ -252,10 +389,16 @@ fn asgi_worker_graceful_restart_under_load_loses_nothing() {
 /// pile up): the dispatcher re-sends every one of them to the restarted worker.
 #[test]
 fn killed_python_worker_loses_nothing_unacknowledged() {
+    // Pinned to the fd-passing path: on the kernel's (the default) nothing is handed over,
+    // so nothing waits unacknowledged for the stopped worker; its clients queue in its
+    // lane instead (tests/faults.rs covers a killed worker's lane).
     let (dispatcher, addr) = python_standalone(
         "py-sigkill",
         AIOHTTP_APP,
-        &[("STICKY_DISPATCH_METRICS_LISTEN", "127.0.0.1:0")],
+        &[
+            ("STICKY_DISPATCH_METRICS_LISTEN", "127.0.0.1:0"),
+            ("STICKY_DISPATCH_DISPATCH", "userspace"),
+        ],
     );
     let line = dispatcher.0.log.wait_for(&["serving /metrics", "address="]);
     let metrics: String = log_field(&line, "address").unwrap();
@@ -846,6 +989,9 @@ fn a_held_socketio_long_poll_is_answered_before_the_worker_stops() {
             ("PYTHONPATH", pythonpath.as_str()),
             ("CHAT_PING_INTERVAL", ping.as_str()),
             ("NOTIFY_SOCKET", notify_path.as_str()),
+            // Pinned to the fd-passing path: the wait below counts the hand-offs, and on
+            // the kernel's path nothing is handed off.
+            ("STICKY_DISPATCH_DISPATCH", "userspace"),
         ],
         &command,
     );
