@@ -239,11 +239,7 @@ fn with_listeners(mut sockets: Sockets, settings: &Settings) -> anyhow::Result<S
         return Ok(sockets);
     }
     // On the kernel's path, a lane per worker; else one socket.
-    let lanes = if settings.kernel_routing() {
-        settings.workers.get()
-    } else {
-        1
-    };
+    let lanes = settings.kernel_routing().then(|| settings.workers.get());
     for addr in &settings.listen {
         let lanes = dispatcher::bind_lanes(*addr, lanes)
             .with_context(|| format!("could not listen on {addr}"))?;

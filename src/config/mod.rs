@@ -343,6 +343,20 @@ impl fmt::Display for Settings {
             f,
             "# After each key: whether `systemctl reload` applies it (live) or it needs a restart."
         )?;
+        if self.kernel_routing() {
+            writeln!(
+                f,
+                "# Path: the kernel's (each worker accepts on its own lane; {} lanes per address \
+                 under systemd) for every listener whose lanes check out at start, else the \
+                 dispatcher's (the log says why).",
+                self.lane_count()
+            )?;
+        } else {
+            writeln!(
+                f,
+                "# Path: the dispatcher's (it accepts every connection and passes it over the link)."
+            )?;
+        }
         let table = self.raw_table();
         for key in KEYS {
             let value = table.get(key.name).expect("every key has a value");

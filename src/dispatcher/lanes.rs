@@ -205,16 +205,20 @@ fn check(
     Ok(first)
 }
 
-/// Binds `count` listening sockets on `address` in one SO_REUSEPORT group, in lane order,
+/// Binds `lanes` listening sockets on `address` in one SO_REUSEPORT group, in lane order,
 /// each with the kernel's largest backlog (as systemd's `Backlog=` gives): a standalone
-/// dispatcher's lanes. With `count` 1, one ordinary listening socket.
-pub fn bind_lanes(address: SocketAddr, count: u32) -> io::Result<Vec<std::net::TcpListener>> {
+/// dispatcher's lanes (a group even of one: the routing program needs a group). With
+/// `None`, one ordinary listening socket, which no other socket may join.
+pub fn bind_lanes(
+    address: SocketAddr,
+    lanes: Option<u32>,
+) -> io::Result<Vec<std::net::TcpListener>> {
     use nix::sys::socket::{
         bind, listen, setsockopt, socket, sockopt, Backlog, SockFlag, SockType, SockaddrIn,
         SockaddrIn6,
     };
     let mut address = address;
-    (0..count.max(1))
+    (0..lanes.unwrap_or(1).max(1))
         .map(|_| {
             let family = if address.is_ipv4() {
                 nix::sys::socket::AddressFamily::Inet
@@ -223,7 +227,7 @@ pub fn bind_lanes(address: SocketAddr, count: u32) -> io::Result<Vec<std::net::T
             };
             let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
             setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-            if count > 1 {
+            if lanes.is_some() {
                 setsockopt(&fd, sockopt::ReusePort, &true)?;
             }
             let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
@@ -466,7 +470,7 @@ mod tests {
     use std::num::NonZeroU32;
 
     fn reuseport_group(count: u32) -> Vec<std::net::TcpListener> {
-        bind_lanes("127.0.0.1:0".parse().unwrap(), count).unwrap()
+        bind_lanes("127.0.0.1:0".parse().unwrap(), Some(count)).unwrap()
     }
 
     fn router(workers: u32) -> Router {
@@ -544,6 +548,18 @@ mod tests {
         };
         connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).unwrap();
         std::net::TcpStream::from(fd)
+    }
+
+    #[test]
+    fn one_worker_has_a_group_of_one_lane() {
+        let mut suspects = Suspects {
+            file: None,
+            inodes: BTreeSet::new(),
+        };
+        assert!(matches!(
+            plan(listener(reuseport_group(1)), true, &router(1), &mut suspects),
+            Plan::Kernel(_)
+        ));
     }
 
     #[test]
