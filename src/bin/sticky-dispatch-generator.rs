@@ -16,6 +16,11 @@
 //!   the socket (taking the service down) stops the workers too. It is on the socket,
 //!   not the service, because systemd propagates a stop also when the service crashes,
 //!   and a dispatcher crash must not take the workers' open connections down;
+//! - `sticky-dispatch.socket.d/zz-lanes.conf`, when the kernel routes (`dispatch`,
+//!   [`Settings::kernel_routing`]): the socket's lanes, `ReusePort=yes`, an empty
+//!   `ListenStream=` that clears the list, then every address of the socket unit `lanes`
+//!   times in a row (docs/protocol.md, "Lanes"). The addresses are read from the socket
+//!   unit and its drop-ins where systemd finds them ([`UNIT_DIRS`]);
 //! - `app@.service.d/50-workers.conf` with `Environment=STICKY_DISPATCH_SOCKET_PREFIX=`
 //!   the dispatcher's `socket_prefix`: both ends name the link sockets from one setting.
 //!
@@ -46,6 +51,10 @@ const SERVICE: &str = "sticky-dispatch.service";
 const SOCKET: &str = "sticky-dispatch.socket";
 /// Name of the drop-ins written for them.
 const DROP_IN: &str = "50-workers.conf";
+/// Name of the socket's lanes drop-in: drop-ins apply in file-name order across all
+/// directories, and this one must come after the operator's (`override.conf`,
+/// `listen.conf`), which could otherwise clear the lanes or append to a group.
+const LANES_DROP_IN: &str = "zz-lanes.conf";
 /// Where systemd looks for system units, in its order of precedence; the wants
 /// symlinks point at the worker template found there (systemd only reads the link's
 /// name, but `systemctl` and people read the target).
@@ -257,6 +266,22 @@ fn generate(dir: &Path, dispatcher: &Dispatcher) -> std::io::Result<()> {
         let _ = writeln!(after, "After={instance}");
         let _ = writeln!(propagate, "PropagatesStopTo={instance}");
     }
+    if settings.kernel_routing() {
+        let addresses = listen_streams(&unit_dirs(), &dispatcher.socket);
+        if addresses.is_empty() {
+            log(
+                4,
+                &format!(
+                    "{}: no ListenStream= found in {UNIT_DIRS:?}: no lanes",
+                    dispatcher.socket
+                ),
+            );
+        } else {
+            let mut lanes = header.clone();
+            lanes.push_str(&lanes_section(&addresses, settings.lane_count()));
+            write_drop_in_named(dir, &dispatcher.socket, LANES_DROP_IN, &lanes)?;
+        }
+    }
     // systemd's quoting of an Environment= assignment: the whole of it in double quotes.
     let environment = format!(
         "[Service]\nEnvironment=\"{SOCKET_PREFIX_ENV}={}\"\n",
@@ -274,10 +299,95 @@ fn generate(dir: &Path, dispatcher: &Dispatcher) -> std::io::Result<()> {
     write_drop_in(dir, template, &worker)
 }
 
+/// The `[Socket]` section that makes each of `addresses` a group of `lanes` sockets: the
+/// list cleared, then each address `lanes` times in a row, since the dispatcher takes
+/// consecutive sockets of one address as one group, in unit order.
+fn lanes_section(addresses: &[String], lanes: u32) -> String {
+    let mut text = format!(
+        "# The kernel routes: {lanes} lanes (one SO_REUSEPORT group) per address, worker k\n\
+         # accepting on lane k. The list is cleared and rebuilt from the socket unit's\n\
+         # addresses, each repeated, because a group must be consecutive.\n\
+         [Socket]\nReusePort=yes\nListenStream=\n"
+    );
+    for address in addresses {
+        for _ in 0..lanes {
+            let _ = writeln!(text, "ListenStream={address}");
+        }
+    }
+    text
+}
+
+/// [`UNIT_DIRS`] as paths (a function so that tests can give their own).
+fn unit_dirs() -> Vec<PathBuf> {
+    UNIT_DIRS.iter().map(PathBuf::from).collect()
+}
+
+/// The `ListenStream=` addresses `socket` has without our drop-in, as systemd computes
+/// them: the unit file where it is found first in `dirs` (for an instance
+/// `NAME@INST.socket`, else the template `NAME@.socket`), then the `*.conf` drop-ins of
+/// `socket.d/` (and the template's), in file-name order, the first directory winning for
+/// one name; an empty `ListenStream=` clears the list. Ours (zz-lanes.conf, in the
+/// generator directory under /run, applied last) is not among them; each address appears once.
+fn listen_streams(dirs: &[PathBuf], socket: &str) -> Vec<String> {
+    let template = socket
+        .split_once('@')
+        .map(|(name, rest)| format!("{name}@{}", &rest[rest.rfind('.').unwrap_or(0)..]));
+    let mut names = vec![socket.to_owned()];
+    names.extend(template.filter(|t| t != socket));
+    // The instance's own file wins over the template's.
+    let main = names
+        .iter()
+        .find_map(|name| dirs.iter().map(|dir| dir.join(name)).find(|p| p.is_file()));
+    let mut files: Vec<PathBuf> = main.into_iter().collect();
+    let mut drop_ins: std::collections::BTreeMap<OsString, PathBuf> = Default::default();
+    // The template's drop-ins first, so that the instance's of the same name win.
+    for name in names.iter().rev() {
+        for dir in dirs.iter().rev() {
+            let Ok(entries) = std::fs::read_dir(dir.join(format!("{name}.d"))) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "conf") && path.is_file() {
+                    drop_ins.insert(entry.file_name(), path);
+                }
+            }
+        }
+    }
+    files.extend(drop_ins.into_values());
+    let mut addresses: Vec<String> = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            continue;
+        };
+        let mut section = "";
+        for line in text.lines().map(str::trim) {
+            if line.starts_with('[') {
+                section = line;
+            } else if section == "[Socket]" {
+                if let Some(value) = line.strip_prefix("ListenStream=") {
+                    match value.trim() {
+                        "" => addresses.clear(),
+                        value if !addresses.iter().any(|a| a == value) => {
+                            addresses.push(value.to_owned())
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    addresses
+}
+
 fn write_drop_in(dir: &Path, unit: &str, text: &str) -> std::io::Result<()> {
+    write_drop_in_named(dir, unit, DROP_IN, text)
+}
+
+fn write_drop_in_named(dir: &Path, unit: &str, name: &str, text: &str) -> std::io::Result<()> {
     let drop_ins = dir.join(format!("{unit}.d"));
     std::fs::create_dir_all(&drop_ins)?;
-    std::fs::write(drop_ins.join(DROP_IN), text)
+    std::fs::write(drop_ins.join(name), text)
 }
 
 /// The worker template's file, where systemd would find it first.
@@ -313,5 +423,120 @@ fn log(priority: u8, message: &str) {
         .and_then(|socket| socket.send_to(entry.as_bytes(), "/run/systemd/journal/socket"));
     if journal.is_err() {
         eprintln!("{IDENTIFIER}: {message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh directory under the target's temp dir, named after the test.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "sticky-dispatch-generator-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn put(path: PathBuf, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn the_shipped_socket_units_addresses() {
+        let shipped = vec![PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd")];
+        assert_eq!(
+            listen_streams(&shipped, SOCKET),
+            ["0.0.0.0:8080", "[::]:8080"]
+        );
+        // The instance template has none: its addresses come from a drop-in.
+        assert!(listen_streams(&shipped, "sticky-dispatch@chat.socket").is_empty());
+    }
+
+    #[test]
+    fn lanes_clear_the_list_then_repeat_each_address_in_a_row() {
+        let text = lanes_section(&["0.0.0.0:8080".into(), "[::]:8080".into()], 3);
+        let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            lines,
+            [
+                "[Socket]",
+                "ReusePort=yes",
+                "ListenStream=",
+                "ListenStream=0.0.0.0:8080",
+                "ListenStream=0.0.0.0:8080",
+                "ListenStream=0.0.0.0:8080",
+                "ListenStream=[::]:8080",
+                "ListenStream=[::]:8080",
+                "ListenStream=[::]:8080",
+            ]
+        );
+    }
+
+    #[test]
+    fn etc_overrides_and_drop_ins_apply_in_systemds_order() {
+        let root = scratch("order");
+        let (etc, lib) = (root.join("etc"), root.join("lib"));
+        let dirs = vec![etc.clone(), lib.clone()];
+        let shipped = "[Socket]\nListenStream=0.0.0.0:8080\nListenStream=[::]:8080\n";
+        put(lib.join(SOCKET), shipped);
+        // A drop-in that only adds, and one in /etc of the same name that wins over it.
+        put(
+            lib.join("sticky-dispatch.socket.d/10-add.conf"),
+            "[Socket]\nListenStream=127.0.0.1:9000\n",
+        );
+        put(
+            etc.join("sticky-dispatch.socket.d/10-add.conf"),
+            "[Socket]\nListenStream=127.0.0.1:9001\n",
+        );
+        assert_eq!(
+            listen_streams(&dirs, SOCKET),
+            ["0.0.0.0:8080", "[::]:8080", "127.0.0.1:9001"]
+        );
+        // `systemctl edit`: an empty ListenStream= clears what came before.
+        put(
+            etc.join("sticky-dispatch.socket.d/override.conf"),
+            "[Unit]\nListenStream=ignored\n[Socket]\nListenStream=\nListenStream=10.0.0.1:80\n",
+        );
+        assert_eq!(listen_streams(&dirs, SOCKET), ["10.0.0.1:80"]);
+        // A full copy in /etc replaces the shipped unit.
+        put(etc.join(SOCKET), "[Socket]\nListenStream=[::1]:8443\n");
+        std::fs::remove_file(etc.join("sticky-dispatch.socket.d/override.conf")).unwrap();
+        assert_eq!(
+            listen_streams(&dirs, SOCKET),
+            ["[::1]:8443", "127.0.0.1:9001"]
+        );
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn an_instance_takes_the_templates_file_and_both_drop_ins() {
+        let root = scratch("instance");
+        let dirs = vec![root.join("etc"), root.join("lib")];
+        put(
+            root.join("lib/sticky-dispatch@.socket"),
+            "[Socket]\nFileDescriptorName=%i\n",
+        );
+        put(
+            root.join("etc/sticky-dispatch@.socket.d/all.conf"),
+            "[Socket]\nListenStream=0.0.0.0:9999\n",
+        );
+        put(
+            root.join("etc/sticky-dispatch@chat.v2.socket.d/listen.conf"),
+            "[Socket]\nListenStream=127.0.0.1:8081\n",
+        );
+        assert_eq!(
+            listen_streams(&dirs, "sticky-dispatch@chat.v2.socket"),
+            ["0.0.0.0:9999", "127.0.0.1:8081"]
+        );
+        assert_eq!(
+            listen_streams(&dirs, "sticky-dispatch@other.socket"),
+            ["0.0.0.0:9999"]
+        );
+        let _ = std::fs::remove_dir_all(root);
     }
 }
