@@ -216,6 +216,27 @@ impl Container {
         self.prop(unit, "ActiveState")
     }
 
+    /// The host's pid of the container's process `pid` (as `systemctl` inside shows it):
+    /// the process in the container's pid namespace whose innermost NSpid is `pid`.
+    pub fn host_pid(&self, pid: u32) -> Option<i32> {
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+        let ours = ns(&self.init.to_string())?;
+        std::fs::read_dir("/proc")
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|host| {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{host}/status")).unwrap_or_default();
+                let inner = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .and_then(|l| l.split_whitespace().last())
+                    .and_then(|p| p.parse::<u32>().ok());
+                inner == Some(pid) && ns(&host.to_string()).as_ref() == Some(&ours)
+            })
+    }
+
     /// The names in the generator's sticky-dispatch.service.wants.
     pub fn generated_wants(&self) -> BTreeSet<String> {
         let out = self.run(&[
