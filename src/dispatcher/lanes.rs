@@ -557,7 +557,12 @@ mod tests {
             inodes: BTreeSet::new(),
         };
         assert!(matches!(
-            plan(listener(reuseport_group(1)), true, &router(1), &mut suspects),
+            plan(
+                listener(reuseport_group(1)),
+                true,
+                &router(1),
+                &mut suspects
+            ),
             Plan::Kernel(_)
         ));
     }
