@@ -179,6 +179,13 @@ fn handed_off_counts_match_what_the_clients_saw() {
         table.starts_with("health: 200 ok: 3/3 workers up"),
         "{table}"
     );
+    // Which path each listener takes is the first thing it says after health: here the
+    // dispatcher's, as configured (not refused).
+    let listener_line = table.lines().nth(1).unwrap_or_default();
+    assert!(
+        listener_line.starts_with("listener ") && listener_line.ends_with(": dispatcher path"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -262,6 +269,15 @@ fn kernel_path_counts_and_lane_queues_match_what_the_clients_saw() {
         1,
         "{samples:?}"
     );
+    assert_eq!(
+        samples
+            .iter()
+            .filter(|(series, value)| series.starts_with("sticky_dispatch_kernel_path_refused{")
+                && **value == 0.0)
+            .count(),
+        1,
+        "{samples:?}"
+    );
     let clients: Vec<_> = (0..120).map(client_ip).collect();
     let outcomes = Load::start(observed.alone.addr, &clients, 6, 100).join();
     let tally = Tally::of(&outcomes, |ip| expected_worker(ip, WORKERS));
@@ -307,6 +323,18 @@ fn kernel_path_counts_and_lane_queues_match_what_the_clients_saw() {
             .sum::<f64>()
             == 5.0
     });
+    // `status` says the same: the path, the lanes, what waits in them.
+    let status = Command::new(DISPATCHER)
+        .args(["status", "--metrics", &observed.metrics.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&status.stdout);
+    eprintln!("{table}");
+    assert!(
+        table.contains(": kernel path, 16 lanes, 5 queued, 0 dropped"),
+        "{table}"
+    );
+    assert!(table.contains("     1  DOWN"), "{table}");
     observed.workers.insert(1, observed.alone.start_worker(1));
     for answer in waiters.join().unwrap() {
         assert_eq!(answer.unwrap().worker, 1);

@@ -160,6 +160,7 @@ pub(super) struct Metrics {
     workers: Box<[WorkerMetrics]>,
     listeners: HashMap<Arc<str>, ListenerMetrics>,
     path: IntGaugeVec,
+    kernel_path_refused: IntGaugeVec,
     lane_queued: IntGaugeVec,
     lane_backlog: IntGaugeVec,
     lane_drops: IntCounterVec,
@@ -334,6 +335,12 @@ impl Metrics {
             "1 for the path the listener's connections take: kernel (each worker accepts on its lane) or userspace (the dispatcher passes them)",
             &["listener", "path"],
         );
+        let kernel_path_refused = gauges(
+            &registry,
+            "kernel_path_refused",
+            "1 while the listener takes the dispatcher's path because its lanes failed the checks at start (the log says why and how to fix it)",
+            &["listener"],
+        );
         let lane = &["listener", "lane"];
         let lane_queued = gauges(
             &registry,
@@ -360,6 +367,7 @@ impl Metrics {
             listeners,
             handoff_seconds,
             path,
+            kernel_path_refused,
             lane_queued,
             lane_backlog,
             lane_drops,
@@ -367,13 +375,17 @@ impl Metrics {
         }
     }
 
-    /// Records which path listener `name` takes.
-    pub(super) fn set_path(&self, name: &str, path: Path) {
+    /// Records which path listener `name` takes, and whether the kernel's was wanted and
+    /// refused (an alert: the dispatcher then carries every connection).
+    pub(super) fn set_path(&self, name: &str, path: Path, refused: bool) {
         for other in [Path::Kernel, Path::Userspace] {
             self.path
                 .with_label_values(&[name, other.label()])
                 .set(i64::from(other == path));
         }
+        self.kernel_path_refused
+            .with_label_values(&[name])
+            .set(i64::from(refused));
     }
 
     /// Adds the series of lane `index` of listener `name`, the socket `inode` on `local`.

@@ -197,7 +197,9 @@ impl Dispatcher {
                 lanes::Plan::Kernel(group) => {
                     info!(listener = %group.name, address = %group.local, lanes = group.len(),
                         backlog = group.backlog, "listening: kernel path, each worker accepts on its own lane");
-                    shared.metrics.set_path(&group.name, metrics::Path::Kernel);
+                    shared
+                        .metrics
+                        .set_path(&group.name, metrics::Path::Kernel, false);
                     group.register_metrics(&shared.metrics);
                     route_queued(&shared, &permits, &group);
                     let (lanes, spares) = group.into_lanes(workers);
@@ -207,12 +209,14 @@ impl Dispatcher {
                     spare_lanes.extend(spares);
                 }
                 lanes::Plan::Userspace { listener, why } => {
-                    if let Some(why) = why {
+                    if let Some(why) = &why {
                         warn!(listener = %listener.name, %why, "dispatcher path for this listener: not the kernel's");
                     }
-                    shared
-                        .metrics
-                        .set_path(&listener.name, metrics::Path::Userspace);
+                    shared.metrics.set_path(
+                        &listener.name,
+                        metrics::Path::Userspace,
+                        why.is_some(),
+                    );
                     for socket in listener.sockets {
                         let acceptor = accept::Acceptor::new(
                             listener.name.clone(),
