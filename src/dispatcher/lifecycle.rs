@@ -20,7 +20,11 @@ const RECONNECT_MAX: Duration = Duration::from_millis(100);
 /// ```
 ///
 /// Only `Up` takes connections: it is the worker's liveness, which failover and the
-/// metrics read. Generic over the link so that the transitions are tested without one.
+/// metrics read. A `Draining` link is over once everything sent on it is acknowledged
+/// ([`Self::drained`]): the slot ends it and links again at once, so that a worker whose
+/// replacement is already listening (a Node bridge that reloaded) serves its waiting
+/// clients within milliseconds, not when the old process exits. Generic over the link so
+/// that the transitions are tested without one.
 #[derive(Debug)]
 pub(super) enum Lifecycle<L> {
     /// No link; the next connect is at `retry.at`. Unavailable since `since`.
@@ -107,6 +111,13 @@ impl<L> Lifecycle<L> {
             Lifecycle::Draining { last_seq, .. } => *last_seq,
             Lifecycle::Down { .. } | Lifecycle::Syncing { .. } => 0,
         }
+    }
+
+    /// Whether a draining link has nothing left to do: the drain was answered (at once, on
+    /// [`Self::drain`]) and none of the `in_flight` connections sent before it is still
+    /// unacknowledged. Nothing more will come on it but the worker's own close.
+    pub(super) fn drained(&self, in_flight: usize) -> bool {
+        matches!(self, Lifecycle::Draining { .. }) && in_flight == 0
     }
 
     /// When to try connecting, while down.
@@ -252,6 +263,49 @@ mod tests {
         let now = Instant::now();
         assert_eq!(life.down(now), Some("node"));
         assert_eq!(life.unavailable_since(), Some(now));
+    }
+
+    /// A drained link ends as soon as nothing sent on it waits for an acknowledgement, and
+    /// the next link is tried at once: the replacement's clients waited since the drain.
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_link_is_over_once_nothing_is_in_flight_and_links_again_at_once() {
+        let start = Instant::now();
+        let mut life = Life::new(start);
+        assert!(!life.drained(0), "down: no link to end");
+        life.linked("old node", false);
+        assert!(!life.drained(0), "syncing");
+        assert!(life.ready());
+        assert!(!life.drained(0), "up: it takes connections");
+        if let Lifecycle::Up { next_seq, .. } = &mut life {
+            *next_seq = 4; // three sent
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let drained_at = Instant::now();
+        assert_eq!(life.drain(drained_at), Some(3));
+        assert!(
+            !life.drained(2),
+            "two sent before the drain are not acknowledged yet"
+        );
+        assert!(life.drained(0));
+        tokio::time::advance(Duration::from_millis(3)).await;
+        let now = Instant::now();
+        assert_eq!(life.down(now), Some("old node"));
+        assert!(!life.drained(0));
+        assert_eq!(
+            life.retry_at(),
+            Some(now),
+            "the replacement is linked at once"
+        );
+        assert_eq!(life.unavailable_since(), Some(drained_at));
+        life.linked("new node", false);
+        assert_eq!(
+            life.unavailable_since(),
+            Some(drained_at),
+            "its clients have waited since the drain"
+        );
+        assert!(life.ready());
+        assert_eq!(life.sent_up_to(), 0, "the new link numbers from 1");
+        assert!(!life.drained(0));
     }
 
     #[tokio::test(start_paused = true)]

@@ -60,7 +60,9 @@ pub(super) struct Slot {
     /// For the connections this slot accepts on its lanes.
     permits: Arc<Semaphore>,
     /// The last lane count a worker reported (ACCEPTED), and its pid: a new link to the
-    /// same process continues from it, a new process starts from 0.
+    /// same process continues from it, a new process starts from 0. Forgotten when a
+    /// drained link goes: that process reports no more, and the next link with the same
+    /// pid is a bridge's next Node process, counting from 0.
     reported: Option<(u32, u64)>,
 }
 
@@ -103,6 +105,12 @@ impl Slot {
                 self.on_received(read);
             }
             self.send_pending();
+            if self.lifecycle.drained(self.unacked.len()) {
+                // Nothing more will come on it: link again at once. A Node bridge that
+                // reloaded passes its new process's channel; a worker that stopped freed its
+                // name, so the next link finds nobody, or its replacement.
+                self.link_down("drained: every connection sent was acknowledged");
+            }
             self.shared.set_live(self.index, self.lifecycle.is_up());
             if self.finished(*self.phase.borrow()) {
                 return self.leftovers();
@@ -438,6 +446,9 @@ impl Slot {
 
     /// The link is gone: what was not acknowledged waits again, in order, at the front.
     fn link_down(&mut self, reason: &str) {
+        if matches!(self.lifecycle, Lifecycle::Draining { .. }) {
+            self.reported = None;
+        }
         if self.lifecycle.down(Instant::now()).is_none() {
             return; // already down (a second reason for the same loss)
         }
@@ -583,5 +594,94 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatcher::testing;
+    use crate::worker::link::{DispatcherLink, LinkServer};
+    use crate::worker::WorkerOptions;
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    async fn within<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(PATIENCE, future)
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {PATIENCE:?}"))
+    }
+
+    async fn next_link(server: &LinkServer) -> DispatcherLink {
+        let admitted = within("link", server.accept()).await.unwrap();
+        within("HELLO", admitted.handshake()).await.unwrap()
+    }
+
+    /// A worker of the link protocol drains: the dispatcher answers, holds the connection
+    /// that comes meanwhile, and ends the link itself once the two sent before the drain
+    /// are acknowledged (the worker's ACCEPTED after its DRAIN counted, not an error).
+    /// It links again at once: here the same name answers, as a reloaded Node bridge's
+    /// would, and the held connection goes to it, first on the new link; nothing is lost.
+    #[tokio::test]
+    async fn a_drained_link_ends_once_acknowledged_and_the_next_link_follows_at_once() {
+        let prefix = format!("sticky-dispatch-unit/{}/slot-drained/", std::process::id());
+        let (hub, mut inboxes) = testing::hub(1, &[("STICKY_DISPATCH_SOCKET_PREFIX", &prefix)]);
+        let hub = Arc::new(hub);
+        let options = WorkerOptions {
+            index: 0,
+            socket_prefix: prefix,
+            dispatcher_users: vec![nix::unistd::Uid::effective()],
+            drain_on_sigterm: false,
+        };
+        let server = LinkServer::bind(&options).unwrap();
+        let (_phase, phase) = watch::channel(Phase::Running);
+        let slot = Slot::new(
+            0,
+            hub.clone(),
+            inboxes.remove(0),
+            phase,
+            Vec::new(),
+            Arc::new(Semaphore::new(8)),
+        );
+        let slot = tokio::spawn(slot.run());
+
+        let mut old = next_link(&server).await;
+        for ip in ["127.0.0.1", "127.0.0.2"] {
+            hub.route(testing::held(&hub, ip));
+        }
+        for seq in [1, 2] {
+            let handoff = within("CONN", old.recv()).await.unwrap().unwrap();
+            assert_eq!(handoff.seq(), seq);
+        }
+        old.drain().await.unwrap();
+        old.send_accepted(5).await.unwrap();
+        // DRAINED: nothing after the two.
+        assert!(within("DRAINED", old.recv()).await.unwrap().is_none());
+        // Arrives while draining: held for the next link.
+        hub.route(testing::held(&hub, "127.0.0.3"));
+        // Both ACKs, after the drain, in two messages: the link lives until the second.
+        old.ack(1).await.unwrap();
+        old.ack(2).await.unwrap();
+
+        let mut new = next_link(&server).await;
+        let handoff = within("the held CONN", new.recv()).await.unwrap().unwrap();
+        assert_eq!(handoff.seq(), 1, "the new link numbers from 1");
+        assert_eq!(handoff.client.peer.unwrap().ip().to_string(), "127.0.0.3");
+        new.ack(1).await.unwrap();
+        // The same pid (one test process), a new process's count: from 0 again.
+        new.send_accepted(3).await.unwrap();
+        let metrics = hub.metrics.worker(0);
+        within("the counts", async {
+            while metrics.kernel_routed.get() < 8 || metrics.handed_off.get() < 3 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        assert_eq!(metrics.kernel_routed.get(), 8);
+        assert_eq!(metrics.handed_off.get(), 3);
+        assert_eq!(metrics.resent.get(), 0, "nothing was sent twice");
+        assert_eq!(metrics.link_down.get(), 1);
+        assert_eq!(metrics.link_up.get(), 2);
+        slot.abort();
     }
 }
