@@ -79,6 +79,10 @@ pub enum Action {
         /// dead (killed; the dispatcher re-sends what it had not acknowledged)
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
         ack_timeout: std::time::Duration,
+        /// How long a reload's new Node process may take to say it is ready; then the
+        /// reload fails and the old process keeps serving
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+        start_timeout: std::time::Duration,
         /// How long Node may take to exit once told to drain; then SIGKILL
         #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
         stop_timeout: std::time::Duration,
@@ -90,6 +94,14 @@ pub enum Action {
             value_name = "COMMAND"
         )]
         command: Vec<OsString>,
+    },
+    /// Reload Node worker N in place (the Node unit's ExecReload=): its bridge starts a new
+    /// Node process and retires the old one once the new one is ready. Prints the outcome;
+    /// exit status 1 when the new process failed (the old one keeps serving) or no bridge
+    /// answers
+    ReloadWorker {
+        /// The worker index [default: STICKY_DISPATCH_INDEX, else the unit's instance name]
+        index: Option<u32>,
     },
 }
 

@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     if let Some(Action::NodeWorker {
         command,
         ack_timeout,
+        start_timeout,
         stop_timeout,
     }) = &cli.action
     {
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
         }
         let timeouts = sticky_dispatch::node_bridge::Timeouts {
             ack: *ack_timeout,
+            start: *start_timeout,
             stop: *stop_timeout,
         };
         return sticky_dispatch::node_bridge::main(
@@ -44,6 +46,13 @@ fn main() -> ExitCode {
             timeouts,
             cli.log_level.clone(),
         );
+    }
+    if let Some(Action::ReloadWorker { index }) = &cli.action {
+        // The argument wins over the environment; set before any thread exists.
+        if let Some(index) = index {
+            std::env::set_var(sticky_dispatch::worker::INDEX_ENV, index.to_string());
+        }
+        return sticky_dispatch::node_bridge::reload_worker();
     }
     // Before any thread exists: reading the systemd variables also unsets them.
     let systemd_sockets = take_systemd_sockets();
