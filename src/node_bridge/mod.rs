@@ -85,6 +85,9 @@ use crate::worker::WorkerOptions;
 
 /// How many times per `--ack-timeout` the bridge looks at what Node has not read.
 const STALL_SAMPLES: u32 = 4;
+/// How long a reload's new process that closed its channel before it was ready has to
+/// exit (its status is the reason the reload fails), before it is killed.
+const CLOSED_EXIT_GRACE: Duration = Duration::from_secs(1);
 
 /// Runs the bridge: `command` is Node's command line; `log_level` from `--log-level`,
 /// else `STICKY_DISPATCH_LOG_LEVEL`, else `info`. Returns (or re-raises) Node's status.
@@ -247,6 +250,9 @@ struct Reload {
     node: NodeProcess,
     asked: Option<oneshot::Sender<reload::Answer>>,
     started: Instant,
+    /// It closed its channel before saying ready: it is exiting, and its exit status says
+    /// why (waited for [`CLOSED_EXIT_GRACE`]).
+    channel_closed: bool,
 }
 
 /// What a reload's new process did.
@@ -438,14 +444,23 @@ impl Bridge {
             node,
             asked,
             started: Instant::now(),
+            channel_closed: false,
         });
     }
 
     fn next_event(&mut self, event: NextEvent) {
         match event {
             NextEvent::Ready(Ok(true)) => self.reloaded(),
-            NextEvent::Ready(Ok(false)) => self
-                .reload_failed("the new Node process closed its IPC channel before it was ready"),
+            NextEvent::Ready(Ok(false)) => {
+                let Some(reload) = &mut self.next else { return };
+                debug!(
+                    node_pid = reload.node.pid,
+                    "the new Node process closed its channel: waiting for its exit"
+                );
+                reload.channel_closed = true;
+                reload.node.channel.stop_reading();
+                reload.node.exit_by(CLOSED_EXIT_GRACE);
+            }
             NextEvent::Ready(Err(err)) => self.reload_failed(&format!(
                 "reading the new Node process's channel failed: {err}"
             )),
@@ -471,6 +486,7 @@ impl Bridge {
             mut node,
             asked,
             started,
+            ..
         }) = self.next.take()
         else {
             return;
@@ -762,15 +778,15 @@ impl Bridge {
     fn deadlines_passed(&mut self) {
         let now = Instant::now();
         let passed = |node: &NodeProcess| node.deadline.is_some_and(|at| at <= now);
-        if self
-            .next
-            .as_ref()
-            .is_some_and(|reload| passed(&reload.node))
-        {
-            self.reload_failed(&format!(
+        match &self.next {
+            Some(reload) if passed(&reload.node) && reload.channel_closed => self.reload_failed(
+                "the new Node process closed its IPC channel before it was ready, and did not exit",
+            ),
+            Some(reload) if passed(&reload.node) => self.reload_failed(&format!(
                 "the new Node process was not ready within {:?} (--start-timeout)",
                 self.timeouts.start
-            ));
+            )),
+            _ => {}
         }
         if passed(&self.current) {
             self.kill_current("did not exit", &format!(
