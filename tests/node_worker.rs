@@ -1356,3 +1356,313 @@ fn restart_with_socketio_clients_connected_waits_only_for_start_up() {
         socketio.log.text()
     );
 }
+
+/// socket.io clients of worker 3 connected through its reload.
+const RELOAD_SOCKETIO_CLIENTS: usize = 20;
+/// HTTP clients of worker 3, and of the other workers, making new connections all along.
+const RELOAD_HTTP_CLIENTS: usize = 8;
+/// The longest any new connection of worker 3's clients may wait during the reload: the
+/// switch takes milliseconds; this leaves room for a loaded 2-core machine.
+const RELOAD_WAIT_BOUND: Duration = Duration::from_secs(1);
+
+/// `systemctl reload node-app@3`, standalone: SIGHUP to worker 3's bridge (4 Node workers
+/// of the socket.io chat), under load from HTTP clients of every worker and with socket.io
+/// clients of worker 3 connected (half websocket, half polling). The bridge starts a new
+/// Node process, which is ready before the old one stops taking connections; the old one
+/// drains and the dispatcher switches to the new one at once. Every request succeeds, on
+/// its worker; worker 3's answers come from the old process, then from the new one; no new
+/// connection of worker 3's clients waits longer than [`RELOAD_WAIT_BOUND`] (the figures are
+/// printed); every socket.io client reconnects, to the new process. `extra_env` chooses the
+/// dispatcher's path.
+fn reload_under_load_waits_milliseconds(test: &'static str, extra_env: &[(&str, &str)]) {
+    support::npm_ci();
+    let mut env = vec![("CHAT_CLOSE_ON_DRAIN", "0")];
+    env.extend_from_slice(extra_env);
+    let (dispatcher, addr) = node_workers(test, &env, &[], "chat.js");
+    let log = &dispatcher.0.log;
+    let kernel_path = log.count(&["listening: kernel path"]) == 1;
+    assert_eq!(kernel_path, extra_env.is_empty(), "the path asked for");
+    let path = if kernel_path { "kernel" } else { "userspace" };
+    let victim = 3;
+    let index_field = format!("index={victim}");
+    let up = log.wait_for(&["worker link up", &index_field]);
+    let bridge: i32 = log_field(&up, "worker_pid").unwrap();
+    let old_node = node_of(victim, addr);
+    assert_eq!(parent_of(old_node), bridge);
+    let ups = log.count(&["worker link up", &index_field]);
+
+    let victims = clients_of(
+        victim,
+        WORKERS,
+        RELOAD_SOCKETIO_CLIENTS + RELOAD_HTTP_CLIENTS,
+    );
+    let (socketio_ips, victim_http) = victims.split_at(RELOAD_SOCKETIO_CLIENTS);
+    let others: Vec<Ipv4Addr> = (0..WORKERS)
+        .filter(|&worker| worker != victim)
+        .flat_map(|worker| clients_of(worker, WORKERS, RELOAD_HTTP_CLIENTS / 2))
+        .collect();
+    let mut command = Command::new("node");
+    command
+        .arg(support::node_dir().join("restart-clients.js"))
+        .arg(format!("http://{addr}"))
+        .args(socketio_ips.iter().map(|ip| ip.to_string()));
+    let socketio = Running::spawn(command, "reload-clients");
+    socketio
+        .log
+        .wait_count(&["connected ip="], RELOAD_SOCKETIO_CLIENTS);
+
+    let http_ips: Vec<Ipv4Addr> = victim_http.iter().chain(&others).copied().collect();
+    let load = restart_load(addr, &http_ips);
+    let is_victims = |o: &Outcome| victim_http.contains(&o.client);
+    let started = Instant::now();
+    load.wait_until("20 answers to worker 3's clients", |load| {
+        load.count(|o| is_victims(o) && o.started >= started && o.answer.is_ok()) >= 20
+    });
+    let hup = Instant::now();
+    kill(bridge, Signal::SIGHUP);
+    let limit = Duration::from_secs(60);
+    let reloaded = log
+        .wait_lines(&["reloaded: node pid", &index_field], 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let new_node: i32 = reloaded
+        .split("reloaded: node pid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {reloaded:?}"));
+    let ready_after = hup.elapsed();
+    log.wait_lines(&["worker link up", &index_field], ups + 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let switched = Instant::now();
+    load.wait_until("20 answers from worker 3's new Node process", |load| {
+        load.count(|o| {
+            is_victims(o)
+                && o.started >= switched
+                && o.answer.as_ref().is_ok_and(|a| a.pid == new_node)
+        }) >= 20
+    });
+    let old_exit = log
+        .wait_lines(&["replaced Node process exited", &index_field], 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let outcomes = load.stop();
+    let all_back = socketio.log.wait_lines(&["all reconnected"], 1, limit);
+    let to_new = socketio
+        .log
+        .count(&["reconnected ip=", &format!(" pid={new_node} ")]);
+
+    let tally = Tally::of(&outcomes, expected);
+    // Worker 3's new connections from the SIGHUP until the switch, and a second beyond.
+    let during: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| {
+            is_victims(o) && o.started >= hup && o.started <= switched + Duration::from_secs(1)
+        })
+        .collect();
+    let mut waits: Vec<Duration> = during.iter().map(|o| o.waited).collect();
+    waits.sort();
+    let longest = waits.last().copied().unwrap_or_default();
+    let p50 = waits.get(waits.len() / 2).copied().unwrap_or_default();
+    // The same clients before the SIGHUP, for comparison: what the load alone costs.
+    let mut baseline: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| is_victims(o) && o.started >= started && o.started < hup)
+        .map(|o| o.waited)
+        .collect();
+    baseline.sort();
+    let ms = |wait: Option<&Duration>| wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0);
+    let pids_of = |from: Instant, to: Instant| -> std::collections::BTreeSet<i32> {
+        outcomes
+            .iter()
+            .filter(|o| is_victims(o) && o.started >= from && o.started < to)
+            .filter_map(|o| o.answer.as_ref().ok().map(|a| a.pid))
+            .collect()
+    };
+    let before = pids_of(started, hup);
+    let after = pids_of(switched, Instant::now());
+    eprintln!(
+        "reload of worker 3 ({path} path), {RELOAD_SOCKETIO_CLIENTS} socket.io clients connected: new Node \
+         {new_node} ready {ready_after:.2?} after SIGHUP; worker 3's {} new connections from the \
+         SIGHUP to 1 s after the switch: longest wait {:.1} ms, p50 {:.1} ms (before the \
+         SIGHUP, {} connections: longest {:.1} ms, p50 {:.1} ms); all clients: {tally}; old \
+         Node {old_node}: {}; socket.io clients reconnected to the new process: \
+         {to_new}/{RELOAD_SOCKETIO_CLIENTS}",
+        waits.len(),
+        ms(Some(&longest)),
+        ms(Some(&p50)),
+        baseline.len(),
+        ms(baseline.last()),
+        ms(baseline.get(baseline.len() / 2)),
+        old_exit.split("replaced Node process exited").nth(1).unwrap_or("").trim(),
+    );
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    assert_ne!(new_node, old_node);
+    assert_eq!(parent_of(new_node), bridge, "the same bridge serves on");
+    assert_eq!(before, [old_node].into(), "answers before the reload");
+    assert_eq!(after, [new_node].into(), "answers after the switch");
+    assert!(!waits.is_empty());
+    assert!(
+        longest < RELOAD_WAIT_BOUND,
+        "longest wait {longest:?} of worker 3's clients during the reload"
+    );
+    assert!(old_exit.contains("exit status: 0"), "{old_exit}");
+    assert_eq!(
+        log.count(&["worker exited; restarting"]),
+        0,
+        "no bridge exited"
+    );
+    all_back.unwrap_or_else(|err| panic!("not every socket.io client reconnected: {err}"));
+    assert_eq!(
+        to_new,
+        RELOAD_SOCKETIO_CLIENTS,
+        "every socket.io client reconnected, to the new process:\n{}",
+        socketio.log.text()
+    );
+}
+
+#[test]
+fn reload_under_load_waits_milliseconds_on_the_kernel_path() {
+    reload_under_load_waits_milliseconds("node-reload-kernel", &[]);
+}
+
+#[test]
+fn reload_under_load_waits_milliseconds_on_the_userspace_path() {
+    reload_under_load_waits_milliseconds(
+        "node-reload-userspace",
+        &[("STICKY_DISPATCH_DISPATCH", "userspace")],
+    );
+}
+
+/// `sticky-dispatch reload-worker N` (the unit's ExecReload=) with a worker `index`, as the
+/// standalone dispatcher of `test` names its link sockets.
+fn reload_worker(test: &'static str, index: u32) -> support::Output {
+    let mut command = Command::new(DISPATCHER);
+    command
+        .args(["reload-worker", &index.to_string()])
+        .env("STICKY_DISPATCH_SOCKET_PREFIX", unique_prefix(test))
+        .env_remove("STICKY_DISPATCH_INDEX");
+    support::run(command, Duration::from_secs(60)).unwrap_or_else(|err| panic!("{err}"))
+}
+
+/// A finished command's status and output, for an assertion's message.
+fn shown(out: &support::Output) -> String {
+    format!(
+        "{}; stdout: {:?}; stderr: {:?}",
+        out.status, out.stdout, out.stderr
+    )
+}
+
+/// A reload whose new Node process fails (it exits before listen(): a marker file, as a
+/// deploy with a broken build would) fails visibly: `reload-worker 2` exits 1 and says why,
+/// the old process still serves worker 2, and nobody's request fails; once the marker is
+/// gone, the next `reload-worker 2` succeeds (exit 0, the new pid) and the new process
+/// serves. A worker that does not exist: exit 1, with what to check.
+#[test]
+fn a_failed_reload_leaves_the_old_node_serving_and_exits_1() {
+    let test = "node-reload-fails";
+    let dir = scratch_dir(test);
+    let marker = dir.join("fail-next-start");
+    let _ = std::fs::remove_file(&marker);
+    let marker_text = marker.display().to_string();
+    let app = app("bridge-http.js");
+    // Exits 3 before Node starts while the marker exists.
+    let script = r#"if [ -e "$APP_FAIL_MARKER" ]; then echo "app: failing on purpose" >&2; exit 3; fi; exec "$@""#;
+    let (dispatcher, addr) = standalone_with(
+        test,
+        WORKERS,
+        &[("APP_PACKAGE", "1"), ("APP_FAIL_MARKER", &marker_text)],
+        &[
+            DISPATCHER,
+            "node-worker",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            "node",
+            &app,
+        ],
+    );
+    let dispatcher = support::Graceful(dispatcher);
+    let log = &dispatcher.0.log;
+    log.wait_count(&["worker link up"], WORKERS as usize);
+    let victim = 2;
+    let index_field = format!("index={victim}");
+    let old_node = node_of(victim, addr);
+    let load = Load::start(addr, &clients(), 4, 100_000);
+    load.wait_more(100);
+
+    std::fs::write(&marker, "").unwrap();
+    let failed = reload_worker(test, victim);
+    println!(
+        "reload-worker {victim} with a new process that fails: {}; stderr: {}",
+        failed.status,
+        failed.stderr.trim()
+    );
+    assert_eq!(failed.status.code(), Some(1), "{}", shown(&failed));
+    assert!(failed.stderr.contains("reload failed"), "{}", failed.stderr);
+    assert!(
+        failed
+            .stderr
+            .contains("exited before it was ready (exit status: 3)"),
+        "{}",
+        failed.stderr
+    );
+    assert!(
+        failed
+            .stderr
+            .contains(&format!("node pid {old_node} still serves")),
+        "{}",
+        failed.stderr
+    );
+    log.wait_for(&["reload failed", &index_field]);
+    load.wait_more(100);
+    assert_eq!(
+        node_of(victim, addr),
+        old_node,
+        "the old process still serves"
+    );
+
+    std::fs::remove_file(&marker).unwrap();
+    let ups = log.count(&["worker link up", &index_field]);
+    let reloaded = reload_worker(test, victim);
+    println!(
+        "reload-worker {victim} again, the marker gone: {}; stdout: {}",
+        reloaded.status,
+        reloaded.stdout.trim()
+    );
+    assert!(reloaded.status.success(), "{}", shown(&reloaded));
+    let new_node: i32 = reloaded
+        .stdout
+        .trim()
+        .strip_prefix("reloaded: node pid ")
+        .and_then(|rest| rest.strip_suffix(" ready"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{}", shown(&reloaded)));
+    assert_ne!(new_node, old_node);
+    log.wait_count(&["worker link up", &index_field], ups + 1);
+    load.wait_more(100);
+    assert_eq!(node_of(victim, addr), new_node, "the new process serves");
+    log.wait_for(&["replaced Node process exited", &index_field]);
+
+    let tally = Tally::of(&load.stop(), expected);
+    println!("under load throughout: {tally}");
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    assert_eq!(
+        log.count(&["worker exited; restarting"]),
+        0,
+        "no bridge exited"
+    );
+
+    let absent = reload_worker(test, 9);
+    println!(
+        "reload-worker 9 (no such worker): {}; stderr: {}",
+        absent.status,
+        absent.stderr.trim()
+    );
+    assert_eq!(absent.status.code(), Some(1), "{}", shown(&absent));
+    assert!(
+        absent.stderr.contains("nothing listens on @"),
+        "{}",
+        absent.stderr
+    );
+}
