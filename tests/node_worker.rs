@@ -1442,7 +1442,7 @@ fn reload_under_load_waits_milliseconds(test: &'static str, extra_env: &[(&str, 
         }) >= 20
     });
     let old_exit = log
-        .wait_lines(&["replaced Node process exited", &index_field], 1, limit)
+        .wait_lines(&["retired Node process exited", &index_field], 1, limit)
         .unwrap_or_else(|err| panic!("{err}"));
     let outcomes = load.stop();
     let all_back = socketio.log.wait_lines(&["all reconnected"], 1, limit);
@@ -1492,7 +1492,7 @@ fn reload_under_load_waits_milliseconds(test: &'static str, extra_env: &[(&str, 
         baseline.len(),
         ms(baseline.last()),
         ms(baseline.get(baseline.len() / 2)),
-        old_exit.split("replaced Node process exited").nth(1).unwrap_or("").trim(),
+        old_exit.split("retired Node process exited").nth(1).unwrap_or("").trim(),
     );
     assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
     assert_ne!(new_node, old_node);
@@ -1642,7 +1642,7 @@ fn a_failed_reload_leaves_the_old_node_serving_and_exits_1() {
     log.wait_count(&["worker link up", &index_field], ups + 1);
     load.wait_more(100);
     assert_eq!(node_of(victim, addr), new_node, "the new process serves");
-    log.wait_for(&["replaced Node process exited", &index_field]);
+    log.wait_for(&["retired Node process exited", &index_field]);
 
     let tally = Tally::of(&load.stop(), expected);
     println!("under load throughout: {tally}");
@@ -1665,4 +1665,50 @@ fn a_failed_reload_leaves_the_old_node_serving_and_exits_1() {
         "{}",
         absent.stderr
     );
+}
+
+/// The bridge run directly, no dispatcher: a reload whose new process never says ready
+/// fails after `--start-timeout` (the new process killed, the old one serving on); a second
+/// reload, SIGTERM while its new process is starting: both processes stop, the bridge
+/// exits 0 (its current Node drained and exited 0) once both are gone.
+#[test]
+fn a_reload_that_times_out_fails_and_sigterm_during_a_reload_stops_both() {
+    let test = "node-reload-timeout";
+    let dir = scratch_dir(test);
+    let marker = dir.join("hang-next-start");
+    let _ = std::fs::remove_file(&marker);
+    let app = app("bridge-http.js");
+    // Starts a process that never says ready while the marker exists.
+    let script = r#"if [ -e "$APP_HANG_MARKER" ]; then exec sleep 30; fi; exec "$@""#;
+    let mut command = Command::new(DISPATCHER);
+    command
+        .args(["node-worker", "--start-timeout", "1s", "--"])
+        .args(["sh", "-c", script, "sh", "node", &app])
+        .env("STICKY_DISPATCH_INDEX", "0")
+        .env("STICKY_DISPATCH_SOCKET_PREFIX", unique_prefix(test))
+        .env("STICKY_DISPATCH_LOG_LEVEL", "info")
+        .env("APP_PACKAGE", "1")
+        .env("APP_HANG_MARKER", &marker);
+    let mut bridge = Running::spawn(command, "bridge");
+    bridge.log.wait_for(&["node worker ready"]);
+    std::fs::write(&marker, "").unwrap();
+
+    bridge.signal(Signal::SIGHUP);
+    let failed = bridge.log.wait_for(&["reload failed"]);
+    println!("{failed}");
+    assert!(failed.contains("was not ready within 1s"), "{failed}");
+    bridge
+        .log
+        .wait_for(&["retired Node process killed", "reload failed"]);
+
+    bridge.signal(Signal::SIGHUP);
+    bridge.log.wait_count(&["reloading: new node started"], 2);
+    bridge.signal(Signal::SIGTERM);
+    let status = bridge.wait();
+    let log = bridge.log.text();
+    println!("SIGTERM during a reload: the bridge {status}");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(log.contains("stopping the reload's new Node too"), "{log}");
+    assert!(log.contains("retired Node process exited"), "{log}");
+    assert!(log.contains("Node exited"), "{log}");
 }

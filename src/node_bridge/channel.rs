@@ -7,6 +7,9 @@
 //! channel is the dispatcher's to read and write. The bridge's copy only keeps it open
 //! between two dispatchers (so that a dispatcher restart does not look like the end to
 //! Node), tells Node to drain when no dispatcher can, and watches that Node keeps reading.
+//! Each Node process has a channel of its own: during a reload the new process's is read
+//! until it says ready, and a retired process's stays open until that process exits, so
+//! that the dispatcher ending its link does not look like the end to it either.
 
 use std::io;
 use std::ops::ControlFlow;

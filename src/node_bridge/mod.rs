@@ -734,13 +734,13 @@ impl Bridge {
         let node = self.retiring.swap_remove(at);
         match (status, node.killed) {
             (Ok(status), Some(why)) => {
-                warn!(%status, node_pid = node.pid, why, "replaced Node process killed")
+                warn!(%status, node_pid = node.pid, why, "retired Node process killed")
             }
             (Ok(status), None) => {
-                info!(%status, node_pid = node.pid, "replaced Node process exited")
+                info!(%status, node_pid = node.pid, "retired Node process exited")
             }
             (Err(err), _) => {
-                warn!(%err, node_pid = node.pid, "lost track of a replaced Node process")
+                warn!(%err, node_pid = node.pid, "lost track of a retired Node process")
             }
         }
     }
@@ -797,7 +797,7 @@ impl Bridge {
         for node in self.retiring.iter_mut().filter(|node| passed(node)) {
             error!(
                 node_pid = node.pid,
-                "a replaced Node process did not exit within {:?} of being told to stop: killing it",
+                "a retired Node process did not exit within {:?} of being told to stop: killing it",
                 self.timeouts.stop
             );
             node.kill("did not exit");
