@@ -621,17 +621,26 @@ impl Bridge {
         if was_serving && self.link.is_empty() {
             self.current.tell_to_drain();
         }
-        if let Some(Reload {
+        self.abandon_reload(&format!("the worker is stopping ({why})"));
+    }
+
+    /// The worker stops while a reload's new process starts: it stops too, and retires.
+    fn abandon_reload(&mut self, why: &str) {
+        let Some(Reload {
             mut node, asked, ..
         }) = self.next.take()
-        {
-            info!(node_pid = node.pid, "stopping the reload's new Node too");
-            node.stop(self.timeouts.stop);
-            // No dispatcher ever had its channel.
-            node.tell_to_drain();
-            self.retiring.push(node);
-            answer(asked, Err(format!("the worker is stopping ({why})")));
-        }
+        else {
+            return;
+        };
+        info!(
+            node_pid = node.pid,
+            why, "stopping the reload's new Node too"
+        );
+        node.stop(self.timeouts.stop);
+        // No dispatcher ever had its channel.
+        node.tell_to_drain();
+        self.retiring.push(node);
+        answer(asked, Err(why.to_owned()));
     }
 
     /// Looks at the current Node's end of the channel: closed (Node can take nothing
@@ -648,6 +657,7 @@ impl Bridge {
             self.waiting_link = None;
             self.link.abort_all();
             self.current.stage = Stage::Stopping;
+            self.abandon_reload("the serving Node process closed its IPC channel");
             return self.current.exit_by(self.timeouts.stop);
         }
         let unread = match self.current.channel.unread_by_node() {
