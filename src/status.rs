@@ -147,16 +147,17 @@ pub fn parse_listeners(text: &str) -> BTreeMap<String, ListenerRow> {
         let Some(listener) = label(labels, "listener") else {
             continue;
         };
-        let row = || rows.entry(listener.to_owned()).or_default();
+        // Every series with a `listener` label is of a listener the dispatcher has.
+        let row = rows.entry(listener.to_owned()).or_default();
         let count = value as u64;
         match name {
             "listener_path" if value == 1.0 => {
-                row().path = label(labels, "path").unwrap_or_default().to_owned();
+                row.path = label(labels, "path").unwrap_or_default().to_owned();
             }
-            "kernel_path_refused" => row().refused = value == 1.0,
-            "lane_backlog" => row().lanes += 1,
-            "lane_queued" => row().queued += count,
-            "lane_drops_total" => row().drops += count,
+            "kernel_path_refused" => row.refused = value == 1.0,
+            "lane_backlog" => row.lanes += 1,
+            "lane_queued" => row.queued += count,
+            "lane_drops_total" => row.drops += count,
             _ => {}
         }
     }
@@ -290,6 +291,9 @@ mod tests {
         );
         assert!(table.contains("listener admin: dispatcher path: the kernel's was REFUSED"));
         assert!(table.contains("     0  DOWN"), "{table}");
-        assert!(table.contains("     1  yes               7          42"), "{table}");
+        assert!(
+            table.contains("     1  yes               7          42"),
+            "{table}"
+        );
     }
 }

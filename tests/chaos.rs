@@ -9,9 +9,9 @@
 //! Figures are printed with the `[chaos]` prefix: `cargo test --test chaos --
 //! --include-ignored --nocapture`. The booted-systemd test needs root, like
 //! tests/systemd.rs; `STICKY_DISPATCH_CHAOS_ONLY=p,s` runs only some of its scenarios
-//! (`s`, `sn`, `sp`: the soak with Rust, Node, Python workers), `STICKY_DISPATCH_CHAOS_SEED`
-//! replays a soak, `STICKY_DISPATCH_CHAOS_SECS` sets the length of each (120 s with Rust
-//! workers, 60 s with the others by default), `STICKY_DISPATCH_CHAOS_DISPATCHER=PATH`
+//! (`s`, `sn`, `sp`: the soak with Rust, Node, Python workers; `sk`: Rust workers on the
+//! kernel's path), `STICKY_DISPATCH_CHAOS_SEED` replays a soak, `STICKY_DISPATCH_CHAOS_SECS`
+//! sets the length of each (120 s for `s`, 60 s for the others by default), `STICKY_DISPATCH_CHAOS_DISPATCHER=PATH`
 //! installs another dispatcher binary.
 
 use std::collections::{BTreeMap, HashMap};
@@ -162,6 +162,7 @@ fn chaos_under_a_booted_systemd() {
         c: &container,
         config,
         kind: Kind::Rust,
+        mode: Mode::Proxy,
     };
     w.c.ok(&["systemctl", "start", "sticky-dispatch.socket", SERVICE]);
     w.restore();
@@ -194,6 +195,11 @@ fn chaos_under_a_booted_systemd() {
         ("sp", "sp: chaos soak with Python workers", |w| {
             s_soak(&w.with_kind(Kind::Python))
         }),
+        (
+            "sk",
+            "sk: chaos soak on the kernel's path (routing_key peer-ip, each worker on its lanes)",
+            |w| s_soak(&w.by_peer_ip()),
+        ),
         (
             "r",
             "r: systemd-run, a transient socket and service",
@@ -241,6 +247,9 @@ struct World<'c> {
     c: &'c Container,
     config: String,
     kind: Kind,
+    /// How its clients name themselves: PROXY headers (the dispatcher's path) or their
+    /// source address (`routing_key = "peer-ip"`: the kernel's path, each worker on its lanes).
+    mode: Mode,
 }
 
 /// What the workers are: the unit template the generator starts (`worker_unit`) and the
@@ -371,6 +380,7 @@ impl<'c> World<'c> {
                 .config
                 .replace(&from, &format!("worker_unit = \"{}\"", kind.template())),
             kind,
+            mode: self.mode,
         };
         w.restore();
         figure!(
@@ -390,11 +400,61 @@ impl<'c> World<'c> {
         w
     }
 
+    /// Seconds of faults in its soak unless STICKY_DISPATCH_CHAOS_SECS says: the PROXY run
+    /// with Rust workers is the long one; the others stay within CI's time.
+    fn soak_secs(&self) -> u64 {
+        match self.mode {
+            Mode::Peer => 60,
+            Mode::Proxy | Mode::Xff => self.kind.soak_secs(),
+        }
+    }
+
+    /// This world routed by the clients' source addresses (`routing_key = "peer-ip"`): the
+    /// generator writes the socket's lanes, and the dispatcher leaves the connections'
+    /// path to the kernel. Switched to: see [`World::restore`].
+    fn by_peer_ip(&self) -> World<'c> {
+        let from = "routing_key = \"proxy-protocol\"";
+        assert!(self.config.contains(from), "no {from:?} in the config");
+        let w = World {
+            c: self.c,
+            config: self.config.replace(from, "routing_key = \"peer-ip\""),
+            kind: self.kind,
+            mode: Mode::Peer,
+        };
+        w.restore();
+        let path =
+            w.c.ok(&["journalctl", "-u", SERVICE, "-n", "200", "-o", "cat"]);
+        let line = path
+            .lines()
+            .rev()
+            .find(|line| line.starts_with("listening"))
+            .unwrap_or("no `listening` line");
+        figure!("routing_key peer-ip: {line}");
+        assert!(line.contains("kernel path"), "{line}");
+        w
+    }
+
+    /// The clients of this world's mode.
+    fn clients(&self) -> Vec<Client> {
+        match self.mode {
+            Mode::Peer => clients()
+                .into_iter()
+                .map(|c| Client {
+                    key: c.source,
+                    source: c.source,
+                })
+                .collect(),
+            Mode::Proxy | Mode::Xff => clients(),
+        }
+    }
+
     /// Back to every unit running: after a scenario, whether it passed or not. Switches
     /// the kind of worker when the config in the container names another `worker_unit`:
     /// the generator makes the dispatcher want this kind's units (daemon-reload), the
     /// other kinds' units stop (they would bind the same @sticky-dispatch/N), and the
-    /// dispatcher restarts to start this kind's.
+    /// dispatcher restarts to start this kind's. A switch of the routing key changes the
+    /// socket's lanes (the generator writes them for `peer-ip` only): the socket unit
+    /// restarts too, with no worker holding an old lane.
     fn restore(&self) {
         let c = self.c;
         let all: Vec<String> = Kind::ALL
@@ -414,8 +474,17 @@ impl<'c> World<'c> {
         }
         c.run(&["systemctl", "reset-failed"]);
         let switch = c.ok(&["cat", CONFIG_PATH]) != self.config;
+        let lanes_change =
+            switch && routing_key(&c.ok(&["cat", CONFIG_PATH])) != routing_key(&self.config);
         c.write_file(CONFIG_PATH, &self.config);
-        if switch {
+        if lanes_change {
+            c.ok(&["systemctl", "daemon-reload"]);
+            let mut stop = vec!["systemctl", "stop", SERVICE];
+            stop.extend(all.iter().map(String::as_str));
+            c.ok(&stop);
+            c.ok(&["systemctl", "restart", "sticky-dispatch.socket"]);
+            c.ok(&["systemctl", "start", SERVICE]);
+        } else if switch {
             c.ok(&["systemctl", "daemon-reload"]);
             let mut stop = vec!["systemctl", "stop"];
             stop.extend(others.iter().map(String::as_str));
@@ -433,6 +502,13 @@ impl<'c> World<'c> {
     fn journal_since(&self, cursor: &str) -> Vec<Entry> {
         self.c.journal(&["-u", SERVICE, "--after-cursor", cursor])
     }
+}
+
+/// The `routing_key = ...` line of a config.
+fn routing_key(config: &str) -> Option<&str> {
+    config
+        .lines()
+        .find(|line| line.trim_start().starts_with("routing_key"))
 }
 
 /// The number before `label` in STATUS=, 0 if absent.
@@ -816,7 +892,9 @@ fn explain(record: &Record, events: &[Event]) -> Loss {
 /// while, in a random order from a printed seed, the dispatcher is killed (SIGKILL),
 /// restarted and reloaded, and workers are killed (SIGKILL), restarted, reloaded, and
 /// stopped for 2-8 s (below pending_timeout, 30 s). Every connection is counted. The
-/// workers are of the world's kind (sn and sp: Node and Python).
+/// workers are of the world's kind (sn and sp: Node and Python); sk routes by the
+/// clients' source addresses (`peer-ip`), on the kernel's path, where a dispatcher SIGKILL
+/// loses nothing.
 fn s_soak(w: &World) {
     use rand::{Rng, SeedableRng};
     let c = w.c;
@@ -832,7 +910,7 @@ fn s_soak(w: &World) {
     let secs: u64 = std::env::var("STICKY_DISPATCH_CHAOS_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(w.kind.soak_secs())
+        .unwrap_or(w.soak_secs())
         .min(600);
     let kind = w.kind;
     figure!(
@@ -849,9 +927,9 @@ fn s_soak(w: &World) {
     };
     figure!("worker reload: {reload_is}");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut plan = w.plan(Mode::Proxy);
+    let mut plan = w.plan(w.mode);
     plan.max_time = Duration::from_secs(secs + 120);
-    let load = plan.start(groups(&clients(), 4));
+    let load = plan.start(groups(&w.clients(), 4));
     load.wait_answered(200, PATIENCE);
 
     let began = Instant::now();
@@ -1065,14 +1143,18 @@ fn s_soak(w: &World) {
         })
         .count();
     let answered = records.iter().filter(|r| r.answer.is_ok()).count();
-    let bad = records.iter().filter(|r| misrouted(Mode::Proxy, r)).count();
+    let bad = records.iter().filter(|r| misrouted(w.mode, r)).count();
     let clients: std::collections::BTreeSet<Ipv4Addr> =
         records.iter().map(|r| r.client.key).collect();
     let n = |l: Loss| losses.get(&l).copied().unwrap_or(0);
     let count = |name: &str| faults.get(name).copied().unwrap_or(0);
+    let key = match w.mode {
+        Mode::Peer => "peer-ip (the kernel's path)",
+        Mode::Proxy | Mode::Xff => "proxy-protocol",
+    };
     figure!(
         "soak table ({kind:?} workers, seed {seed}, {elapsed:.0?}, 16 load threads, routing_key \
-         proxy-protocol; worker reload = {reload_is}):"
+         {key}; worker reload = {reload_is}):"
     );
     figure!("| faults | {faults:?} |");
     figure!(
@@ -1126,6 +1208,11 @@ fn s_soak(w: &World) {
     assert_eq!(bad, 0, "misrouted connections");
     assert_eq!(n(Loss::Waiting), 0, "waiting connections lost");
     assert_eq!(n(Loss::Unexplained), 0, "unexplained losses");
+    if w.mode == Mode::Peer {
+        // On the kernel's path no connection passes through the dispatcher: its SIGKILL
+        // cannot lose one.
+        assert_eq!(n(Loss::DispatcherKilled), 0, "lost at a dispatcher SIGKILL");
+    }
     // At most one connection per load thread is open at an instant.
     assert!(n(Loss::DispatcherKilled) <= 16 * count("dispatcher SIGKILL"));
     assert!(n(Loss::WorkerKilled) <= 4 * count("worker SIGKILL"));
@@ -1396,6 +1483,7 @@ fn unacknowledged_connections_survive_a_dispatcher_sigkill() {
         c: &container,
         config,
         kind: Kind::Rust,
+        mode: Mode::Proxy,
     };
     let c = w.c;
     c.ok(&["systemctl", "start", "sticky-dispatch.socket", SERVICE]);

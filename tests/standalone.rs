@@ -66,9 +66,11 @@ fn every_client_always_reaches_the_same_worker_on(test: &'static str, path: Opti
     assert!(status.success(), "dispatcher exit: {status}");
     // Every connection crossed the dispatcher on its path; none on the kernel's.
     let handed_off = if path.is_some() { 1000 } else { 0 };
-    dispatcher
-        .log
-        .wait_for(&["dispatcher stopped", &format!("handed_off={handed_off} ")]);
+    let stopped = dispatcher.log.wait_for(&["dispatcher stopped"]);
+    assert!(
+        stopped.contains(&format!("handed_off={handed_off} ")),
+        "{stopped}"
+    );
     assert_eq!(
         dispatcher.log.count(&["worker stopped", "exit status: 0"]),
         WORKERS as usize

@@ -945,13 +945,15 @@ fn l_stale_lane(w: &mut World) {
     c.ok(&["systemctl", "restart", "sticky-dispatch.socket"]);
     let outcomes = w.round("socket restarted beside a stale lane");
     let figures = w.tally(&outcomes);
-    let entries = c.journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor]);
-    let warning = entries
-        .iter()
-        .filter(|e| message(e).starts_with("dispatcher path for this listener"))
-        .filter_map(|e| structured(e, "WHY"))
-        .find(|why| why.contains("other socket(s) listen on"))
-        .map(str::to_owned);
+    // journald may write the dispatcher's start lines after the round's answers.
+    let warning = container::poll_within(common::PATIENCE, || {
+        c.journal(&["-u", "sticky-dispatch.service", "--after-cursor", &cursor])
+            .iter()
+            .filter(|e| message(e).starts_with("dispatcher path for this listener"))
+            .filter_map(|e| structured(e, "WHY"))
+            .find(|why| why.contains("other socket(s) listen on"))
+            .map(str::to_owned)
+    });
     let kernel = kernel_path_lines(c, Some(&cursor));
     let taken = stolen.load(std::sync::atomic::Ordering::Relaxed);
     figure!(

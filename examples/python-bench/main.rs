@@ -6,12 +6,15 @@
 //! cargo build --release --bins --example python-bench
 //! target/release/examples/python-bench --python target/python-venv/bin/python \
 //!     [--workers 4] [--concurrency 32] [--seconds 3] [--repeats 5] [--bin-dir target/release] \
-//!     [--setups dispatch,reuseport,nginx]
+//!     [--setups dispatch,dispatch-userspace,reuseport,nginx]
 //! ```
 //!
 //! Three set-ups, each with `--workers` copies of `examples/python-bench/app.py`:
 //!
-//! - **dispatch**: `sticky-dispatch --listen 127.0.0.1:0 --workers N -- python app.py`;
+//! - **dispatch**: `sticky-dispatch --listen 127.0.0.1:0 --workers N -- python app.py`
+//!   (the kernel's path: each worker accepts on its lanes);
+//! - **dispatch-userspace**: the same with `dispatch = "userspace"` (every connection
+//!   passed by the dispatcher);
 //! - **reuseport**: N `python app.py --direct ADDR` on one SO_REUSEPORT address;
 //! - **nginx**: nginx (`worker_processes auto`, `upstream { ip_hash; ... }`, the
 //!   python-socketio docs' proxy settings) in front of N `python app.py --direct` ports.
@@ -226,7 +229,10 @@ fn direct_workers(o: &Options, addrs: &[SocketAddr]) -> Vec<Proc> {
     procs
 }
 
-fn dispatch(o: &Options) -> Setup {
+/// sticky-dispatch standalone; `path`: its `dispatch` key (`auto`: the kernel's path for
+/// the peer address, each worker accepting on its lanes; `userspace`: every connection
+/// passed by the dispatcher).
+fn dispatch(o: &Options, path: &str) -> Setup {
     let dir = std::env::temp_dir().join(format!("python-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("empty.toml");
@@ -248,7 +254,8 @@ fn dispatch(o: &Options) -> Setup {
             "STICKY_DISPATCH_SOCKET_PREFIX",
             format!("python-bench/{}/", std::process::id()),
         )
-        .env("STICKY_DISPATCH_LOG_LEVEL", "info");
+        .env("STICKY_DISPATCH_LOG_LEVEL", "info")
+        .env("STICKY_DISPATCH_DISPATCH", path);
     let p = Proc::spawn(c);
     let line = p.wait_lines("address=", 1);
     let addr = line
@@ -262,7 +269,11 @@ fn dispatch(o: &Options) -> Setup {
         .unwrap();
     p.wait_lines("worker link up", o.workers as usize);
     Setup {
-        name: "sticky-dispatch",
+        name: if path == "userspace" {
+            "sticky-dispatch, dispatcher's path"
+        } else {
+            "sticky-dispatch"
+        },
         addr,
         middle: Some((p.pid(), false)),
         // The standalone dispatcher's children are the workers.
@@ -436,10 +447,13 @@ fn main() {
         .setups
         .iter()
         .map(|name| match name.as_str() {
-            "dispatch" => dispatch(&o),
+            "dispatch" => dispatch(&o, "auto"),
+            "dispatch-userspace" => dispatch(&o, "userspace"),
             "reuseport" => reuseport(&o),
             "nginx" => nginx(&o),
-            other => panic!("unknown set-up {other}: dispatch, reuseport or nginx"),
+            other => {
+                panic!("unknown set-up {other}: dispatch, dispatch-userspace, reuseport or nginx")
+            }
         })
         .collect();
     // For profiling one process while the runs go on (perf stat -p, strace -c -p).

@@ -63,10 +63,12 @@ impl Links {
                 Some(_) = tasks.join_next() => {}
             }
         }
+        // Free the name first: the dispatcher links again the moment our drained link ends,
+        // and a connect to a name still bound here would wait for a HELLO that never comes;
+        // a replacement worker may bind it at once.
+        drop(server);
         // Stop taking clients from the kernel: they wait on the lanes for the next process.
         self.lanes.close_all().await;
-        // Free the name now: a replacement worker may bind it as soon as we exit.
-        drop(server);
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         while tasks.join_next().await.is_some() {}
         debug!("all links closed");

@@ -629,16 +629,24 @@ pub fn message(entry: &Entry) -> &str {
 // Helpers
 
 /// Polls `check` every 50 ms until it gives a value; panics after PATIENCE.
-pub fn poll<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
+pub fn poll<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    poll_within(PATIENCE, check).unwrap_or_else(|| panic!("timed out waiting for {what}"))
+}
+
+/// Polls `check` every 50 ms until it gives a value, for at most `within`.
+pub fn poll_within<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
     loop {
         if let Some(value) = check() {
-            return value;
+            return Some(value);
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return None;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
 pub fn output_text(out: &Output) -> String {
     format!(
         "{}{}",
