@@ -104,6 +104,29 @@ function checkedAddress(value) {
   return Object.freeze({ address, port, family: version === 6 ? 'IPv6' : 'IPv4' });
 }
 
+/**
+ * The info of a connection the kernel routed to a lane: the socket's own addresses are the
+ * client's and the one it reached, read when first asked (getpeername and getsockname at
+ * every accept were a third of this path's cost per connection, and most apps never ask).
+ * A plain frozen object like the dispatcher's connections' info, its addresses getters.
+ */
+function laneConnectionInfo(socket, listener) {
+  let peer;
+  let local;
+  return Object.freeze({
+    seq: null,
+    get peer() {
+      if (peer === undefined) peer = checkedAddress({ address: socket.remoteAddress, port: socket.remotePort });
+      return peer;
+    },
+    get local() {
+      if (local === undefined) local = checkedAddress({ address: socket.localAddress, port: socket.localPort });
+      return local;
+    },
+    listener,
+  });
+}
+
 /** A getpeername/getsockname replacement reporting `addr`, with the handle's calling convention. */
 function reporting(addr) {
   return function getname(out) {
@@ -130,8 +153,10 @@ function presentAddresses(socket, peer, local) {
   if (local) handle.getsockname = reporting(local);
 }
 
-// Connection details by socket, for connectionInfo().
-const infoBySocket = new WeakMap();
+// Connection details on their socket, for connectionInfo(): a symbol-keyed property, not
+// a WeakMap, whose entries cost the garbage collector at every connection (measured on
+// the lanes' path, where nothing else is done per connection).
+const kInfo = Symbol('stickyDispatchInfo');
 
 /**
  * What the dispatcher said about the connection of `socket` ({seq, peer, local, listener}),
@@ -140,7 +165,7 @@ const infoBySocket = new WeakMap();
  */
 function connectionInfo(socket) {
   if (!socket || typeof socket !== 'object') return undefined;
-  return infoBySocket.get(socket) ?? (socket._parent ? infoBySocket.get(socket._parent) : undefined);
+  return socket[kInfo] ?? socket._parent?.[kInfo];
 }
 
 // --- The per-server handle --------------------------------------------------------------
@@ -561,7 +586,7 @@ class WorkerSession {
     const local = checkedAddress(msg.local);
     presentAddresses(socket, peer, local);
     const info = Object.freeze({ seq: msg.seq, peer, local, listener });
-    infoBySocket.set(socket, info);
+    socket[kInfo] = info;
     handToServer(sticky, socket, info);
   }
 
@@ -626,11 +651,8 @@ class WorkerSession {
       noServer(lane.listener, socket);
       return;
     }
-    // The socket's own addresses are the client's and the one it reached.
-    const peer = checkedAddress({ address: socket.remoteAddress, port: socket.remotePort });
-    const local = checkedAddress({ address: socket.localAddress, port: socket.localPort });
-    const info = Object.freeze({ seq: null, peer, local, listener: lane.listener });
-    infoBySocket.set(socket, info);
+    const info = laneConnectionInfo(socket, lane.listener);
+    socket[kInfo] = info;
     handToServer(sticky, socket, info);
   }
 
@@ -759,13 +781,22 @@ function handToServer(sticky, socket, info) {
   server._connections++;
   socket.server = server;
   sticky.sockets.add(socket);
-  socket.once('close', () => {
-    server._connections--;
-    sticky.sockets.delete(socket);
-    if (sticky.draining) sticky._session.drained(sticky);
-  });
+  socket[kSticky] = sticky;
+  socket.once('close', handedSocketClosed);
   sticky.emit('connection', socket, info);
   server.emit('connection', socket);
+}
+
+// The StickyServer a handed socket belongs to, for handedSocketClosed: one shared
+// listener rather than a closure per connection.
+const kSticky = Symbol('stickyDispatchServer');
+
+/** 'close' of a socket handToServer gave its server (`this`). */
+function handedSocketClosed() {
+  const sticky = this[kSticky];
+  sticky.server._connections--;
+  sticky.sockets.delete(this);
+  if (sticky.draining) sticky._session.drained(sticky);
 }
 
 /** Closes a connection for a listener no server takes. */
