@@ -121,6 +121,67 @@ impl LinkListener {
         })
     }
 
+    /// Adopts the listening link socket a parent process passed down as fd `raw` (the
+    /// worker launcher's, named by `STICKY_DISPATCH_LINK_FD`), once it is checked to be a
+    /// listening AF_UNIX `SOCK_SEQPACKET` socket bound to `@name`; it becomes close-on-exec
+    /// (the app's children do not inherit it) and non-blocking. A bad fd is left as it was.
+    pub fn inherited(raw: RawFd, name: &str) -> io::Result<LinkListener> {
+        let invalid = |why: String| io::Error::new(io::ErrorKind::InvalidInput, why);
+        if raw <= 2 {
+            return Err(invalid(format!(
+                "fd {raw} is a standard stream, not a socket"
+            )));
+        }
+        // SAFETY: F_GETFD reads the fd's flags and touches no memory; it only tells whether
+        // the number is open in this process.
+        if unsafe { nix::libc::fcntl(raw, nix::libc::F_GETFD) } < 0 {
+            return Err(invalid(format!("fd {raw} is not open")));
+        }
+        // SAFETY: the fd is open, and the process was given it to own: nothing else in it
+        // knows the number (the variable that named it is read once). If it is not what
+        // it should be, it is released again unclosed below.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let checked = (|| {
+            let kind = socket::getsockopt(&fd, sockopt::SockType)
+                .map_err(|err| invalid(format!("fd {raw} is not a socket ({err})")))?;
+            let bound = socket::getsockname::<UnixAddr>(fd.as_raw_fd()).ok();
+            let Some(bound) = bound.filter(|_| kind == SockType::SeqPacket) else {
+                return Err(invalid(format!(
+                    "fd {raw} is not an AF_UNIX SOCK_SEQPACKET socket"
+                )));
+            };
+            if bound.as_abstract() != Some(name.as_bytes()) {
+                let bound = match bound.as_abstract() {
+                    Some(other) => format!("@{}", String::from_utf8_lossy(other)),
+                    None => bound.to_string(),
+                };
+                return Err(invalid(format!(
+                    "fd {raw} is bound to {bound}, not to @{name} (another worker index or \
+                     socket_prefix?)"
+                )));
+            }
+            if !socket::getsockopt(&fd, sockopt::AcceptConn)? {
+                return Err(invalid(format!("fd {raw} (@{name}) is not listening")));
+            }
+            nix::fcntl::fcntl(
+                &fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+            )?;
+            let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)?;
+            let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+            Ok(())
+        })();
+        if let Err(err) = checked {
+            // Not ours to close: whatever it is, it stays as it was.
+            let _ = std::os::fd::IntoRawFd::into_raw_fd(fd);
+            return Err(err);
+        }
+        Ok(LinkListener {
+            fd: register(fd, Interest::READABLE)?,
+        })
+    }
+
     /// Waits for the next peer to connect.
     pub async fn accept(&self) -> io::Result<LinkStream> {
         let fd = self
@@ -364,6 +425,12 @@ pub fn is_absent(err: &io::Error) -> bool {
     )
 }
 
+impl AsFd for LinkListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}
+
 impl AsFd for LinkStream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
@@ -373,6 +440,43 @@ impl AsFd for LinkStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker launcher's listening socket is taken by number once checked: the name
+    /// must match and it must listen; a bad one stays open, as it was.
+    #[tokio::test]
+    async fn an_inherited_listener_is_checked_before_it_is_adopted() {
+        use std::os::fd::IntoRawFd;
+        let name = format!("sticky-dispatch-unit/{}/inherited/0", std::process::id());
+        let launcher = LinkListener::bind(&name).unwrap();
+        let copy = launcher.as_fd().try_clone_to_owned().unwrap().into_raw_fd();
+        let wrong = LinkListener::inherited(copy, "another/0").unwrap_err();
+        assert!(
+            wrong
+                .to_string()
+                .contains(&format!("bound to @{name}, not to @another/0")),
+            "{wrong}"
+        );
+        let worker = LinkListener::inherited(copy, &name).unwrap();
+        let flags = nix::fcntl::fcntl(worker.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert!(
+            nix::fcntl::FdFlag::from_bits_retain(flags).contains(nix::fcntl::FdFlag::FD_CLOEXEC)
+        );
+        let _dispatcher = LinkStream::connect(&name).unwrap();
+        worker.accept().await.unwrap();
+        drop(worker);
+        // The launcher's copy still holds the name.
+        let _again = LinkStream::connect(&name).unwrap();
+
+        let quiet = claim(&format!("{name}/quiet")).unwrap();
+        let not_listening = LinkListener::inherited(quiet.as_raw_fd(), &format!("{name}/quiet"));
+        assert!(not_listening
+            .unwrap_err()
+            .to_string()
+            .contains("is not listening"));
+        nix::fcntl::fcntl(&quiet, nix::fcntl::FcntlArg::F_GETFD).expect("left open");
+        let stdout = LinkListener::inherited(1, &name).unwrap_err();
+        assert!(stdout.to_string().contains("standard stream"), "{stdout}");
+    }
 
     #[test]
     fn only_a_lack_of_resources_pauses_accepting() {

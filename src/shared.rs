@@ -199,6 +199,7 @@ mod tests {
                 "index": crate::worker::INDEX_ENV,
                 "socket_prefix": crate::worker::SOCKET_PREFIX_ENV,
                 "dispatcher_users": crate::worker::DISPATCHER_USERS_ENV,
+                "link_fd": crate::worker::LINK_FD_ENV,
             },
             "default_socket_prefix": DEFAULT_SOCKET_PREFIX,
             "hello_timeout_ms": ms(HELLO_TIMEOUT),

@@ -12,6 +12,9 @@ from typing import Optional
 INDEX_ENV = "STICKY_DISPATCH_INDEX"
 SOCKET_PREFIX_ENV = "STICKY_DISPATCH_SOCKET_PREFIX"
 DISPATCHER_USERS_ENV = "STICKY_DISPATCH_DISPATCHER_USERS"
+# The link socket, listening, as an inherited fd: `sticky-dispatch worker-launcher` holds
+# the name across reloads and passes each process it starts a copy.
+LINK_FD_ENV = "STICKY_DISPATCH_LINK_FD"
 DEFAULT_SOCKET_PREFIX = "sticky-dispatch/"
 
 

@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional, Protocol
 
 from . import wire
 from .notify import notify
-from .options import SOCKET_PREFIX_ENV, WorkerOptions
+from .options import LINK_FD_ENV, SOCKET_PREFIX_ENV, ConfigError, WorkerOptions
 
 log = logging.getLogger("sticky_dispatch")
 
@@ -137,6 +137,56 @@ class LinkSocketInUse(OSError):
     worker with this index is running, or another app uses the same socket prefix."""
 
 
+def take_inherited_link(name: str) -> Optional[socket.socket]:
+    """The listening link socket a worker launcher passed, as the fd named by
+    ``STICKY_DISPATCH_LINK_FD``, or None without one. The variable is removed from the
+    environment (the app's own children must not take the number for theirs), and the
+    socket is checked to be a listening AF_UNIX ``SOCK_SEQPACKET`` socket bound to
+    ``@name`` (:class:`ConfigError` otherwise; the fd is then left as it was). It becomes
+    non-inheritable and non-blocking; closing it closes only this process's copy: the
+    launcher keeps the name."""
+    text = os.environ.pop(LINK_FD_ENV, None)
+    if text is None:
+        return None
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(
+            f"the link socket passed in {LINK_FD_ENV} cannot serve as @{name}: {why}"
+        )
+
+    try:
+        fd = int(text.strip())
+    except ValueError:
+        raise refuse(f"{text!r} is not a file descriptor number") from None
+    if fd <= 2:
+        raise refuse(f"fd {fd} is a standard stream, not a socket")
+    try:
+        os.fstat(fd)
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        raise refuse(f"fd {fd} is not an open socket ({err.strerror})") from None
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
+            raise refuse(f"fd {fd} is not an AF_UNIX SOCK_SEQPACKET socket")
+        bound = sock.getsockname()
+        if isinstance(bound, str):
+            bound = bound.encode()
+        if bound != b"\0" + name.encode():
+            shown = "@" + bound[1:].decode(errors="replace") if bound[:1] == b"\0" else repr(bound)
+            raise refuse(
+                f"fd {fd} is bound to {shown}, not to @{name} "
+                "(another worker index or socket_prefix?)"
+            )
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise refuse(f"fd {fd} (@{name}) is not listening")
+    except BaseException:
+        sock.detach()  # not ours to close
+        raise
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
+
+
 class _End:
     """Put in the queue once every link has ended: iteration stops there."""
 
@@ -185,12 +235,29 @@ class Worker:
     async def start(self) -> None:
         """Binds ``@<prefix><index>`` and starts taking links; sends ``READY=1`` unless
         constructed with ``notify_ready=False``. Raises OSError if the name is taken
-        (another worker with this index is running)."""
+        (another worker with this index is running). Under ``sticky-dispatch
+        worker-launcher`` (``STICKY_DISPATCH_LINK_FD`` set) takes the listening socket it
+        passed instead (:func:`take_inherited_link`)."""
         if self._listener is not None:
             return
         loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue(ACCEPT_QUEUE)
         self._drained = asyncio.Event()
+        listener = take_inherited_link(self.options.socket_name)
+        if listener is None:
+            listener = self._bind()
+        self._listener = listener
+        self._lanes = _LaneSet(self._deliver_accepted, self._has_room, self._wake_all)
+        for sig in self._drain_signals:
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self._no_dispatcher = loop.call_later(NO_DISPATCHER_NOTICE, self._say_no_dispatcher)
+        self._links = loop.create_task(self._serve_links(listener))
+        log.info("worker ready index=%d socket=@%s", self.index, self.options.socket_name)
+        if self._notify_ready:
+            self.notify_ready()
+
+    def _bind(self) -> socket.socket:
+        """Binds and listens on ``@<prefix><index>``."""
         listener = socket.socket(
             socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
         )
@@ -209,15 +276,7 @@ class Worker:
                     f"in the dispatcher's config, {SOCKET_PREFIX_ENV} for its workers)",
                 ) from err
             raise OSError(err.errno, f"could not bind the link socket @{name}: {err}") from err
-        self._listener = listener
-        self._lanes = _LaneSet(self._deliver_accepted, self._has_room, self._wake_all)
-        for sig in self._drain_signals:
-            loop.add_signal_handler(sig, self._on_signal, sig)
-        self._no_dispatcher = loop.call_later(NO_DISPATCHER_NOTICE, self._say_no_dispatcher)
-        self._links = loop.create_task(self._serve_links(listener))
-        log.info("worker ready index=%d socket=@%s", self.index, self.options.socket_name)
-        if self._notify_ready:
-            self.notify_ready()
+        return listener
 
     def _say_no_dispatcher(self) -> None:
         command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))

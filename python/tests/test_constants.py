@@ -26,6 +26,7 @@ COPIES: dict[str, tuple[list[str], Callable[[Any], Any]]] = {
     "env.index": (["sticky_dispatch.options.INDEX_ENV"], _same),
     "env.socket_prefix": (["sticky_dispatch.options.SOCKET_PREFIX_ENV"], _same),
     "env.dispatcher_users": (["sticky_dispatch.options.DISPATCHER_USERS_ENV"], _same),
+    "env.link_fd": (["sticky_dispatch.options.LINK_FD_ENV"], _same),
     "default_socket_prefix": (["sticky_dispatch.options.DEFAULT_SOCKET_PREFIX"], _same),
     "hello_timeout_ms": (["sticky_dispatch.worker.HELLO_TIMEOUT"], _seconds),
     "drain_answer_timeout_ms": (["sticky_dispatch.worker.DRAIN_ANSWER_TIMEOUT"], _seconds),

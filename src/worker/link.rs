@@ -31,7 +31,7 @@
 
 use std::collections::HashSet;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::unistd::Uid;
@@ -69,22 +69,38 @@ pub struct LinkServer {
 impl LinkServer {
     /// Binds `@<socket_prefix><index>`. Fails with [`WorkerError::InUse`] if another
     /// process holds the name (another instance of this worker).
+    ///
+    /// Under `sticky-dispatch worker-launcher` ([`LINK_FD_ENV`](super::LINK_FD_ENV) set),
+    /// takes the listening socket the launcher passed instead, once it is checked to be
+    /// `@<socket_prefix><index>` listening ([`WorkerError::Inherited`] otherwise): the
+    /// launcher keeps the name while it replaces this process, and dropping the server
+    /// closes only this process's copy.
     pub fn bind(options: &WorkerOptions) -> Result<LinkServer, WorkerError> {
         let name = link_socket_name(&options.socket_prefix, options.index);
-        let listener = LinkListener::bind(&name).map_err(|source| {
-            if source.kind() == io::ErrorKind::AddrInUse {
-                WorkerError::InUse {
+        let inherited = take_inherited_fd().map(|fd| {
+            fd.and_then(|raw| LinkListener::inherited(raw, &name).map_err(|err| err.to_string()))
+                .map_err(|why| WorkerError::Inherited {
                     name: name.clone(),
-                    prefix: options.socket_prefix.clone(),
-                    index: options.index,
+                    why,
+                })
+        });
+        let listener = match inherited {
+            Some(listener) => listener?,
+            None => LinkListener::bind(&name).map_err(|source| {
+                if source.kind() == io::ErrorKind::AddrInUse {
+                    WorkerError::InUse {
+                        name: name.clone(),
+                        prefix: options.socket_prefix.clone(),
+                        index: options.index,
+                    }
+                } else {
+                    WorkerError::Bind {
+                        name: name.clone(),
+                        source,
+                    }
                 }
-            } else {
-                WorkerError::Bind {
-                    name: name.clone(),
-                    source,
-                }
-            }
-        })?;
+            })?,
+        };
         Ok(LinkServer {
             listener,
             index: options.index,
@@ -139,6 +155,44 @@ impl LinkServer {
             }
         }
     }
+}
+
+/// The listening socket itself: the worker launcher passes copies of it to the processes
+/// it starts.
+impl AsFd for LinkServer {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+}
+
+/// The fd named by [`LINK_FD_ENV`](super::LINK_FD_ENV), or why its value is no fd number:
+/// read once, then taken by the first [`LinkServer::bind`].
+static INHERITED_FD: std::sync::Mutex<Option<Result<RawFd, String>>> = std::sync::Mutex::new(None);
+
+/// Reads [`LINK_FD_ENV`](super::LINK_FD_ENV) and unsets it, at the first call only (from
+/// [`WorkerOptions::from_env`], else the first [`LinkServer::bind`]): the app's own
+/// children must not take the number for a link socket of theirs.
+pub(super) fn read_inherited_fd() {
+    static READ: std::sync::Once = std::sync::Once::new();
+    READ.call_once(|| {
+        let Some(text) = std::env::var_os(super::LINK_FD_ENV) else {
+            return;
+        };
+        std::env::remove_var(super::LINK_FD_ENV);
+        let fd = text
+            .to_str()
+            .and_then(|text| text.trim().parse::<RawFd>().ok())
+            .ok_or_else(|| format!("{text:?} is not a file descriptor number"));
+        *INHERITED_FD.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
+    });
+}
+
+fn take_inherited_fd() -> Option<Result<RawFd, String>> {
+    read_inherited_fd();
+    INHERITED_FD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
 }
 
 impl LinkServer {

@@ -56,6 +56,11 @@ pub const SOCKET_PREFIX_ENV: &str = "STICKY_DISPATCH_SOCKET_PREFIX";
 /// uids, separated by commas or spaces); same meaning as the `dispatcher_users` key.
 pub const DISPATCHER_USERS_ENV: &str = "STICKY_DISPATCH_DISPATCHER_USERS";
 pub use crate::shared::DEFAULT_SOCKET_PREFIX;
+/// Environment variable naming an inherited fd that is this worker's link socket, bound
+/// and listening: `sticky-dispatch worker-launcher` holds the name across reloads and
+/// passes each process it starts a copy. The library then uses it instead of binding
+/// (and unsets the variable, so the app's own children do not take it for theirs).
+pub const LINK_FD_ENV: &str = "STICKY_DISPATCH_LINK_FD";
 
 /// Connections received but not yet taken by `accept()`. Beyond it the link stops reading,
 /// so the dispatcher keeps holding (and can re-send) what the app has not taken.
@@ -89,8 +94,8 @@ pub struct WorkerListener {
 }
 
 impl WorkerListener {
-    /// Binds this worker's link socket with options from the environment, then tells
-    /// systemd `READY=1`.
+    /// Binds this worker's link socket with options from the environment (or takes the one
+    /// a worker launcher passed, [`LINK_FD_ENV`]), then tells systemd `READY=1`.
     pub async fn bind() -> Result<WorkerListener, WorkerError> {
         WorkerListener::bind_with(WorkerOptions::from_env()?).await
     }

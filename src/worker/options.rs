@@ -5,7 +5,7 @@ use std::io;
 
 use nix::unistd::Uid;
 
-use super::{DISPATCHER_USERS_ENV, INDEX_ENV, SOCKET_PREFIX_ENV};
+use super::{DISPATCHER_USERS_ENV, INDEX_ENV, LINK_FD_ENV, SOCKET_PREFIX_ENV};
 use crate::shared::{self, UserError, DEFAULT_SOCKET_PREFIX};
 
 /// Why a worker could not start.
@@ -35,6 +35,14 @@ pub enum WorkerError {
         /// The worker index.
         index: u32,
     },
+    /// The link socket a worker launcher passed ([`LINK_FD_ENV`]) cannot be used.
+    #[error("the link socket passed in {LINK_FD_ENV} cannot serve as @{name}: {why}")]
+    Inherited {
+        /// The abstract socket name expected.
+        name: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Any other failure to bind the link socket.
     #[error("could not bind the link socket @{name}")]
     Bind {
@@ -63,7 +71,11 @@ pub struct WorkerOptions {
 impl WorkerOptions {
     /// Options from the environment: the index from `STICKY_DISPATCH_INDEX`, else the
     /// systemd unit's instance name; prefix and users from their variables or defaults.
+    /// Also reads (and unsets) [`LINK_FD_ENV`], for [`LinkServer::bind`](super::link::LinkServer::bind).
     pub fn from_env() -> Result<WorkerOptions, WorkerError> {
+        // Taken now, with the rest of the environment: the variable goes before the app
+        // can start children.
+        super::link::read_inherited_fd();
         let index = match std::env::var(INDEX_ENV) {
             Ok(text) => text
                 .trim()
