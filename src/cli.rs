@@ -79,13 +79,9 @@ pub enum Action {
         /// dead (killed; the dispatcher re-sends what it had not acknowledged)
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
         ack_timeout: std::time::Duration,
-        /// How long a reload's new Node process may take to say it is ready; then the
-        /// reload fails and the old process keeps serving
-        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
-        start_timeout: std::time::Duration,
-        /// How long Node may take to exit once told to drain; then SIGKILL
-        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
-        stop_timeout: std::time::Duration,
+        /// --start-timeout and --stop-timeout
+        #[command(flatten)]
+        timeouts: ProcessTimeouts,
         /// The Node.js command and its arguments
         #[arg(
             required = true,
@@ -95,14 +91,44 @@ pub enum Action {
         )]
         command: Vec<OsString>,
     },
-    /// Reload Node worker N in place (the Node unit's ExecReload=): its bridge starts a new
-    /// Node process and retires the old one once the new one is ready. Prints the outcome;
-    /// exit status 1 when the new process failed (the old one keeps serving) or no bridge
-    /// answers
+    /// Be worker N for an app that uses the Rust or Python worker library: hold the link
+    /// socket and run COMMAND (e.g. `sticky-dispatch-demo`) with a copy of it, so that the
+    /// worker can reload in place (SIGHUP or reload-worker N): a new process starts, and
+    /// the old one drains once the new one is ready (docs/operations.md)
+    WorkerLauncher {
+        /// --start-timeout and --stop-timeout
+        #[command(flatten)]
+        timeouts: ProcessTimeouts,
+        /// The worker's command and its arguments
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Reload worker N in place (the unit's ExecReload=): its node-worker bridge or
+    /// worker-launcher starts a new process and retires the old one once the new one is
+    /// ready. Prints the outcome; exit status 1 when the new process failed (the old one
+    /// keeps serving) or nothing answers
     ReloadWorker {
         /// The worker index [default: STICKY_DISPATCH_INDEX, else the unit's instance name]
         index: Option<u32>,
     },
+}
+
+/// How long node-worker and worker-launcher wait for the processes they start.
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct ProcessTimeouts {
+    /// How long a reload's new process may take to say it is ready; then the reload fails
+    /// (the new process is killed) and the old process keeps serving
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub start_timeout: std::time::Duration,
+    /// How long a process may take to exit once told to stop (SIGTERM: it drains); then
+    /// SIGKILL
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub stop_timeout: std::time::Duration,
 }
 
 impl Cli {
@@ -129,9 +155,32 @@ mod tests {
     fn the_bridge_stop_timeout_outlasts_the_apps_drain() {
         let cli = Cli::try_parse_from(["sticky-dispatch", "node-worker", "--", "node", "app.js"])
             .unwrap();
-        let Some(Action::NodeWorker { stop_timeout, .. }) = cli.action else {
+        let Some(Action::NodeWorker { timeouts, .. }) = cli.action else {
             panic!("parsed as {:?}", cli.action);
         };
-        assert!(stop_timeout > crate::shared::APP_DRAIN_TIMEOUT);
+        assert!(timeouts.stop_timeout > crate::shared::APP_DRAIN_TIMEOUT);
+    }
+
+    /// The launcher takes the same timeouts as the bridge, and everything after `--` is the
+    /// worker's command, its flags included.
+    #[test]
+    fn the_launcher_takes_the_bridges_timeouts_and_a_command() {
+        let cli = Cli::try_parse_from([
+            "sticky-dispatch",
+            "worker-launcher",
+            "--start-timeout",
+            "5s",
+            "--",
+            "app",
+            "--stop-timeout",
+            "1s",
+        ])
+        .unwrap();
+        let Some(Action::WorkerLauncher { timeouts, command }) = cli.action else {
+            panic!("parsed as {:?}", cli.action);
+        };
+        assert_eq!(timeouts.start_timeout, std::time::Duration::from_secs(5));
+        assert!(timeouts.stop_timeout > crate::shared::APP_DRAIN_TIMEOUT);
+        assert_eq!(command, ["app", "--stop-timeout", "1s"]);
     }
 }

@@ -19,8 +19,8 @@
 //!   parsing, the HELLO exchange, the link's error type, the shared timeouts.
 //! - [`wire`] — the hand-off link's message format (pure encode/decode).
 //! - [`link`] — the link's socket: abstract `SOCK_SEQPACKET`, SCM_RIGHTS, SO_PEERCRED;
-//!   most of the crate's `unsafe` (the rest, at each spawn, is in `supervisor` and
-//!   `node_bridge`, each block with its SAFETY note).
+//!   most of the crate's `unsafe` (the rest, at each spawn, is in `supervisor`,
+//!   `node_bridge` and `launcher`, each block with its SAFETY note).
 //! - `dispatcher` — accept loops, one slot per worker (queue, link, acknowledgements),
 //!   shared state and routing, metrics, the `/metrics` and `/health` listener, sd_notify
 //!   status, graceful shutdown, the fd store.
@@ -35,6 +35,10 @@
 //! - `node_bridge` — `sticky-dispatch node-worker -- node app.js`: starts Node with its
 //!   IPC channel and passes that channel to the dispatcher, which hands each connection
 //!   to Node directly; `node_ipc` — the lines of Node's IPC dialect.
+//! - `launcher` — `sticky-dispatch worker-launcher -- COMMAND`: holds a worker's link
+//!   socket and runs COMMAND (a Rust or Python worker) with a copy of it, so that the
+//!   worker reloads in place; `reload` — the reload socket and `reload-worker`, for the
+//!   launcher and the Node bridge.
 //! - `sock_diag` — the TCP sockets listening on the host (netlink), to check a lane group
 //!   and read its queues.
 //! - `logging` — journald when under systemd, stderr otherwise.
@@ -53,6 +57,8 @@ pub mod config;
 pub mod dispatcher;
 #[cfg(feature = "dispatcher")]
 pub mod keysource;
+#[cfg(feature = "dispatcher")]
+pub mod launcher;
 pub mod link;
 #[cfg(feature = "dispatcher")]
 pub mod logging;
@@ -62,6 +68,8 @@ pub mod manual;
 pub mod node_bridge;
 #[cfg(feature = "dispatcher")]
 pub mod node_ipc;
+#[cfg(feature = "dispatcher")]
+pub mod reload;
 #[cfg(feature = "dispatcher")]
 pub mod routing;
 pub mod shared;

@@ -21,25 +21,33 @@ const METRICS_SOCKET: &str = "metrics";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Action::NodeWorker {
-        command,
-        ack_timeout,
-        start_timeout,
-        stop_timeout,
-    }) = &cli.action
-    {
+    if let Some(Action::NodeWorker { .. } | Action::WorkerLauncher { .. }) = &cli.action {
         if !cli.listen.is_empty() || cli.workers.is_some() || !cli.metrics_listen.is_empty() {
+            let which = match cli.action {
+                Some(Action::NodeWorker { .. }) => "node-worker",
+                _ => "worker-launcher",
+            };
             eprintln!(
-                "sticky-dispatch node-worker: --listen, --workers and --metrics-listen are the \
-                 dispatcher's: the bridge is one worker, whose index comes from \
+                "sticky-dispatch {which}: --listen, --workers and --metrics-listen are the \
+                 dispatcher's: this is one worker, whose index comes from \
                  STICKY_DISPATCH_INDEX or its unit's instance name"
             );
             return ExitCode::from(EX_CONFIG);
         }
+    }
+    if let Some(Action::WorkerLauncher { command, timeouts }) = &cli.action {
+        return sticky_dispatch::launcher::main(command.clone(), *timeouts, cli.log_level.clone());
+    }
+    if let Some(Action::NodeWorker {
+        command,
+        ack_timeout,
+        timeouts,
+    }) = &cli.action
+    {
         let timeouts = sticky_dispatch::node_bridge::Timeouts {
             ack: *ack_timeout,
-            start: *start_timeout,
-            stop: *stop_timeout,
+            start: timeouts.start_timeout,
+            stop: timeouts.stop_timeout,
         };
         return sticky_dispatch::node_bridge::main(
             command.clone(),
@@ -52,7 +60,7 @@ fn main() -> ExitCode {
         if let Some(index) = index {
             std::env::set_var(sticky_dispatch::worker::INDEX_ENV, index.to_string());
         }
-        return sticky_dispatch::node_bridge::reload_worker();
+        return sticky_dispatch::reload::reload_worker();
     }
     // Before any thread exists: reading the systemd variables also unsets them.
     let systemd_sockets = take_systemd_sockets();

@@ -18,7 +18,7 @@
 //! - the link socket is bound, and `READY=1` sent, only when the app says
 //!   `{"stickyDispatch":"ready"}` (it called `listen(server)`): until then connections
 //!   wait at the dispatcher, and `systemctl start app@3` waits for the app. The reload
-//!   socket `@<prefix><index>/reload` ([`reload`]) is bound with it;
+//!   socket `@<prefix><index>/reload` ([`crate::reload`]) is bound with it;
 //! - one dispatcher at a time has the channel; when its link closes (it stopped or
 //!   crashed) the bridge keeps the channel open and passes it to the next dispatcher,
 //!   which first syncs with Node (so it skips what its predecessor left unread). A link
@@ -56,8 +56,7 @@
 //!   dispatcher re-sends what was not acknowledged.
 
 mod channel;
-mod node;
-pub mod reload;
+pub(crate) mod node;
 
 use std::ffi::OsString;
 use std::future::Future;
@@ -76,9 +75,9 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use self::channel::NodeChannel;
-pub use self::reload::reload_worker;
 // A missing or bad index is a configuration error: EX_CONFIG, not restarted by the units.
 use crate::link::LinkStream;
+use crate::reload;
 use crate::shared::{LinkError, EX_CONFIG};
 use crate::worker::link::{AdmittedLink, LinkServer};
 use crate::worker::WorkerOptions;

@@ -23,15 +23,15 @@ const PRIVATE_ENV: [&str; 4] = [
 /// Why COMMAND could not be started, with the exit status a shell would give.
 #[derive(Debug, thiserror::Error)]
 #[error("could not start {program}: {source}")]
-pub(super) struct SpawnError {
-    program: String,
-    source: io::Error,
+pub(crate) struct SpawnError {
+    pub(crate) program: String,
+    pub(crate) source: io::Error,
 }
 
 impl SpawnError {
     /// 127 for a command that is not there, 126 for one that cannot be executed, as POSIX
     /// shells exit.
-    pub(super) fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self.source.kind() {
             io::ErrorKind::NotFound => 127,
             _ => 126,
@@ -89,8 +89,8 @@ pub(super) fn spawn(
 
 /// Exits the way Node did: its exit code, or killed by the same signal (re-raised on the
 /// bridge, without a core file: Node's crash is Node's) so that systemd sees a crash as a
-/// crash. Returns only for an exit code, or a signal that did not kill us.
-pub(super) fn exit_like(status: ExitStatus) -> ExitCode {
+/// crash. The worker launcher ends the same way as its worker. Returns only for an exit code, or a signal that did not kill us.
+pub(crate) fn exit_like(status: ExitStatus) -> ExitCode {
     if let Some(code) = status.code() {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }

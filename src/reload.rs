@@ -1,10 +1,12 @@
 //! The reload socket, `@<socket_prefix><index>/reload`: how `sticky-dispatch reload-worker
-//! N` (the Node unit's `ExecReload=`) asks worker N's bridge to reload, and learns whether
-//! the new Node process came up, so that `systemctl reload node-app@N` fails when it did
+//! N` (a unit's `ExecReload=`) asks worker N's parent process — the Node bridge
+//! (`node-worker`) or the worker launcher (`worker-launcher`) — to reload, and learns
+//! whether the new process came up, so that `systemctl reload app@N` fails when it did
 //! not. `SOCK_SEQPACKET` in the abstract namespace, like the link; one request
-//! ([`REQUEST`]), one answer: `reloaded: node pid P ready`, or `reload failed: WHY`. The
-//! bridge binds it while it serves, and answers only a process of its own uid or root
-//! (SO_PEERCRED).
+//! ([`REQUEST`]), one answer: `reloaded: ... pid P ready`, or `reload failed: WHY`. The
+//! parent binds it while it serves, and answers only a process of its own uid or root
+//! (SO_PEERCRED). One implementation for both parents: they differ only in what a reload
+//! does.
 
 use std::io;
 use std::process::ExitCode;
@@ -25,11 +27,11 @@ const RELOADED: &str = "reloaded: ";
 const MAX_ANSWER: usize = 4096;
 
 /// A reload's outcome: what to print (`reloaded: ...`), or why it failed.
-pub(super) type Answer = Result<String, String>;
+pub(crate) type Answer = Result<String, String>;
 
-/// A reload asked over the socket, for the bridge to answer.
-pub(super) struct Request {
-    pub(super) answer: oneshot::Sender<Answer>,
+/// A reload asked over the socket, for the parent process to answer.
+pub(crate) struct Request {
+    pub(crate) answer: oneshot::Sender<Answer>,
 }
 
 /// The reload socket of worker `index` (without the '@').
@@ -37,15 +39,15 @@ pub fn socket_name(prefix: &str, index: u32) -> String {
     format!("{}/reload", link_socket_name(prefix, index))
 }
 
-/// The bridge's bound reload socket; the name is freed when it is dropped.
-pub(super) struct Control {
+/// The parent's bound reload socket; the name is freed when it is dropped.
+pub(crate) struct Control {
     listener: LinkListener,
-    /// Who may ask: the bridge's own uid (the unit's `ExecReload=` runs as its `User=`).
+    /// Who may ask: the parent's own uid (the unit's `ExecReload=` runs as its `User=`).
     uid: Uid,
 }
 
 impl Control {
-    pub(super) fn bind(options: &WorkerOptions) -> io::Result<Control> {
+    pub(crate) fn bind(options: &WorkerOptions) -> io::Result<Control> {
         let listener = LinkListener::bind(&socket_name(&options.socket_prefix, options.index))?;
         Ok(Control {
             listener,
@@ -55,7 +57,7 @@ impl Control {
 
     /// Waits for the next connection from an allowed process; others are refused (closed,
     /// and logged). Cancel-safe.
-    pub(super) async fn accept(&self) -> io::Result<LinkStream> {
+    pub(crate) async fn accept(&self) -> io::Result<LinkStream> {
         loop {
             let stream = self.listener.accept().await?;
             match stream.peer_cred() {
@@ -74,8 +76,8 @@ impl Control {
 }
 
 /// Serves one connection to the reload socket in a task of its own: reads the request,
-/// passes it to the bridge through `requests`, and sends the bridge's answer back.
-pub(super) fn serve(stream: LinkStream, requests: mpsc::UnboundedSender<Request>) {
+/// passes it to the parent through `requests`, and sends the parent's answer back.
+pub(crate) fn serve(stream: LinkStream, requests: mpsc::UnboundedSender<Request>) {
     tokio::spawn(async move {
         let mut buf = [0u8; 64];
         let asked = tokio::time::timeout(HELLO_TIMEOUT, stream.recv(&mut buf)).await;
@@ -90,7 +92,7 @@ pub(super) fn serve(stream: LinkStream, requests: mpsc::UnboundedSender<Request>
         let text = match outcome.await {
             Ok(Ok(reloaded)) => reloaded,
             Ok(Err(why)) => format!("reload failed: {why}"),
-            Err(_) => "reload failed: the bridge stopped".to_owned(),
+            Err(_) => "reload failed: the worker stopped".to_owned(),
         };
         let mut end = text.len().min(MAX_ANSWER);
         while !text.is_char_boundary(end) {
@@ -102,9 +104,9 @@ pub(super) fn serve(stream: LinkStream, requests: mpsc::UnboundedSender<Request>
     });
 }
 
-/// `sticky-dispatch reload-worker [INDEX]`: asks worker INDEX's bridge (from
+/// `sticky-dispatch reload-worker [INDEX]`: asks worker INDEX's parent process (from
 /// `STICKY_DISPATCH_INDEX`, set from the argument by the caller, else the unit's instance
-/// name) to reload, and waits for the outcome: printed, exit 0 when the new Node process is
+/// name) to reload, and waits for the outcome: printed, exit 0 when the new process is
 /// ready; 1 when the reload failed or nothing answers.
 pub fn reload_worker() -> ExitCode {
     let options = match WorkerOptions::from_env() {
@@ -140,8 +142,9 @@ pub fn reload_worker() -> ExitCode {
         Err(err) if link::is_absent(&err) => {
             eprintln!(
                 "sticky-dispatch reload-worker: nothing listens on @{name}: worker {} is not \
-                 a running node-worker bridge that is ready (or it runs with another \
-                 socket_prefix: set STICKY_DISPATCH_SOCKET_PREFIX as for the worker)",
+                 a running node-worker or worker-launcher that is ready (a worker run \
+                 directly cannot reload in place; or it runs with another socket_prefix: \
+                 set STICKY_DISPATCH_SOCKET_PREFIX as for the worker)",
                 options.index
             );
             ExitCode::FAILURE
@@ -153,7 +156,7 @@ pub fn reload_worker() -> ExitCode {
     }
 }
 
-/// Sends the request to `@name` and waits for the answer: the bridge gives one within its
+/// Sends the request to `@name` and waits for the answer: the parent gives one within its
 /// `--start-timeout`.
 async fn ask(name: &str) -> io::Result<String> {
     let stream = LinkStream::connect(name)?;
@@ -161,7 +164,7 @@ async fn ask(name: &str) -> io::Result<String> {
     let mut buf = vec![0u8; MAX_ANSWER];
     let received = stream.recv(&mut buf).await?;
     if received.len == 0 {
-        return Ok("reload failed: the bridge closed the reload socket without an answer (it stopped or crashed)".to_owned());
+        return Ok("reload failed: the worker closed the reload socket without an answer (it stopped or crashed)".to_owned());
     }
     Ok(String::from_utf8_lossy(&buf[..received.len]).into_owned())
 }
@@ -178,10 +181,10 @@ mod tests {
         );
     }
 
-    /// A request over the socket reaches the bridge's side, and its answer, success or
+    /// A request over the socket reaches the parent's side, and its answer, success or
     /// failure, comes back to the asker.
     #[tokio::test]
-    async fn a_request_is_answered_with_the_bridges_outcome() {
+    async fn a_request_is_answered_with_the_parents_outcome() {
         let options = WorkerOptions {
             index: 7,
             socket_prefix: format!("sticky-dispatch-unit/{}/reload/", std::process::id()),
@@ -192,7 +195,7 @@ mod tests {
         assert!(link::is_absent(&ask(&name).await.unwrap_err()));
         let control = Control::bind(&options).unwrap();
         let (requests, mut asked) = mpsc::unbounded_channel();
-        let bridge = tokio::spawn(async move {
+        let parent = tokio::spawn(async move {
             for outcome in [
                 Ok("reloaded: node pid 42 ready".to_owned()),
                 Err("it exited".to_owned()),
@@ -204,6 +207,6 @@ mod tests {
         });
         assert_eq!(ask(&name).await.unwrap(), "reloaded: node pid 42 ready");
         assert_eq!(ask(&name).await.unwrap(), "reload failed: it exited");
-        bridge.await.unwrap();
+        parent.await.unwrap();
     }
 }
