@@ -76,6 +76,7 @@ fn units_generator_and_dispatcher_under_a_booted_systemd() {
             a_socket_activation,
         ),
         ("b: systemctl restart app@3 under load", b_restart_worker),
+        ("m: systemctl reload app@2 under load", m_reload_worker),
         ("c: systemctl kill -s KILL app@2 under load", c_kill_worker),
         (
             "d: systemctl restart sticky-dispatch under load",
@@ -185,9 +186,9 @@ impl<'c> World<'c> {
         self.plan(clients).once().start()
     }
 
-    /// Main pids of app@0 .. app@<n-1>.
+    /// The pids serving app@0 .. app@<n-1> (the launchers' children).
     fn worker_pids(&self, n: u32) -> Vec<u32> {
-        (0..n).map(|i| self.c.main_pid(&worker(i))).collect()
+        (0..n).map(|i| serving_pid(self.c, &worker(i))).collect()
     }
 
     fn tally(&self, outcomes: &[Outcome]) -> Tally {
@@ -229,6 +230,28 @@ fn count_pid(outcomes: &[Outcome], worker: u32, pid: u32) -> usize {
         .iter()
         .filter(|o| served_by(o, worker, pid))
         .count()
+}
+
+/// The process that serves app@N's clients: the worker launcher's (the unit's MainPID)
+/// current child, or MainPID itself for a worker run directly.
+fn serving_pid(c: &Container, unit: &str) -> u32 {
+    let main = c.main_pid(unit);
+    if main == 0 {
+        return 0;
+    }
+    let children = c
+        .run(&["cat", &format!("/proc/{main}/task/{main}/children")])
+        .stdout;
+    let children: Vec<u32> = String::from_utf8_lossy(&children)
+        .split_whitespace()
+        .filter_map(|pid| pid.parse().ok())
+        .collect();
+    match children.as_slice() {
+        [] => main,
+        [only] => *only,
+        // During a reload: the newest.
+        more => *more.iter().max().unwrap(),
+    }
 }
 
 fn worker(index: u32) -> String {
@@ -350,7 +373,8 @@ fn kernel_path_lines(c: &Container, cursor: Option<&str>) -> Vec<(String, String
 }
 
 /// a. The first connection starts the dispatcher and the 4 workers; every client is
-/// always served by the same app@N, and the reply's pid is that unit's MainPID.
+/// always served by the same app@N, and the reply's pid is that unit's worker (its
+/// MainPID's child: app@.service runs the worker under `sticky-dispatch worker-launcher`).
 fn a_socket_activation(w: &mut World) {
     let c = w.c;
     c.ok(&["systemctl", "start", "sticky-dispatch.socket"]);
@@ -383,10 +407,10 @@ fn a_socket_activation(w: &mut World) {
             .then_some(())
     });
     let pids = w.worker_pids(WORKERS);
-    figure!("workers' MainPIDs: {pids:?}");
+    figure!("workers' serving pids: {pids:?}");
     assert_eq!(
         reply.pid as u32, pids[reply.worker as usize],
-        "the activating connection was not answered by MainPID of app@{}",
+        "the activating connection was not answered by the worker of app@{}",
         reply.worker
     );
     let lines = poll("\"listening: kernel path\" for both addresses", || {
@@ -417,7 +441,7 @@ fn a_socket_activation(w: &mut World) {
             );
             assert_eq!(
                 reply.pid as u32, pids[reply.worker as usize],
-                "client {client}: pid {} is not MainPID of app@{}",
+                "client {client}: pid {} is not the worker of app@{}",
                 reply.pid, reply.worker
             );
             if let Some(before) = seen.insert(outcome.client, (reply.worker, reply.pid)) {
@@ -464,12 +488,12 @@ fn a_socket_activation(w: &mut World) {
 /// journal shows worker 3 leaving and coming back with the structured field INDEX=3.
 fn b_restart_worker(w: &mut World) {
     let c = w.c;
-    let old = c.main_pid(&worker(3));
+    let old = serving_pid(c, &worker(3));
     let cursor = c.journal_cursor();
     let load = w.load(w.clients.clone());
     wait_answered(&load, "load running", 300);
     c.ok(&["systemctl", "restart", &worker(3)]);
-    let new = c.main_pid(&worker(3));
+    let new = serving_pid(c, &worker(3));
     assert_ne!(old, new, "app@3 was not restarted");
     wait_served_by(&load, 3, new, 20);
     let outcomes = load.stop();
@@ -525,18 +549,70 @@ fn b_restart_worker(w: &mut World) {
     );
 }
 
+/// m. `systemctl reload app@2` under load (ExecReload=, `sticky-dispatch reload-worker
+/// %i`, the launcher under the unit's sandbox): the command succeeds, MainPID (the
+/// launcher) stays, a new process serves worker 2, nothing is lost or misrouted, and
+/// worker 2's new connections wait milliseconds (longest and p50 printed).
+fn m_reload_worker(w: &mut World) {
+    let c = w.c;
+    let unit = worker(2);
+    let main = c.main_pid(&unit);
+    let old = serving_pid(c, &unit);
+    let load = w.load(w.clients.clone());
+    wait_answered(&load, "load running", 300);
+    let asked = Instant::now();
+    c.ok(&["systemctl", "reload", &unit]);
+    let reloaded = asked.elapsed();
+    let new = serving_pid(c, &unit);
+    assert_ne!(old, new, "app@2 runs the same process after the reload");
+    assert_eq!(c.main_pid(&unit), main, "the launcher (MainPID) stays");
+    assert_eq!(c.active_state(&unit), "active");
+    wait_served_by(&load, 2, new, 20);
+    let outcomes = load.stop();
+    let figures = w.tally(&outcomes);
+    let mut waits: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| o.started >= asked && w.expected(o.client) == 2)
+        .map(|o| o.waited)
+        .collect();
+    waits.sort();
+    let ms = |wait: Option<&Duration>| wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0);
+    let status = c.prop(&unit, "StatusText");
+    figure!(
+        "systemctl reload app@2 ({reloaded:.2?}; MainPID {main}, worker pid {old} -> {new}): \
+         {figures}; worker 2's {} new connections since: longest wait {:.1} ms, p50 {:.1} ms; \
+         old pid answered {}, new pid {}; STATUS {status:?}",
+        waits.len(),
+        ms(waits.last()),
+        ms(waits.get(waits.len() / 2)),
+        count_pid(&outcomes, 2, old),
+        count_pid(&outcomes, 2, new)
+    );
+    assert_eq!(figures.failed, 0, "connections lost: {figures}");
+    assert_eq!(figures.misrouted, 0, "clients misrouted: {figures}");
+    assert!(
+        status.contains(&format!("pid {new}")),
+        "STATUS= names the new pid: {status:?}"
+    );
+    assert!(
+        waits.last().is_some_and(|w| *w < Duration::from_secs(1)),
+        "worker 2's longest wait: {:?}",
+        waits.last()
+    );
+}
+
 /// c. `systemctl kill -s KILL app@2` under load: systemd restarts it, what it had not
 /// acknowledged is re-sent; only its own clients can see a failure, nobody is misrouted.
 fn c_kill_worker(w: &mut World) {
     let c = w.c;
-    let old = c.main_pid(&worker(2));
+    let old = serving_pid(c, &worker(2));
     let restarts_before: u32 = c.prop(&worker(2), "NRestarts").parse().unwrap();
     let cursor = c.journal_cursor();
     let load = w.load(w.clients.clone());
     wait_answered(&load, "load running", 300);
     c.ok(&["systemctl", "kill", "-s", "KILL", &worker(2)]);
     let new = poll("app@2 restarted by systemd", || {
-        let pid = c.main_pid(&worker(2));
+        let pid = serving_pid(c, &worker(2));
         (pid != 0 && pid != old && c.active_state(&worker(2)) == "active").then_some(pid)
     });
     wait_served_by(&load, 2, new, 20);
@@ -625,7 +701,7 @@ fn d_restart_dispatcher(w: &mut World) {
     c.ok(&["systemctl", "unmask", "--runtime", &worker(1)]);
     c.ok(&["systemctl", "start", &worker(1)]);
     let served = waiters.join();
-    let app1 = c.main_pid(&worker(1));
+    let app1 = serving_pid(c, &worker(1));
     let waiting_figures = w.tally(&served);
     let outcomes = load.stop();
     let figures = w.tally(&outcomes);
@@ -1083,10 +1159,10 @@ fn i_second_app(w: &mut World) {
     .join();
     let main = w.round("the main app meanwhile");
     let chat_pids: Vec<u32> = (0..CHAT_WORKERS)
-        .map(|i| c.main_pid(&format!("chat@{i}.service")))
+        .map(|i| serving_pid(c, &format!("chat@{i}.service")))
         .collect();
     let app_pids = w.worker_pids(w.workers);
-    figure!("chat@N MainPIDs {chat_pids:?}, app@N MainPIDs {app_pids:?}");
+    figure!("chat@N serving pids {chat_pids:?}, app@N serving pids {app_pids:?}");
     if chat.iter().any(|o| o.answer.is_err()) {
         let log: Vec<String> = c
             .journal(&["-u", "sticky-dispatch@chat.service", "-u", "chat@0.service"])
