@@ -1423,3 +1423,170 @@ fn asgi_restart_after_socketio_clients_left_waits_only_for_start_up() {
 fn asgi_restart_with_socketio_clients_connected_waits_only_for_start_up() {
     restart_waits_only_for_start_up("py-asgi-restart-stay", ASGI_APP, true);
 }
+
+// ---------------------------------------------------------------------------------------
+// `sticky-dispatch worker-launcher`: a Python worker reloaded in place
+
+/// The aiohttp chat, each of 4 workers under `sticky-dispatch worker-launcher`
+/// (standalone), with 8 socket.io clients of worker 3 connected (`stay`, half websocket,
+/// half polling) and HTTP clients of every worker making new connections:
+/// `reload-worker 3` exits 0 with the new pid; every request is answered by its worker;
+/// worker 3's answers come from the old process before and the new one after the switch;
+/// no new connection of worker 3's clients waits 1 s or more (longest and p50 printed);
+/// the old process exits 0; every socket.io client reconnects, to the new process.
+#[test]
+fn aiohttp_reload_under_the_worker_launcher_waits_milliseconds() {
+    let test = "py-aiohttp-reload";
+    support::npm_ci();
+    let app = python_support::app_command(AIOHTTP_APP);
+    let mut command = vec![DISPATCHER, "worker-launcher", "--"];
+    command.extend(app.iter().map(String::as_str));
+    let pythonpath = python_support::pythonpath();
+    let (dispatcher, addr) = standalone_with(
+        test,
+        WORKERS,
+        &[("PYTHONPATH", pythonpath.as_str())],
+        &command,
+    );
+    let dispatcher = support::Graceful(dispatcher);
+    let log = &dispatcher.0.log;
+    log.wait_count(&["worker link up"], WORKERS as usize);
+    let victim = 3;
+    let index_field = format!("index={victim}");
+    let old_pid = pid_of(victim, addr);
+    let ups = log.count(&["worker link up", &index_field]);
+
+    let clients = clients_of(victim, WORKERS, RESTART_SOCKETIO_CLIENTS + 8);
+    let (socketio_ips, victim_http) = clients.split_at(RESTART_SOCKETIO_CLIENTS);
+    let mut command = Command::new("node");
+    command
+        .arg(python_support::repo().join("tests/python/restart-clients.js"))
+        .arg(format!("http://{addr}"))
+        .arg("stay")
+        .args(socketio_ips.iter().map(|ip| ip.to_string()))
+        .env("NODE_PATH", support::node_dir().join("node_modules"));
+    let socketio = Running::spawn(command, "reload-clients");
+    socketio
+        .log
+        .wait_count(&["connected ip="], RESTART_SOCKETIO_CLIENTS);
+
+    let others: Vec<Ipv4Addr> = (0..WORKERS)
+        .filter(|&worker| worker != victim)
+        .flat_map(|worker| clients_of(worker, WORKERS, 4))
+        .collect();
+    let http_ips: Vec<Ipv4Addr> = victim_http.iter().chain(&others).copied().collect();
+    let load = restart_load(addr, &http_ips);
+    let is_victims = |o: &Outcome| victim_http.contains(&o.client);
+    let started = Instant::now();
+    load.wait_until("50 answers to worker 3's clients", |load| {
+        load.count(|o| is_victims(o) && o.started >= started && o.answer.is_ok()) >= 50
+    });
+    let asked = Instant::now();
+    let mut reload = Command::new(DISPATCHER);
+    reload
+        .args(["reload-worker", &victim.to_string()])
+        .env("STICKY_DISPATCH_SOCKET_PREFIX", unique_prefix(test))
+        .env_remove("STICKY_DISPATCH_INDEX");
+    let reloaded = support::run(reload, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}"));
+    let answered_after = asked.elapsed();
+    assert!(
+        reloaded.status.success(),
+        "{}: {} {}",
+        reloaded.status,
+        reloaded.stdout,
+        reloaded.stderr
+    );
+    let new_pid: i32 = reloaded
+        .stdout
+        .trim()
+        .strip_prefix("reloaded: pid ")
+        .and_then(|rest| rest.strip_suffix(" ready"))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("{:?}", reloaded.stdout));
+    let limit = Duration::from_secs(60);
+    log.wait_lines(&["worker link up", &index_field], ups + 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let switched = Instant::now();
+    load.wait_until("50 answers from worker 3's new process", |load| {
+        load.count(|o| {
+            is_victims(o)
+                && o.started >= switched
+                && o.answer.as_ref().is_ok_and(|a| a.pid == new_pid)
+        }) >= 50
+    });
+    let old_exit = log
+        .wait_lines(&["retired process exited", &index_field], 1, limit)
+        .unwrap_or_else(|err| panic!("{err}"));
+    let outcomes = load.stop();
+    let all_back = socketio
+        .log
+        .wait_lines(&["reconnected ip="], RESTART_SOCKETIO_CLIENTS, limit);
+    let to_new = socketio
+        .log
+        .count(&["reconnected ip=", &format!(" pid={new_pid} ")]);
+
+    let tally = Tally::of(&outcomes, |ip| expected_worker(ip, WORKERS));
+    let mut waits: Vec<Duration> = outcomes
+        .iter()
+        .filter(|o| {
+            is_victims(o) && o.started >= asked && o.started <= switched + Duration::from_secs(1)
+        })
+        .map(|o| o.waited)
+        .collect();
+    waits.sort();
+    let ms = |wait: Option<&Duration>| wait.map_or(0.0, |w| w.as_secs_f64() * 1000.0);
+    let longest = waits.last().copied().unwrap_or_default();
+    let pids_of = |from: Instant, to: Instant| -> std::collections::BTreeSet<i32> {
+        outcomes
+            .iter()
+            .filter(|o| is_victims(o) && o.started >= from && o.started < to)
+            .filter_map(|o| o.answer.as_ref().ok().map(|a| a.pid))
+            .collect()
+    };
+    let before = pids_of(started, asked);
+    let after = pids_of(switched, Instant::now());
+    println!(
+        "reload of aiohttp worker {victim} under worker-launcher, {RESTART_SOCKETIO_CLIENTS} \
+         socket.io clients connected: reload-worker answered {answered_after:.2?} after it was \
+         run ({}); worker {victim}'s {} new connections from the reload to 1 s after the \
+         switch: longest wait {:.1} ms, p50 {:.1} ms; all clients: {tally}; old process \
+         {old_pid}: {}; socket.io clients reconnected to the new process: \
+         {to_new}/{RESTART_SOCKETIO_CLIENTS}",
+        reloaded.stdout.trim(),
+        waits.len(),
+        ms(waits.last()),
+        ms(waits.get(waits.len() / 2)),
+        old_exit
+            .split("retired process exited")
+            .nth(1)
+            .unwrap_or("")
+            .trim(),
+    );
+    assert_eq!((tally.failed, tally.misrouted), (0, 0), "{tally}");
+    assert_ne!(new_pid, old_pid);
+    assert_eq!(before, [old_pid].into(), "answers before the reload");
+    assert_eq!(after, [new_pid].into(), "answers after the switch");
+    assert!(!waits.is_empty());
+    assert!(
+        longest < Duration::from_secs(1),
+        "longest wait {longest:?} of worker {victim}'s clients during the reload"
+    );
+    assert!(old_exit.contains("exit status: 0"), "{old_exit}");
+    assert_eq!(
+        log.count(&["worker exited; restarting"]),
+        0,
+        "no launcher exited"
+    );
+    all_back.unwrap_or_else(|err| {
+        panic!(
+            "not every socket.io client reconnected: {err}\n{}",
+            socketio.log.text()
+        )
+    });
+    assert_eq!(
+        to_new,
+        RESTART_SOCKETIO_CLIENTS,
+        "every socket.io client reconnected, to the new process:\n{}",
+        socketio.log.text()
+    );
+}
