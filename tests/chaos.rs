@@ -591,7 +591,7 @@ fn p_killed_with_keyed_clients_waiting(w: &World, mode: Mode, kill: bool) {
     );
     load.wait_answered(200, PATIENCE);
     w.bring_up(1);
-    let app1 = c.main_pid(&w.worker(1));
+    let app1 = c.serving_pid(&w.worker(1));
     let served = waiters.join();
     let rest = load.stop();
     let took_back: Vec<String> = w
@@ -752,7 +752,7 @@ fn t_second_sigterm(w: &World) {
         tally(Mode::Proxy, &served),
         tally(Mode::Proxy, &frozen)
     );
-    let app1 = c.main_pid(&w.worker(1));
+    let app1 = c.serving_pid(&w.worker(1));
     for r in &served {
         let answer = r
             .answer
@@ -1409,7 +1409,8 @@ fn stage_node_and_python_workers(stage: &Path) {
         format!(
             "[Service]\n\
              ExecStart=\n\
-             ExecStart=/opt/sdt/venv/bin/python /opt/sdt/app/{app}\n\
+             ExecStart=/usr/bin/sticky-dispatch worker-launcher -- \
+             /opt/sdt/venv/bin/python /opt/sdt/app/{app}\n\
              Environment=PYTHONPATH=/opt/sdt/python\n"
         )
     };

@@ -188,7 +188,7 @@ impl<'c> World<'c> {
 
     /// The pids serving app@0 .. app@<n-1> (the launchers' children).
     fn worker_pids(&self, n: u32) -> Vec<u32> {
-        (0..n).map(|i| serving_pid(self.c, &worker(i))).collect()
+        (0..n).map(|i| self.c.serving_pid(&worker(i))).collect()
     }
 
     fn tally(&self, outcomes: &[Outcome]) -> Tally {
@@ -230,28 +230,6 @@ fn count_pid(outcomes: &[Outcome], worker: u32, pid: u32) -> usize {
         .iter()
         .filter(|o| served_by(o, worker, pid))
         .count()
-}
-
-/// The process that serves app@N's clients: the worker launcher's (the unit's MainPID)
-/// current child, or MainPID itself for a worker run directly.
-fn serving_pid(c: &Container, unit: &str) -> u32 {
-    let main = c.main_pid(unit);
-    if main == 0 {
-        return 0;
-    }
-    let children = c
-        .run(&["cat", &format!("/proc/{main}/task/{main}/children")])
-        .stdout;
-    let children: Vec<u32> = String::from_utf8_lossy(&children)
-        .split_whitespace()
-        .filter_map(|pid| pid.parse().ok())
-        .collect();
-    match children.as_slice() {
-        [] => main,
-        [only] => *only,
-        // During a reload: the newest.
-        more => *more.iter().max().unwrap(),
-    }
 }
 
 fn worker(index: u32) -> String {
@@ -488,12 +466,12 @@ fn a_socket_activation(w: &mut World) {
 /// journal shows worker 3 leaving and coming back with the structured field INDEX=3.
 fn b_restart_worker(w: &mut World) {
     let c = w.c;
-    let old = serving_pid(c, &worker(3));
+    let old = c.serving_pid(&worker(3));
     let cursor = c.journal_cursor();
     let load = w.load(w.clients.clone());
     wait_answered(&load, "load running", 300);
     c.ok(&["systemctl", "restart", &worker(3)]);
-    let new = serving_pid(c, &worker(3));
+    let new = c.serving_pid(&worker(3));
     assert_ne!(old, new, "app@3 was not restarted");
     wait_served_by(&load, 3, new, 20);
     let outcomes = load.stop();
@@ -557,13 +535,13 @@ fn m_reload_worker(w: &mut World) {
     let c = w.c;
     let unit = worker(2);
     let main = c.main_pid(&unit);
-    let old = serving_pid(c, &unit);
+    let old = c.serving_pid(&unit);
     let load = w.load(w.clients.clone());
     wait_answered(&load, "load running", 300);
     let asked = Instant::now();
     c.ok(&["systemctl", "reload", &unit]);
     let reloaded = asked.elapsed();
-    let new = serving_pid(c, &unit);
+    let new = c.serving_pid(&unit);
     assert_ne!(old, new, "app@2 runs the same process after the reload");
     assert_eq!(c.main_pid(&unit), main, "the launcher (MainPID) stays");
     assert_eq!(c.active_state(&unit), "active");
@@ -605,14 +583,14 @@ fn m_reload_worker(w: &mut World) {
 /// acknowledged is re-sent; only its own clients can see a failure, nobody is misrouted.
 fn c_kill_worker(w: &mut World) {
     let c = w.c;
-    let old = serving_pid(c, &worker(2));
+    let old = c.serving_pid(&worker(2));
     let restarts_before: u32 = c.prop(&worker(2), "NRestarts").parse().unwrap();
     let cursor = c.journal_cursor();
     let load = w.load(w.clients.clone());
     wait_answered(&load, "load running", 300);
     c.ok(&["systemctl", "kill", "-s", "KILL", &worker(2)]);
     let new = poll("app@2 restarted by systemd", || {
-        let pid = serving_pid(c, &worker(2));
+        let pid = c.serving_pid(&worker(2));
         (pid != 0 && pid != old && c.active_state(&worker(2)) == "active").then_some(pid)
     });
     wait_served_by(&load, 2, new, 20);
@@ -701,7 +679,7 @@ fn d_restart_dispatcher(w: &mut World) {
     c.ok(&["systemctl", "unmask", "--runtime", &worker(1)]);
     c.ok(&["systemctl", "start", &worker(1)]);
     let served = waiters.join();
-    let app1 = serving_pid(c, &worker(1));
+    let app1 = c.serving_pid(&worker(1));
     let waiting_figures = w.tally(&served);
     let outcomes = load.stop();
     let figures = w.tally(&outcomes);
@@ -1159,7 +1137,7 @@ fn i_second_app(w: &mut World) {
     .join();
     let main = w.round("the main app meanwhile");
     let chat_pids: Vec<u32> = (0..CHAT_WORKERS)
-        .map(|i| serving_pid(c, &format!("chat@{i}.service")))
+        .map(|i| c.serving_pid(&format!("chat@{i}.service")))
         .collect();
     let app_pids = w.worker_pids(w.workers);
     figure!("chat@N serving pids {chat_pids:?}, app@N serving pids {app_pids:?}");

@@ -208,6 +208,28 @@ impl Container {
             .to_owned()
     }
 
+    /// The process that serves `unit`'s clients: the worker launcher's (the unit's
+    /// MainPID) current child, or MainPID itself for a worker run directly.
+    pub fn serving_pid(&self, unit: &str) -> u32 {
+        let main = self.main_pid(unit);
+        if main == 0 {
+            return 0;
+        }
+        let children = self
+            .run(&["cat", &format!("/proc/{main}/task/{main}/children")])
+            .stdout;
+        let children: Vec<u32> = String::from_utf8_lossy(&children)
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .collect();
+        match children.as_slice() {
+            [] => main,
+            [only] => *only,
+            // During a reload: the newest.
+            more => *more.iter().max().unwrap(),
+        }
+    }
+
     pub fn main_pid(&self, unit: &str) -> u32 {
         self.prop(unit, "MainPID").parse().unwrap()
     }
