@@ -252,7 +252,8 @@ fn dispatch(o: &Options, path: &str) -> Setup {
         .env("PYTHONPATH", python_path())
         .env(
             "STICKY_DISPATCH_SOCKET_PREFIX",
-            format!("python-bench/{}/", std::process::id()),
+            // One prefix per set-up: two dispatchers of one run must not share one.
+            format!("python-bench/{}/{path}/", std::process::id()),
         )
         .env("STICKY_DISPATCH_LOG_LEVEL", "info")
         .env("STICKY_DISPATCH_DISPATCH", path);
