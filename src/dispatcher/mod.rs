@@ -195,13 +195,14 @@ impl Dispatcher {
         for listener in sockets.listeners {
             match lanes::plan(listener, kernel, &shared.router, &mut suspects) {
                 lanes::Plan::Kernel(group) => {
-                    info!(listener = %group.name, address = %group.local, lanes = group.len(),
-                        backlog = group.backlog, "listening: kernel path, each worker accepts on its own lane");
                     shared
                         .metrics
                         .set_path(&group.name, metrics::Path::Kernel, false);
                     group.register_metrics(&shared.metrics);
                     route_queued(&shared, &permits, &group);
+                    // After the queued ones are taken: from here on the kernel routes all.
+                    info!(listener = %group.name, address = %group.local, lanes = group.len(),
+                        backlog = group.backlog, "listening: kernel path, each worker accepts on its own lane");
                     let (lanes, spares) = group.into_lanes(workers);
                     for lane in lanes {
                         worker_lanes[lane.index as usize].push(lane);
