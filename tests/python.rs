@@ -445,11 +445,11 @@ fn wait_for_worker_in_flight(metrics: &str, index: u32, count: u64) -> String {
             .output()
             .unwrap();
         let table = String::from_utf8_lossy(&out.stdout).into_owned();
-        // Columns: worker, up, handed off, waiting, in flight, ...
+        // Columns: worker, up, kernel routed, handed off, waiting, in flight, ...
         let in_flight = table.lines().find_map(|line| {
             let cells: Vec<&str> = line.split_whitespace().collect();
             (cells.first() == Some(&index.to_string().as_str()))
-                .then(|| cells.get(4)?.parse::<u64>().ok())
+                .then(|| cells.get(5)?.parse::<u64>().ok())
                 .flatten()
         });
         if in_flight.is_some_and(|n| n >= count) {
