@@ -54,6 +54,17 @@ impl Observed {
     }
 
     /// Every sample of `/metrics` by its series, e.g. `sticky_dispatch_waiting{worker="1"}`.
+    /// `sticky-dispatch status` of this dispatcher: its exit code and its table (printed).
+    fn status(&self) -> (Option<i32>, String) {
+        let status = Command::new(DISPATCHER)
+            .args(["status", "--metrics", &self.metrics.to_string()])
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&status.stdout).into_owned();
+        eprintln!("{table}");
+        (status.status.code(), table)
+    }
+
     fn samples(&self) -> BTreeMap<String, f64> {
         let (status, body) = self.get("/metrics");
         assert_eq!(status, 200, "{body}");
@@ -168,13 +179,8 @@ fn handed_off_counts_match_what_the_clients_saw() {
         tally.ok as f64
     );
     // The status table agrees.
-    let status = Command::new(DISPATCHER)
-        .args(["status", "--metrics", &observed.metrics.to_string()])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&status.stdout);
-    eprintln!("{table}");
-    assert!(status.status.success(), "{table}");
+    let (code, table) = observed.status();
+    assert_eq!(code, Some(0), "{table}");
     assert!(
         table.starts_with("health: 200 ok: 3/3 workers up"),
         "{table}"
@@ -209,13 +215,8 @@ fn a_stopped_worker_shows_down_with_its_clients_waiting_and_health_follows() {
     observed.wait_samples("5 waiting for worker 1", |s| {
         s["sticky_dispatch_waiting{worker=\"1\"}"] == 5.0
     });
-    let status = Command::new(DISPATCHER)
-        .args(["status", "--metrics", &observed.metrics.to_string()])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&status.stdout);
-    eprintln!("{table}");
-    assert_eq!(status.status.code(), Some(1), "a worker is down: {table}");
+    let (code, table) = observed.status();
+    assert_eq!(code, Some(1), "a worker is down: {table}");
     assert!(table.contains("     1  DOWN"), "{table}");
     assert!(observed.wait_health(200).starts_with("ok: 2/3"));
 
@@ -326,12 +327,7 @@ fn kernel_path_counts_and_lane_queues_match_what_the_clients_saw() {
             == 5.0
     });
     // `status` says the same: the path, the lanes, what waits in them.
-    let status = Command::new(DISPATCHER)
-        .args(["status", "--metrics", &observed.metrics.to_string()])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&status.stdout);
-    eprintln!("{table}");
+    let (_, table) = observed.status();
     assert!(
         table.contains(&format!(
             ": kernel path, {WORKERS} lanes, 5 queued, 0 dropped"
